@@ -1,0 +1,87 @@
+"""One exception family for everything a user can get wrong.
+
+Front ends (Slicer module, CLI, web viewer) catch :class:`OrthoKneeError` and show
+``str(error)`` as it is: every message names the file (or node) at fault, says what is
+wrong with it and what to do instead, so no front end has to translate numpy or ITK
+tracebacks into advice.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+__all__ = [
+    "OrthoKneeError",
+    "InputError",
+    "MissingFileError",
+    "UnreadableFileError",
+    "AmbiguousSeriesError",
+    "ImageDimensionError",
+    "EchoChoiceRequiredError",
+    "DuplicatePlaneError",
+    "NoOverlapError",
+    "InvalidVoxelsError",
+    "EmptyVolumeError",
+]
+
+
+class OrthoKneeError(Exception):
+    """Base of every error OrthoKnee raises on purpose."""
+
+
+class InputError(OrthoKneeError):
+    """Something is wrong with an input series; ``path`` names the file or folder."""
+
+    def __init__(self, path: str | PathLike | None, problem: str, advice: str = "") -> None:
+        self.path = str(path) if path is not None else None
+        self.problem = problem
+        self.advice = advice
+        where = f"{self.path}: " if self.path else ""
+        text = f"{where}{problem}"
+        if advice:
+            text += f" {advice}"
+        super().__init__(text)
+
+
+class MissingFileError(InputError):
+    """The path does not exist."""
+
+
+class UnreadableFileError(InputError):
+    """The file exists but is not an image OrthoKnee can read (corrupt, wrong format)."""
+
+
+class AmbiguousSeriesError(InputError):
+    """A folder holds several series and none was chosen."""
+
+    def __init__(self, path, problem: str, advice: str = "", choices: list[str] | None = None) -> None:
+        super().__init__(path, problem, advice)
+        self.choices = list(choices or [])
+
+
+class ImageDimensionError(InputError):
+    """The image is 2D (a single slice) or has more dimensions than a 3D volume."""
+
+
+class EchoChoiceRequiredError(InputError):
+    """A multi-echo (or other 4D) series was given without saying which echo to use."""
+
+    def __init__(self, path, problem: str, advice: str = "", echoes: list[float | None] | None = None) -> None:
+        super().__init__(path, problem, advice)
+        self.echoes = list(echoes or [])
+
+
+class DuplicatePlaneError(InputError):
+    """Two views of a case have the same plane (or a view is given for the wrong plane)."""
+
+
+class NoOverlapError(InputError):
+    """Two views of a case do not overlap in physical space: they cannot show one knee."""
+
+
+class InvalidVoxelsError(InputError):
+    """The image holds NaN or infinite voxels."""
+
+
+class EmptyVolumeError(InputError):
+    """The image has no voxels or no contrast (every voxel has the same value)."""
