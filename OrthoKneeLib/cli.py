@@ -1,0 +1,201 @@
+"""The ``orthoknee`` command.
+
+Each subcommand is a thin shell over the engine: it parses arguments, calls
+OrthoKneeLib, and prints either a table for people or ``--json`` for programs. Errors of
+the OrthoKneeError family are printed as one line (file, problem, advice) with exit code
+2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import OrthoKneeError
+
+__all__ = ["main"]
+
+EXIT_USAGE_OR_INPUT = 2
+
+
+def _fmt_spacing(spacing) -> str:
+    return "x".join(f"{s:.4g}" for s in spacing)
+
+
+def _fmt_size(size) -> str:
+    return "x".join(str(s) for s in size)
+
+
+# --------------------------------------------------------------------------- info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .volumes import list_volumes
+
+    volumes, errors = [], []
+    for path in args.paths:
+        try:
+            volumes.extend(v.describe() for v in list_volumes(path))
+        except OrthoKneeError as exc:
+            errors.append({"path": str(path), "error": str(exc), "type": type(exc).__name__})
+    if args.json:
+        print(json.dumps({"volumes": volumes, "errors": errors}, indent=2))
+    else:
+        header = f"{'plane':9} {'size':13} {'spacing (mm)':22} {'orient':6} {'TE (ms)':10} {'description':34} path"
+        print(header)
+        print("-" * len(header))
+        for v in volumes:
+            te = f"{v['echo_time']:g}" if v["echo_time"] is not None else "-"
+            if v["echoes_in_series"] > 1:
+                te += f" #{v['echo_number']}"
+            print(
+                f"{v['plane']:9} {_fmt_size(v['size']):13} {_fmt_spacing(v['spacing']):22} "
+                f"{v['orientation']:6} {te:10} {(v['description'] or '-')[:34]:34} {v['path']}"
+            )
+        print(f"{len(volumes)} volume(s)")
+        for e in errors:
+            print(f"error: {e['error']}", file=sys.stderr)
+    return EXIT_USAGE_OR_INPUT if errors else 0
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from .labels import DEFAULT_CATALOG
+
+    if args.json:
+        print(json.dumps(DEFAULT_CATALOG.to_json(), indent=2))
+        return 0
+    for title, entries in (("Structures", DEFAULT_CATALOG.structures), ("Findings", DEFAULT_CATALOG.findings)):
+        print(title)
+        for e in entries:
+            code = e.terminology.type if e.terminology else None
+            code_text = f"{code.scheme} {code.value} {code.meaning}" if code else "-"
+            modifier = e.terminology.type_modifier if e.terminology else None
+            if modifier:
+                code_text += f" ({modifier.meaning})"
+            label = f"{e.label:>3} " if hasattr(e, "label") else "    "
+            print(f"  {label}{e.key:28} {e.name:30} rgb{tuple(e.color)!s:16} {code_text}")
+    return 0
+
+
+# --------------------------------------------------------------------------- reformat
+
+
+def cmd_reformat(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+
+    from .io import write_image_atomic
+    from .volumes import detect_plane, load_volume, orientation_code, reformat
+
+    volume = load_volume(args.input, series=args.series, echo=args.echo)
+    image = reformat(volume, args.plane, args.in_plane, args.thickness, slice_gap=args.gap)
+    write_image_atomic(image, args.out)
+    print(
+        f"{args.out}: {detect_plane(image)} {_fmt_size(image.GetSize())} at "
+        f"{_fmt_spacing(image.GetSpacing())} mm, {orientation_code(image)}, "
+        f"{sitk.GetPixelIDValueAsString(image.GetPixelID())}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- resample
+
+
+def cmd_resample(args: argparse.Namespace) -> int:
+    from .io import write_image_atomic
+    from .volumes import load_volume, resample_to_spacing
+
+    volume = load_volume(args.input, series=args.series, echo=args.echo)
+    image = resample_to_spacing(volume.image, args.spacing, kind="label" if args.label else "linear")
+    write_image_atomic(image, args.out)
+    print(f"{args.out}: {_fmt_size(image.GetSize())} at {_fmt_spacing(image.GetSpacing())} mm")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .labels import DEFAULT_CATALOG
+    from .resources import SAMPLE_VIEWS, sample_case_dir
+    from .volumes import Case, load_volume
+
+    folder = Path(args.sample) if args.sample else sample_case_dir()
+    views = {plane: load_volume(folder / name) for plane, name in SAMPLE_VIEWS.items()}
+    case = Case(**views, name="OrthoKnee sample (DESS)")
+    print(f"Case '{case.name}' from {folder}")
+    print(f"  reference view: {case.reference_plane}")
+    for plane, volume in case.views.items():
+        print(
+            f"  {plane:9} detected {volume.plane:9} {_fmt_size(volume.size):12} "
+            f"at {_fmt_spacing(volume.spacing):20} mm  {volume.orientation}  {Path(volume.path).name}"
+        )
+    for warning in case.warnings:
+        print(f"  warning: {warning}")
+    print(
+        f"The model reports {len(DEFAULT_CATALOG.structures)} structures and "
+        f"{len(DEFAULT_CATALOG.findings)} findings (`orthoknee catalog`)."
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orthoknee", description="Knee MRI: 11 structures and 8 findings.")
+    parser.add_argument("--version", action="version", version=f"orthoknee {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="list the volumes a file or folder holds")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="NIfTI/NRRD/MHA file or DICOM folder")
+    p.add_argument("--json", action="store_true", help="print JSON (key 'volumes') instead of a table")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("catalog", help="print the structures and findings with colors and codes")
+    p.add_argument("--json", action="store_true", help="print JSON (keys 'structures', 'findings')")
+    p.set_defaults(func=cmd_catalog)
+
+    p = sub.add_parser("reformat", help="make a thick-slice series in another plane from a volume")
+    p.add_argument("input", type=Path, help="volume file or DICOM folder")
+    p.add_argument("--plane", required=True, choices=["sagittal", "coronal", "axial"])
+    p.add_argument("--in-plane", type=float, required=True, metavar="MM", help="in-plane pixel spacing")
+    p.add_argument("--thickness", type=float, required=True, metavar="MM", help="slice thickness")
+    p.add_argument("--gap", type=float, default=0.0, metavar="MM", help="gap between slices (default 0)")
+    p.add_argument("--series", help="series UID, number or description, when the folder holds several")
+    p.add_argument("--echo", type=int, help="echo number of a multi-echo series")
+    p.add_argument("--out", type=Path, required=True, help="output file (.nrrd, .nii.gz, .mha)")
+    p.set_defaults(func=cmd_reformat)
+
+    p = sub.add_parser("resample", help="resample a volume to a new voxel spacing, same field of view")
+    p.add_argument("input", type=Path, help="volume file or DICOM folder")
+    p.add_argument("--spacing", type=float, nargs=3, required=True, metavar=("I", "J", "K"), help="mm per axis")
+    p.add_argument("--label", action="store_true", help="input is a label map (nearest neighbour)")
+    p.add_argument("--series", help="series UID, number or description, when the folder holds several")
+    p.add_argument("--echo", type=int, help="echo number of a multi-echo series")
+    p.add_argument("--out", type=Path, required=True, help="output file (.nrrd, .nii.gz, .mha)")
+    p.set_defaults(func=cmd_resample)
+
+    p = sub.add_parser("demo", help="load the shipped sample case and show what was found")
+    p.add_argument("--sample", type=Path, help="folder holding the sample case (default: the shipped one)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except OrthoKneeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE_OR_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The `orthoknee` command's stable JSON interfaces and its error handling."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from OrthoKneeLib.cli import main
+from OrthoKneeLib.resources import SAMPLE_VIEWS
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.shared_data
+def test_info_json_lists_eight_mese_echoes(capsys, shared_data):
+    code, out, _ = run(capsys, "info", str(shared_data / "mese-pymskt"), "--json")
+    assert code == 0
+    volumes = json.loads(out)["volumes"]
+    assert len(volumes) == 8
+    for v in volumes:
+        assert set(v) >= {"plane", "size", "spacing", "orientation", "echo_time", "path"}
+        assert v["size"][2] == 24 and v["plane"] == "sagittal" and v["orientation"] == "PIR"
+    assert len({v["echo_time"] for v in volumes}) == 8
+
+
+@pytest.mark.shared_data
+def test_info_table_for_several_paths(capsys, shared_data):
+    code, out, _ = run(capsys, "info", str(shared_data / "dess-pykneer"), str(shared_data / "labels-spl-atlas"))
+    assert code == 0
+    assert "Sag DESS" in out and "axial" in out and "2 volume(s)" in out
+
+
+def test_info_reports_a_bad_path_and_fails(capsys, tmp_path):
+    code, out, err = run(capsys, "info", str(tmp_path / "missing"), "--json")
+    assert code == 2
+    data = json.loads(out)
+    assert data["volumes"] == []
+    assert data["errors"][0]["type"] == "MissingFileError"
+    assert "missing" in data["errors"][0]["error"]
+
+
+def test_catalog_json(capsys):
+    code, out, _ = run(capsys, "catalog", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert len(data["structures"]) == 11 and len(data["findings"]) == 8
+    for entry in data["structures"] + data["findings"]:
+        assert set(entry) >= {"key", "name", "color", "code"}
+    femur = data["structures"][0]
+    assert femur["key"] == "femur" and femur["code"]["value"] == "71341001"
+
+
+def test_catalog_table(capsys):
+    code, out, _ = run(capsys, "catalog")
+    assert code == 0 and "Posterior cruciate ligament" in out and "Joint effusion" in out
+
+
+def test_demo_loads_the_shipped_sample_case(capsys):
+    code, out, _ = run(capsys, "demo")
+    assert code == 0
+    for plane in ("sagittal", "coronal", "axial"):
+        assert f"{plane:9} detected {plane}" in out
+
+
+def test_demo_with_an_incomplete_sample_folder_explains(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--sample", str(tmp_path))
+    assert code == 2
+    assert str(tmp_path) in err and "does not exist" in err
+
+
+def test_reformat_and_resample_write_readable_volumes(capsys, tmp_path):
+    from OrthoKneeLib.resources import sample_case_dir
+    from OrthoKneeLib.volumes import load_volume
+
+    src = sample_case_dir() / SAMPLE_VIEWS["sagittal"]
+    out = tmp_path / "axial.nii.gz"
+    code, printed, _ = run(capsys, "reformat", str(src), "--plane", "axial", "--in-plane", "1.0",
+                           "--thickness", "4", "--out", str(out))
+    assert code == 0 and "axial" in printed
+    v = load_volume(out)
+    assert v.plane == "axial" and v.spacing[2] == pytest.approx(4.0)
+    out2 = tmp_path / "coarse.nrrd"
+    code, _, _ = run(capsys, "resample", str(src), "--spacing", "1.25", "1.25", "3", "--out", str(out2))
+    assert code == 0
+    assert load_volume(out2).size == (128, 128, 40)
+    assert not list(tmp_path.glob(".*tmp*")), "temporary files must not be left behind"
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("orthoknee") or str(__import__("pathlib").Path(sys.executable).parent / "orthoknee")
+    result = subprocess.run([exe, "catalog", "--json"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["findings"]) == 8
