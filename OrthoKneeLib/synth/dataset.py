@@ -1,0 +1,274 @@
+"""Rendering many cases and writing them in the documented folder layout.
+
+Layout of ``orthoknee synth --out OUT``::
+
+    OUT/dataset.json                 config, seed, source, catalog, split (by subject)
+    OUT/cases/<case_id>/case.json    subject, split, annotated structures, findings, parameters
+    OUT/cases/<case_id>/{sagittal,coronal,axial}.nrrd           the three series (int16)
+    OUT/cases/<case_id>/{sagittal,coronal,axial}_labels.nrrd    catalog labels on each view's grid
+    OUT/cases/<case_id>/labels.nrrd  catalog labels on the working grid (the anatomy as rendered)
+    OUT/cases/<case_id>/findings/<finding>.nrrd   mask of each present finding, sagittal grid
+    OUT/cases/<case_id>/contact_sheet.png
+
+Cases are deterministic: case ``i`` of seed ``S`` is the same wherever and whenever it is
+rendered, alone or in a batch, by any number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+from ..io import write_image_atomic, write_json_atomic
+from ..labels import DEFAULT_CATALOG, FINDING_KEYS
+from ..progress import CancelToken, ProgressFn, no_progress
+from ..volumes import Case, Volume, VolumeSource, load_volume
+from .acquire import acquire_views
+from .anatomy import build_knee, working_grid
+from .findings import simulate_findings
+from .render import CONTRASTS, render_intensity
+from .sheet import contact_sheet
+from .sources import SOURCES, SourceMap, load_source_maps
+
+__all__ = ["CASE_LAYOUT", "SynthConfig", "synthesize", "render_case", "read_case", "SynthCase", "split_subjects"]
+
+CASE_LAYOUT = 1  # bump when the folder layout changes
+VIEWS = ("sagittal", "coronal", "axial")
+
+
+@dataclass
+class SynthConfig:
+    source: str
+    n: int
+    seed: int = 0
+    contrast: str = "mixed"  # dess | pdfs | t2 | mixed
+    prevalence: float = 0.35
+    val_fraction: float = 0.2
+    work_spacing: float = 0.9
+    margin_mm: float = 25.0
+    contact_sheets: bool = True
+    deform: bool = True
+    finding_prevalence: dict[str, float] = field(default_factory=dict)
+
+    def prevalence_of(self) -> dict[str, float]:
+        return {k: self.finding_prevalence.get(k, self.prevalence) for k in FINDING_KEYS}
+
+
+def split_subjects(subjects: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """subject -> 'train' | 'validation'. A subject's cases never straddle the split."""
+    unique = sorted(set(subjects))
+    order = np.random.default_rng([seed, 7]).permutation(len(unique))
+    n_val = int(round(val_fraction * len(unique)))
+    if len(unique) >= 2:
+        n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(unique) - 1)
+    else:
+        n_val = 0
+    val = {unique[i] for i in order[:n_val]}
+    return {s: ("validation" if s in val else "train") for s in unique}
+
+
+def render_case(smap: SourceMap, grid: sitk.Image, config: SynthConfig, index: int) -> dict:
+    """Everything one case holds, in memory (written by :func:`write_case`)."""
+    rng = np.random.default_rng([config.seed, index])
+    contrast = config.contrast if config.contrast != "mixed" else str(rng.choice(sorted(CONTRASTS)))
+    knee = build_knee(smap, grid, rng, deform=config.deform)
+    findings = simulate_findings(knee, rng, config.prevalence_of())
+    intensity, render_params = render_intensity(knee.tissue, contrast, rng, knee.spacing)
+    intensity_image = sitk.GetImageFromArray(intensity)
+    intensity_image.CopyInformation(grid)
+    labels_image = sitk.GetImageFromArray(knee.structures)
+    labels_image.CopyInformation(grid)
+    views = acquire_views(intensity_image, labels_image, rng)
+    masks = {}
+    for key, result in findings.items():
+        if result.mask is not None:
+            mask = sitk.GetImageFromArray(result.mask.astype(np.uint8))
+            mask.CopyInformation(grid)
+            sag = views["sagittal"]
+            masks[key] = sitk.Resample(mask, sag["image"], sag["motion"], sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return {
+        "knee": knee,
+        "labels": labels_image,
+        "views": views,
+        "findings": findings,
+        "masks": masks,
+        "meta": {
+            "contrast": render_params,
+            "views": {p: v["params"] for p, v in views.items()},
+            "annotated": list(knee.annotated),
+            "implanted": knee.implanted,
+            "findings": {k: r.to_json() for k, r in findings.items()},
+        },
+    }
+
+
+def write_case(case_dir: Path, rendered: dict, header: dict, sheet: bool) -> None:
+    case_dir.mkdir(parents=True, exist_ok=True)
+    for plane, view in rendered["views"].items():
+        write_image_atomic(view["image"], case_dir / f"{plane}.nrrd")
+        write_image_atomic(view["labels"], case_dir / f"{plane}_labels.nrrd")
+    write_image_atomic(rendered["labels"], case_dir / "labels.nrrd")
+    for key, mask in rendered["masks"].items():
+        write_image_atomic(mask, case_dir / "findings" / f"{key}.nrrd")
+    if sheet:
+        contact_sheet(
+            {p: (v["image"], v["labels"]) for p, v in rendered["views"].items()},
+            case_dir / "contact_sheet.png",
+            title=f"{header['case_id']} ({header['source']}, {rendered['meta']['contrast']['contrast']}) "
+            + ", ".join(k for k, r in rendered["findings"].items() if r.present),
+        )
+    # case.json last: its presence marks a complete case (an interrupted run is redone).
+    write_json_atomic({**header, **rendered["meta"]}, case_dir / "case.json")
+
+
+# --- batch ---------------------------------------------------------------------------------
+
+_WORKER_STATE: dict = {}
+
+
+def _init_worker(labels_dir: str, config: SynthConfig, single_thread: bool = True) -> None:
+    if single_thread:  # pool workers: one thread each, so N workers use N cores, not N x N
+        import torch
+
+        torch.set_num_threads(1)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    maps = load_source_maps(labels_dir, config.source)
+    _WORKER_STATE["maps"] = {str(m.path): m for m in maps}
+    _WORKER_STATE["grids"] = {}
+    _WORKER_STATE["config"] = config
+
+
+def _render_and_write(job: tuple) -> tuple[str, float]:
+    index, map_path, case_dir, header = job
+    start = time.perf_counter()
+    config: SynthConfig = _WORKER_STATE["config"]
+    smap = _WORKER_STATE["maps"][map_path]
+    grids = _WORKER_STATE["grids"]
+    if map_path not in grids:
+        grids[map_path] = working_grid(smap.image, config.work_spacing, config.margin_mm)
+    rendered = render_case(smap, grids[map_path], config, index)
+    write_case(Path(case_dir), rendered, header, config.contact_sheets)
+    return header["case_id"], time.perf_counter() - start
+
+
+def synthesize(
+    labels_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: SynthConfig,
+    workers: int = 1,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+) -> dict:
+    """Render ``config.n`` cases into ``out_dir``; cases already complete are kept (resume)."""
+    if config.contrast != "mixed" and config.contrast not in CONTRASTS:
+        raise InputError(None, f"unknown contrast {config.contrast!r}.", f"Choose mixed or one of {', '.join(CONTRASTS)}.")
+    if config.n < 1:
+        raise InputError(None, "--n must be at least 1.")
+    maps = load_source_maps(labels_dir, config.source)
+    out = Path(out_dir)
+    split = split_subjects([m.subject for m in maps], config.val_fraction, config.seed)
+    order = np.random.default_rng([config.seed, 11]).permutation(len(maps))
+    jobs, cases = [], []
+    for i in range(config.n):
+        smap = maps[order[i % len(maps)]]
+        case_id = f"{config.source}-{config.seed}-{i:04d}"
+        header = {
+            "layout": CASE_LAYOUT,
+            "case_id": case_id,
+            "index": i,
+            "seed": config.seed,
+            "source": config.source,
+            "source_file": smap.path.name,
+            "subject": smap.subject,
+            "split": split[smap.subject],
+            "synthetic": True,
+        }
+        cases.append({k: header[k] for k in ("case_id", "subject", "split")})
+        case_dir = out / "cases" / case_id
+        if (case_dir / "case.json").is_file():
+            continue  # already rendered by an earlier run
+        jobs.append((i, str(smap.path), str(case_dir), header))
+
+    manifest = {
+        "layout": CASE_LAYOUT,
+        "generator": "orthoknee synth",
+        "synthetic": True,
+        "note": "MR-like images rendered from real label maps; findings other than OAI bone lesions are simulated.",
+        "config": asdict(config),
+        "labels_dir": str(labels_dir),
+        "catalog": DEFAULT_CATALOG.to_json(),
+        "annotated_structures": list(SOURCES[config.source].annotated),
+        "subjects": split,
+        "cases": cases,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, out / "dataset.json")
+
+    done_before = config.n - len(jobs)
+    progress(done_before, config.n, "")
+    timings: list[float] = []
+    if workers <= 1:
+        _init_worker(str(labels_dir), config, single_thread=False)
+        for n, job in enumerate(jobs, start=1):
+            if cancel:
+                cancel.raise_if_cancelled()
+            case_id, seconds = _render_and_write(job)
+            timings.append(seconds)
+            progress(done_before + n, config.n, case_id)
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(labels_dir), config)) as pool:
+            for n, (case_id, seconds) in enumerate(pool.map(_render_and_write, jobs), start=1):
+                timings.append(seconds)
+                progress(done_before + n, config.n, case_id)
+                if cancel and cancel.cancelled:
+                    pool.shutdown(cancel_futures=True)
+                    cancel.raise_if_cancelled()
+    manifest["rendered_now"] = len(jobs)
+    manifest["seconds_per_case"] = float(np.mean(timings)) if timings else None
+    return manifest
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SynthCase:
+    """A written case, read back: the Case, its labels and finding labels."""
+
+    folder: Path
+    meta: dict
+    case: Case
+    labels: dict[str, sitk.Image]  # view -> labels on that view's grid
+
+    @property
+    def findings(self) -> dict[str, int | None]:
+        return {k: v["present"] for k, v in self.meta["findings"].items()}
+
+    @property
+    def annotated(self) -> tuple[str, ...]:
+        return tuple(self.meta["annotated"])
+
+    def finding_mask(self, key: str) -> sitk.Image | None:
+        path = self.folder / "findings" / f"{key}.nrrd"
+        return sitk.ReadImage(str(path)) if path.is_file() else None
+
+
+def read_case(folder: str | os.PathLike) -> SynthCase:
+    folder = Path(folder)
+    meta_path = folder / "case.json"
+    if not meta_path.is_file():
+        raise InputError(folder, "is not a complete training case (no case.json).", "Re-run `orthoknee synth` on it.")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("layout") != CASE_LAYOUT:
+        raise InputError(folder, f"has case layout {meta.get('layout')}, this OrthoKnee reads {CASE_LAYOUT}.")
+    views = {p: load_volume(folder / f"{p}.nrrd") for p in VIEWS if (folder / f"{p}.nrrd").is_file()}
+    labels = {p: sitk.ReadImage(str(folder / f"{p}_labels.nrrd")) for p in views}
+    return SynthCase(folder, meta, Case(**views, name=meta["case_id"]), labels)

@@ -1,0 +1,207 @@
+"""Training cases from real label maps: mappings, round trip, findings, determinism, layout."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from OrthoKneeLib.labels import DEFAULT_CATALOG, FINDING_KEYS
+from OrthoKneeLib.synth.anatomy import dilate, working_grid
+from OrthoKneeLib.synth.dataset import SynthConfig, read_case, render_case, split_subjects, synthesize
+from OrthoKneeLib.synth.sources import SOURCES, load_source_maps, map_labels
+from OrthoKneeLib.volumes import resample_like
+
+pytestmark = pytest.mark.shared_data
+L = {s.key: s.label for s in DEFAULT_CATALOG.structures}
+BONES = ("femur", "tibia", "patella")
+
+
+def _source_dir(shared_data, source):
+    return shared_data / {"oai": "labels-oai", "pymskt": "labels-pymskt", "spl": "labels-spl-atlas"}[source]
+
+
+@pytest.mark.parametrize("source", ["pymskt", "spl", "oai"])
+def test_mapping_keeps_voxel_counts_per_structure(shared_data, source):
+    smap = load_source_maps(_source_dir(shared_data, source), source)[0]
+    values = sitk.GetArrayFromImage(smap.image)
+    structures, _, _, lesion = map_labels(SOURCES[source], values)
+    spec = SOURCES[source]
+    for key in DEFAULT_CATALOG.structure_keys:
+        expected = sum(int((values == v).sum()) for v, k in spec.structures.items() if k == key)
+        if source == "oai":  # lesion voxels belong to the bone they lie in
+            expected += sum(int((values == v).sum()) for v, b in {7: "femur", 8: "tibia", 9: "patella"}.items() if b == key)
+        assert int((structures == L[key]).sum()) == expected, key
+    assert set(spec.annotated) == set(spec.structures.values())
+    # nothing outside the catalog sneaks into the structure map
+    assert set(np.unique(structures)) <= set(range(12))
+
+
+def test_sources_annotate_different_subsets():
+    assert "acl" not in SOURCES["oai"].annotated and "medial_meniscus" not in SOURCES["oai"].annotated
+    assert "acl" not in SOURCES["pymskt"].annotated and "fibula" in SOURCES["pymskt"].annotated
+    assert len(SOURCES["spl"].annotated) == 11
+
+
+def test_oai_subjects_are_parsed_from_file_names(shared_data):
+    maps = load_source_maps(_source_dir(shared_data, "oai"), "oai")
+    subjects = {m.subject for m in maps}
+    assert len(maps) == 54 and len(subjects) < len(maps)  # baseline and follow-up share a subject
+    assert all(s.startswith("oai-") and len(s) == 11 for s in subjects)
+
+
+def test_split_is_by_subject_and_deterministic():
+    subjects = [f"s{i}" for i in range(20)] * 3
+    a = split_subjects(subjects, 0.2, seed=5)
+    assert a == split_subjects(subjects, 0.2, seed=5)
+    assert sum(v == "validation" for v in a.values()) == 4
+    assert split_subjects(["only"], 0.2, seed=1) == {"only": "train"}
+
+
+def test_dilate_equals_itk_box_dilation():
+    rng = np.random.default_rng(0)
+    mask = rng.random((30, 40, 35)) > 0.995
+    ours = dilate(mask, 2)
+    itk = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), [2, 2, 2], sitk.sitkBox))
+    assert np.array_equal(ours, itk.astype(bool))
+
+
+@pytest.fixture(scope="module")
+def spl_case(shared_data):
+    """One SPL atlas case with every finding drawn (prevalence 1)."""
+    smap = load_source_maps(_source_dir(shared_data, "spl"), "spl")[0]
+    config = SynthConfig(source="spl", n=1, seed=2, prevalence=1.0, work_spacing=1.0)
+    grid = working_grid(smap.image, config.work_spacing, config.margin_mm)
+    return render_case(smap, grid, config, 0), grid, config, smap
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def _back_on_reference(view, reference, undo_motion):
+    transform = view["motion"].GetInverse() if undo_motion else sitk.Transform()
+    back = sitk.Resample(view["labels"], reference, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    fov = sitk.Resample(view["labels"] * 0 + 1, reference, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(fov).astype(bool)
+
+
+def test_views_resampled_back_agree_with_reference_labels(spl_case):
+    """Thick-slice round trip: each view's labels, with its recorded motion undone, back on the
+    reference grid, match the reference bones (Dice >= 0.9), inside the view's field of view."""
+    rendered = spl_case[0]
+    reference = sitk.GetArrayFromImage(rendered["labels"])
+    for plane, view in rendered["views"].items():
+        back, fov = _back_on_reference(view, rendered["labels"], undo_motion=True)
+        for bone in BONES:
+            d = _dice((reference == L[bone]) & fov, (back == L[bone]) & fov)
+            assert d >= 0.9, (plane, bone, d)
+
+
+def test_views_are_misregistered_by_small_motions(spl_case):
+    """Without undoing the motion the series disagree a little, as real series do."""
+    rendered = spl_case[0]
+    reference = sitk.GetArrayFromImage(rendered["labels"])
+    for plane, view in rendered["views"].items():
+        back, fov = _back_on_reference(view, rendered["labels"], undo_motion=False)
+        femur = _dice((reference == L["femur"]) & fov, (back == L["femur"]) & fov)
+        undone, fov2 = _back_on_reference(view, rendered["labels"], undo_motion=True)
+        femur_undone = _dice((reference == L["femur"]) & fov2, (undone == L["femur"]) & fov2)
+        assert 0.85 <= femur <= femur_undone + 1e-9, (plane, femur, femur_undone)
+
+
+def test_views_have_protocol_geometry(spl_case):
+    rendered = spl_case[0]
+    for plane, view in rendered["views"].items():
+        image = view["image"]
+        assert image.GetPixelID() == sitk.sitkInt16
+        from OrthoKneeLib.volumes import detect_plane
+
+        assert detect_plane(image) == plane
+        params = view["params"]
+        assert 2.5 <= params["thickness_mm"] <= 4.0
+        assert image.GetSpacing()[2] == pytest.approx(params["thickness_mm"] + params["gap_mm"], abs=2e-3)  # params are rounded
+        assert max(abs(t) for t in params["misregistration"]["translation_mm"]) <= 1.5
+
+
+def test_all_findings_are_simulated_where_they_belong(spl_case):
+    rendered = spl_case[0]
+    knee, findings = rendered["knee"], rendered["findings"]
+    assert all(findings[k].present for k in FINDING_KEYS), {k: findings[k].present for k in FINDING_KEYS}
+    s = knee.spacing
+    # meniscal tears lie inside their meniscus
+    for side in ("medial", "lateral"):
+        mask = findings[f"{side}_meniscal_tear"].mask
+        assert mask.any() and knee.mask(f"{side}_meniscus")[mask].all()
+    # effusion: fluid in the joint, outside bone, near the femur
+    eff = findings["joint_effusion"].mask
+    from OrthoKneeLib.synth.anatomy import distance_mm
+
+    d_femur = distance_mm(knee.mask("femur", "femoral_cartilage"), s)
+    assert eff.sum() > 100 and not knee.mask("femur", "tibia", "patella", "fibula")[eff].any()
+    assert d_femur[eff].max() <= 7.0 + s
+    above = np.argwhere(eff)[:, 1]
+    assert np.median(above) <= knee.frame["joint"] + 3  # mostly at or above the joint line
+    # bone marrow lesion inside a bone; cartilage defect where cartilage was (now removed)
+    bml = findings["bone_marrow_lesion"].mask
+    assert knee.mask("femur", "tibia", "patella")[bml].all()
+    defect = findings["cartilage_lesion"].mask
+    assert defect.any() and not knee.mask("femoral_cartilage", "tibial_cartilage", "patellar_cartilage")[defect].any()
+    # ACL tear: a gap in the ACL label, filled by fluid
+    acl_tear = findings["acl_tear"].mask
+    assert acl_tear.any() and (knee.tissue[acl_tear] == 9).all()
+    assert _dice(acl_tear, dilate(knee.mask("acl"), 2)) > 0
+    # collateral injury surrounds a collateral ligament
+    col = findings["collateral_ligament_injury"].mask
+    assert (col & dilate(knee.collateral, 1)).any()
+
+
+def test_same_seed_same_case_other_index_other_case(spl_case):
+    rendered, grid, config, smap = spl_case
+    again = render_case(smap, grid, config, 0)
+    a = sitk.GetArrayFromImage(rendered["views"]["coronal"]["image"])
+    b = sitk.GetArrayFromImage(again["views"]["coronal"]["image"])
+    assert np.array_equal(a, b)
+    other = render_case(smap, grid, config, 1)
+    c = sitk.GetArrayFromImage(other["views"]["coronal"]["image"])
+    assert a.shape != c.shape or not np.array_equal(a, c)
+
+
+def test_oai_real_lesions_become_real_bone_marrow_lesions(shared_data):
+    maps = load_source_maps(_source_dir(shared_data, "oai"), "oai")
+    with_lesion = next(m for m in maps if (sitk.GetArrayFromImage(m.image) >= 7).sum() > 500)
+    config = SynthConfig(source="oai", n=1, seed=0, prevalence=0.0, work_spacing=1.0, deform=False)
+    grid = working_grid(with_lesion.image, 1.0, config.margin_mm)
+    rendered = render_case(with_lesion, grid, config, 0)
+    bml = rendered["findings"]["bone_marrow_lesion"]
+    assert bml.present and bml.real
+    # OAI labels no menisci: their tears are unknown, not absent
+    assert rendered["findings"]["medial_meniscal_tear"].present is None
+    # with prevalence 0 nothing else is simulated
+    assert not rendered["findings"]["acl_tear"].present
+
+
+def test_synthesize_writes_the_layout_and_resumes(shared_data, tmp_path, capsys):
+    from OrthoKneeLib.cli import main
+
+    out = tmp_path / "cases"
+    argv = ["synth", "--labels", str(_source_dir(shared_data, "pymskt")), "--source", "pymskt", "--out", str(out),
+            "--n", "2", "--seed", "4", "--work-spacing", "1.2"]
+    assert main(argv) == 0
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["synthetic"] is True and len(manifest["cases"]) == 2
+    case_dir = out / "cases" / "pymskt-4-0000"
+    for name in ("sagittal.nrrd", "coronal.nrrd", "axial.nrrd", "sagittal_labels.nrrd", "labels.nrrd",
+                 "case.json", "contact_sheet.png"):
+        assert (case_dir / name).is_file(), name
+    case = read_case(case_dir)
+    assert case.case.planes == ("sagittal", "coronal", "axial")
+    assert set(case.findings) == set(FINDING_KEYS)
+    assert "acl" not in case.annotated and "medial_meniscus" in case.annotated
+    for key, present in case.findings.items():
+        assert (case.finding_mask(key) is not None) == bool(present), key
+    # a second run keeps the finished cases
+    before = (case_dir / "sagittal.nrrd").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (case_dir / "sagittal.nrrd").stat().st_mtime_ns == before
+    assert "rendered now: 0" in capsys.readouterr().out
