@@ -118,6 +118,78 @@ def cmd_resample(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- synth
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .progress import TextProgress
+    from .synth import SynthConfig, synthesize
+
+    config = SynthConfig(
+        source=args.source,
+        n=args.n,
+        seed=args.seed,
+        contrast=args.contrast,
+        prevalence=args.prevalence,
+        val_fraction=args.val_fraction,
+        work_spacing=args.work_spacing,
+        contact_sheets=not args.no_sheets,
+    )
+    manifest = synthesize(args.labels, args.out, config, workers=args.workers, progress=TextProgress("synth", unit="case"))
+    splits = [c["split"] for c in manifest["cases"]]
+    per_case = manifest["seconds_per_case"]
+    print(
+        f"{args.out}: {len(splits)} cases ({splits.count('train')} train, {splits.count('validation')} validation, "
+        f"split by subject over {len(manifest['subjects'])} subjects); rendered now: {manifest['rendered_now']}"
+        + (f", {per_case:.1f} s/case per worker" if per_case else "")
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- pretrain
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bundle import create_bundle
+    from .model.diffusion import PretrainConfig, ViewModelConfig, pretrain
+    from .progress import TextProgress
+
+    view = ViewModelConfig(
+        plane=args.view,
+        spacing=tuple(args.spacing),
+        patch=tuple(args.patch),
+        channels=tuple(args.channels),
+    )
+    config = PretrainConfig(
+        steps=args.steps, batch_size=args.batch, learning_rate=args.lr, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, max_volumes=args.max_volumes,
+    )
+    bundle = create_bundle(args.out, name=args.name, version=args.version)
+    checkpoint = Path(args.out) / "checkpoints" / f"backbone_{args.view}.pt"
+    summary = pretrain(view, args.data, checkpoint, config, device=args.device, resume=not args.fresh,
+                       progress=TextProgress(f"pretrain {args.view}", unit="step"))
+    training = {
+        "command": "orthoknee " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["pretrain"] else None,
+        "steps": summary["steps"],
+        "seconds": round(summary["seconds"], 1),
+        "first_loss": summary["first_loss"],
+        "final_loss": summary["final_loss"],
+        "device": summary["device"],
+        "volumes": summary["volumes"],
+        "data": summary["data"],
+        "config": config.__dict__,
+        "weights": "EMA",
+    }
+    bundle.set_view(args.view, view, summary["ema"].state_dict(), training)
+    print(
+        f"{args.out}: {args.view} backbone, {summary['steps']} steps on {summary['volumes']} volumes, "
+        f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, {summary['seconds']:.0f} s on {summary['device']}"
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -181,6 +253,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--echo", type=int, help="echo number of a multi-echo series")
     p.add_argument("--out", type=Path, required=True, help="output file (.nrrd, .nii.gz, .mha)")
     p.set_defaults(func=cmd_resample)
+
+    p = sub.add_parser("synth", help="render training cases from real label maps (synthetic MR images)")
+    p.add_argument("--labels", type=Path, required=True, help="folder (or file) of the source's label maps")
+    p.add_argument("--source", required=True, choices=["oai", "pymskt", "spl"], help="which label set it is")
+    p.add_argument("--out", type=Path, required=True, help="output folder (existing complete cases are kept)")
+    p.add_argument("--n", type=int, required=True, help="number of cases")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--contrast", default="mixed", choices=["mixed", "dess", "pdfs", "t2"])
+    p.add_argument("--prevalence", type=float, default=0.35, help="probability of each simulated finding")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of *subjects* held out")
+    p.add_argument("--work-spacing", type=float, default=0.9, metavar="MM", help="rendering grid spacing")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--no-sheets", action="store_true", help="skip the PNG contact sheets")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining of one view's diffusion backbone")
+    p.add_argument("--view", required=True, choices=["sagittal", "coronal", "axial"])
+    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="PATH",
+                   help="DICOM folders, volume files, `orthoknee synth` outputs (no labels are used)")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder (created or updated)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 3.0), metavar=("I", "J", "K"),
+                   help="model spacing in mm along the view's in-plane and through-plane axes")
+    p.add_argument("--patch", type=int, nargs=3, default=(64, 64, 16), metavar=("I", "J", "K"))
+    p.add_argument("--channels", type=int, nargs="+", default=(16, 32, 64))
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--max-volumes", type=int, help="use at most this many volumes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint instead of resuming")
+    p.add_argument("--name", default="orthoknee", help="bundle name, when creating it")
+    p.add_argument("--version", default="0.1.0", help="bundle version, when creating it")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", help="load the shipped sample case and show what was found")
     p.add_argument("--sample", type=Path, help="folder holding the sample case (default: the shipped one)")
