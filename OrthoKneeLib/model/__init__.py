@@ -1,0 +1,1 @@
+"""The per-view diffusion backbones, their features, and (later) the fused heads."""
