@@ -160,6 +160,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         plane=args.view,
         spacing=tuple(args.spacing),
         patch=tuple(args.patch),
+        window=tuple(args.window),
         channels=tuple(args.channels),
     )
     config = PretrainConfig(
@@ -278,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 3.0), metavar=("I", "J", "K"),
                    help="model spacing in mm along the view's in-plane and through-plane axes")
-    p.add_argument("--patch", type=int, nargs=3, default=(64, 64, 16), metavar=("I", "J", "K"))
-    p.add_argument("--channels", type=int, nargs="+", default=(16, 32, 64))
+    p.add_argument("--patch", type=int, nargs=3, default=(64, 64, 16), metavar=("I", "J", "K"), help="training patch")
+    p.add_argument("--window", type=int, nargs=3, default=(128, 128, 16), metavar=("I", "J", "K"),
+                   help="sliding window for feature extraction")
+    p.add_argument("--channels", type=int, nargs="+", default=(8, 16, 32))
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--max-volumes", type=int, help="use at most this many volumes")
     p.add_argument("--seed", type=int, default=0)

@@ -80,11 +80,11 @@ def test_cancel_saves_a_checkpoint_to_resume_from(tmp_path):
     assert state["step"] == 3
 
 
-def _extractor(seed=0, roi=(8, 32, 32)):
+def _extractor(seed=0, window=(32, 32, 8)):
     torch.manual_seed(0)
     unet = build_unet(TINY)
     return FeatureExtractor(unet, build_scheduler(TINY), timesteps=(50, 250), budget_per_block=4,
-                            roi_size_kji=roi, seed=seed)
+                            window_ijk=window, seed=seed)
 
 
 def test_features_are_deterministic_for_a_fixed_seed():
@@ -99,7 +99,7 @@ def test_features_are_deterministic_for_a_fixed_seed():
 
 def test_a_view_larger_than_the_patch_gets_full_size_features():
     view = np.random.default_rng(2).uniform(-1, 1, (21, 75, 50)).astype(np.float32)
-    extractor = _extractor(roi=(8, 32, 32))
+    extractor = _extractor(window=(32, 32, 8))
     features = extractor(view)
     assert features.shape == (extractor.channels, 21, 75, 50)
     assert np.isfinite(features).all()

@@ -63,9 +63,9 @@ def run_one(args) -> dict:
         config = ViewModelConfig(plane=args.plane)
         unet, scheduler, features = build_unet(config).eval(), build_scheduler(config), DEFAULT_FEATURES
     extractor = FeatureExtractor(unet, scheduler, features["timesteps"], features["budget_per_block"],
-                                 roi_size_kji=config.patch[::-1], overlap=features["overlap"])
+                                 window_ijk=config.window, overlap=features["overlap"])
     view = np.random.default_rng(0).uniform(-1, 1, view_shape(args.factor)).astype(np.float32)
-    small = view[: config.patch[2], : config.patch[1], : config.patch[0]]
+    small = view[: config.window[2], : config.window[1], : config.window[0]]
     extractor(small)  # warm-up
     with FlopCounterMode(display=False) as counter:
         extractor(view)
@@ -78,7 +78,8 @@ def run_one(args) -> dict:
         "flops": flops, "flop_per_s": flops / seconds, "feature_channels": int(out.shape[0]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "matmul_flop_per_s": matmul_flops(), "threads": args.threads,
-        "config": {"channels": list(config.channels), "patch": list(config.patch), "timesteps": features["timesteps"]},
+        "config": {"channels": list(config.channels), "window": list(config.window), "timesteps": features["timesteps"],
+                   "overlap": features["overlap"]},
     }
 
 
@@ -100,7 +101,7 @@ def main() -> int:
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     base = rows[0]
-    print(f"backbone {args.plane}: channels {base['config']['channels']}, window {base['config']['patch']} (i,j,k), "
+    print(f"backbone {args.plane}: channels {base['config']['channels']}, window {base['config']['window']} (i,j,k), overlap {base['config']['overlap']}, "
           f"timesteps {base['config']['timesteps']}, {base['threads']} threads, {base['feature_channels']} feature channels")
     print(f"{'size':>5} {'voxels':>10} {'s/view':>8} {'x time':>7} {'GFLOP':>8} {'GFLOP/s':>8} "
           f"{'matmul GFLOP/s':>15} {'efficiency':>10} {'peak RSS MB':>12}")

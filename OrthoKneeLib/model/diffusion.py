@@ -24,7 +24,10 @@ from ..errors import InputError
 from ..progress import CancelToken, ProgressFn, no_progress
 from ..volumes import Volume, detect_plane, list_volumes, normalize_intensity, reformat, resample_to_spacing
 
-__all__ = ["ViewModelConfig", "build_unet", "build_scheduler", "prepare_view", "PretrainConfig", "pretrain"]
+__all__ = [
+    "ViewModelConfig", "build_unet", "build_scheduler", "prepare_view", "to_network", "from_network",
+    "PretrainConfig", "pretrain",
+]
 
 
 @dataclass
@@ -33,8 +36,11 @@ class ViewModelConfig:
 
     plane: str
     spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)  # mm along the view's i, j, k axes
-    patch: tuple[int, int, int] = (64, 64, 16)  # voxels along i, j, k
-    channels: tuple[int, ...] = (16, 32, 64)
+    patch: tuple[int, int, int] = (64, 64, 16)  # training patch, voxels along i, j, k
+    window: tuple[int, int, int] = (128, 128, 16)  # inference window (sliding), voxels along i, j, k
+    # (8, 16, 32): ~93 kFLOP per voxel and timestep; (16, 32, 64) costs 4x more for a CPU budget
+    # of seconds per view (bench/backbone_speed.py).
+    channels: tuple[int, ...] = (8, 16, 32)
     num_res_blocks: int = 1
     norm_num_groups: int = 8
     num_train_timesteps: int = 1000
@@ -45,7 +51,8 @@ class ViewModelConfig:
     @classmethod
     def from_json(cls, data: dict) -> "ViewModelConfig":
         d = dict(data)
-        for key in ("spacing", "patch", "channels"):
+        d.setdefault("window", d.get("patch"))
+        for key in ("spacing", "patch", "window", "channels"):
             d[key] = tuple(d[key])
         return cls(**d)
 
@@ -61,7 +68,25 @@ def build_unet(config: ViewModelConfig):
         attention_levels=tuple(False for _ in config.channels),  # attention is costly on CPU
         num_res_blocks=config.num_res_blocks,
         norm_num_groups=config.norm_num_groups,
+        # MONAI always puts self-attention in the middle block; SDPA makes it ~25 % cheaper on CPU
+        use_flash_attention=True,
     )
+
+
+def to_network(batch_kji):
+    """[..., k, j, i] (SimpleITK order) -> [..., i, j, k], the layout the UNet runs in.
+
+    The network is axis-agnostic, but PyTorch's CPU convolution falls back from oneDNN to a
+    ~5x slower path when the *first* spatial dimension is small (<= 8), which is the thin
+    through-plane axis at the deeper UNet levels. Putting that axis last keeps every level
+    on the fast path (bench/backbone_speed.py). This is the only place the layout changes.
+    """
+    return batch_kji.transpose(-1, -3)
+
+
+def from_network(batch_ijk):
+    """Inverse of :func:`to_network`."""
+    return batch_ijk.transpose(-1, -3)
 
 
 def build_scheduler(config: ViewModelConfig):
@@ -105,9 +130,10 @@ def _collect_volumes(paths: Sequence[str | os.PathLike], config: ViewModelConfig
         p = Path(p)
         if not p.exists():
             raise InputError(p, "does not exist.", "Give DICOM folders, volume files or `orthoknee synth` outputs.")
-        # synth outputs: only the image series, never the label maps
+        # synth outputs: this view's own series only (never labels; a thick series of another
+        # plane reformatted into this one would teach the model blur that never occurs)
         if (p / "dataset.json").is_file():
-            files += sorted(q for q in (p / "cases").glob("*/*.nrrd") if "labels" not in q.name)
+            files += sorted((p / "cases").glob(f"*/{config.plane}.nrrd"))
         else:
             files.append(p)
     for f in files:
@@ -130,7 +156,7 @@ def _collect_volumes(paths: Sequence[str | os.PathLike], config: ViewModelConfig
 
 
 def _sample_patch(volume: np.ndarray, patch_kji: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """A random patch, padded with background (-1) where the volume is smaller; foreground-biased."""
+    """A random [k, j, i] patch, padded with background (-1) where the volume is smaller; foreground-biased."""
     pads = [(0, max(0, p - s)) for p, s in zip(patch_kji, volume.shape)]
     if any(b for _, b in pads):
         volume = np.pad(volume, pads, constant_values=-1.0)
@@ -216,7 +242,7 @@ def pretrain(
         # patches drawn from a per-step generator: a resumed run sees what an uninterrupted one would
         rng = np.random.default_rng([config.seed, step])
         batch = np.stack([_sample_patch(volumes[rng.integers(len(volumes))], patch_kji, rng) for _ in range(config.batch_size)])
-        x = torch.from_numpy(batch[:, None]).to(dev)
+        x = to_network(torch.from_numpy(batch[:, None])).contiguous().to(dev)
         if use_amp:
             x = x.to(memory_format=torch.channels_last_3d)
         noise = torch.randn_like(x)

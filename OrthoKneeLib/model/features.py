@@ -36,8 +36,8 @@ class FeatureExtractor:
         scheduler,
         timesteps: Sequence[int] = (50, 150, 250),
         budget_per_block: int = 16,
-        roi_size_kji: Sequence[int] = (16, 64, 64),
-        overlap: float = 0.25,
+        window_ijk: Sequence[int] = (128, 128, 16),
+        overlap: float = 0.1,
         seed: int = 0,
         device=None,
         sw_batch_size: int = 1,
@@ -48,7 +48,7 @@ class FeatureExtractor:
         self.scheduler = scheduler
         self.timesteps = tuple(int(t) for t in timesteps)
         self.budget = int(budget_per_block)
-        self.roi = tuple(int(r) for r in roi_size_kji)
+        self.roi = tuple(int(r) for r in window_ijk)  # network layout (see diffusion.to_network)
         self.overlap = overlap
         self.seed = seed
         self.device = device or next(unet.parameters()).device
@@ -87,10 +87,14 @@ class FeatureExtractor:
         return torch.cat(maps, dim=1)
 
     def __call__(self, view_kji: np.ndarray, cancel: CancelToken | None = None, dtype=None) -> np.ndarray:
+        """Features (C, k, j, i) of a prepared view [k, j, i] (see diffusion.prepare_view)."""
         import torch
         from monai.inferers import sliding_window_inference
 
-        x = torch.from_numpy(np.ascontiguousarray(view_kji, dtype=np.float32))[None, None].to(self.device)
+        from .diffusion import from_network, to_network
+
+        x = to_network(torch.from_numpy(np.ascontiguousarray(view_kji, dtype=np.float32))[None, None])
+        x = x.contiguous().to(self.device)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         noise = torch.randn(x.shape, generator=generator).to(self.device)
         # windows no larger than the view (MONAI pads the view up to the window otherwise)
@@ -105,8 +109,8 @@ class FeatureExtractor:
                     noisy, roi, self.sw_batch_size, lambda w, _t=t: self._window_features(w, _t),
                     overlap=self.overlap, mode="gaussian", padding_mode="replicate",
                 )
-                outputs.append(feats[0].to("cpu", dtype or torch.float32))
-        return torch.cat(outputs, dim=0).numpy()
+                outputs.append(from_network(feats[0]).to("cpu", dtype or torch.float32))
+        return torch.cat(outputs, dim=0).contiguous().numpy()
 
 
 def array_hash(array: np.ndarray) -> str:
