@@ -205,3 +205,16 @@ def test_synthesize_writes_the_layout_and_resumes(shared_data, tmp_path, capsys)
     assert main(argv) == 0
     assert (case_dir / "sagittal.nrrd").stat().st_mtime_ns == before
     assert "rendered now: 0" in capsys.readouterr().out
+
+
+def test_outlines_are_closed():
+    from OrthoKneeLib.synth.sheet import outline_slice
+
+    lab = np.zeros((20, 20), np.uint8)
+    lab[5:15, 5:15] = 1  # femur
+    rgb = outline_slice(np.zeros((20, 20), np.float32), lab)
+    colored = (rgb != rgb[0, 0]).any(axis=-1)
+    ring = np.zeros_like(colored)
+    ring[5:15, 5:15] = True
+    ring[6:14, 6:14] = False
+    assert np.array_equal(colored, ring)

@@ -28,8 +28,12 @@ def outline_slice(image_slice: np.ndarray, label_slice: np.ndarray | None) -> np
     if label_slice is not None:
         lab = label_slice.astype(np.int32)
         edge = np.zeros(lab.shape, dtype=bool)
-        edge[1:, :] |= lab[1:, :] != lab[:-1, :]
-        edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+        rows = lab[1:, :] != lab[:-1, :]
+        cols = lab[:, 1:] != lab[:, :-1]
+        edge[1:, :] |= rows  # both pixels of every label change are boundary pixels;
+        edge[:-1, :] |= rows  # only the labelled one is drawn, so each outline is closed
+        edge[:, 1:] |= cols
+        edge[:, :-1] |= cols
         edge &= lab > 0
         rgb[edge] = _COLORS[lab[edge]]
     return rgb
