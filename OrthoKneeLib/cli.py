@@ -172,7 +172,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     summary = pretrain(view, args.data, checkpoint, config, device=args.device, resume=not args.fresh,
                        progress=TextProgress(f"pretrain {args.view}", unit="step"))
     training = {
-        "command": "orthoknee " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["pretrain"] else None,
+        "command": "orthoknee " + " ".join(shlex.quote(str(a)) for a in args.argv),
         "steps": summary["steps"],
         "seconds": round(summary["seconds"], 1),
         "first_loss": summary["first_loss"],
@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in bundles, so a model card can quote the exact command
     try:
         return int(args.func(args) or 0)
     except OrthoKneeError as exc:

@@ -339,9 +339,7 @@ def _list(path: str | os.PathLike) -> _Listing:
                     path, "is a single DICOM image, not part of a 3D series in its folder.", "Give the series folder."
                 )
             return _Listing(path, dicom=series)
-        if not _is_volume_file(path):
-            # Let ITK try; a corrupt or foreign file gets a clear UnreadableFileError.
-            return _Listing(path, files=[path])
+        # Any other file goes to ITK; a corrupt or foreign one gets a clear UnreadableFileError.
         return _Listing(path, files=[path])
     dicom = scan_dicom_folder(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and _is_volume_file(p))

@@ -208,6 +208,8 @@ def test_pretrain_command_writes_a_bundle(tmp_path, capsys):
     assert main(argv) == 0
     bundle = Bundle.open(out)
     assert bundle.planes == ("coronal",)
-    assert bundle.metadata["views"]["coronal"]["training"]["steps"] == 3
+    training = bundle.metadata["views"]["coronal"]["training"]
+    assert training["steps"] == 3
+    assert training["command"].startswith("orthoknee pretrain --view coronal")
     assert (out / "checkpoints" / "backbone_coronal.pt").is_file()
     assert "coronal backbone, 3 steps" in capsys.readouterr().out
