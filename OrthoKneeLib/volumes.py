@@ -184,7 +184,8 @@ class VolumeSource:
 
     @property
     def label(self) -> str:
-        parts = [Path(self.path).name]
+        p = Path(self.path)
+        parts = [f"{p.parent.name}/{p.name}" if p.suffix else p.name]  # a file: say which case folder
         if self.description:
             parts.append(self.description)
         if self.echoes_in_series > 1:

@@ -97,6 +97,11 @@ def test_features_are_deterministic_for_a_fixed_seed():
     assert a.shape[0] == _extractor().channels == 2 * (4 + 4)
 
 
+def test_channel_budget_must_divide_block_widths():
+    with pytest.raises(ValueError, match="budget_per_block=3"):
+        FeatureExtractor(build_unet(TINY), build_scheduler(TINY), budget_per_block=3)
+
+
 def test_a_view_larger_than_the_patch_gets_full_size_features():
     view = np.random.default_rng(2).uniform(-1, 1, (21, 75, 50)).astype(np.float32)
     extractor = _extractor(window=(32, 32, 8))

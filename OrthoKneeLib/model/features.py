@@ -44,6 +44,9 @@ class FeatureExtractor:
     ) -> None:
         import torch
 
+        bad = [c for c in unet.block_out_channels if c > budget_per_block and c % budget_per_block]
+        if bad:
+            raise ValueError(f"budget_per_block={budget_per_block} must divide the wider decoder blocks' channels {bad}")
         self.unet = unet.eval()
         self.scheduler = scheduler
         self.timesteps = tuple(int(t) for t in timesteps)
