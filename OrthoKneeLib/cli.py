@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 3.0), metavar=("I", "J", "K"),
                    help="model spacing in mm along the view's in-plane and through-plane axes")
     p.add_argument("--patch", type=int, nargs=3, default=(64, 64, 16), metavar=("I", "J", "K"), help="training patch")
-    p.add_argument("--window", type=int, nargs=3, default=(128, 128, 16), metavar=("I", "J", "K"),
-                   help="sliding window for feature extraction")
+    p.add_argument("--window", type=int, nargs=3, default=(160, 160, 16), metavar=("I", "J", "K"),
+                   help="largest sliding window for feature extraction")
     p.add_argument("--channels", type=int, nargs="+", default=(8, 16, 32))
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--max-volumes", type=int, help="use at most this many volumes")

@@ -37,7 +37,7 @@ class ViewModelConfig:
     plane: str
     spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)  # mm along the view's i, j, k axes
     patch: tuple[int, int, int] = (64, 64, 16)  # training patch, voxels along i, j, k
-    window: tuple[int, int, int] = (128, 128, 16)  # inference window (sliding), voxels along i, j, k
+    window: tuple[int, int, int] = (160, 160, 16)  # largest inference window (sliding), voxels along i, j, k
     # (8, 16, 32): ~93 kFLOP per voxel and timestep; (16, 32, 64) costs 4x more for a CPU budget
     # of seconds per view (bench/backbone_speed.py).
     channels: tuple[int, ...] = (8, 16, 32)

@@ -36,7 +36,7 @@ class FeatureExtractor:
         scheduler,
         timesteps: Sequence[int] = (50, 150, 250),
         budget_per_block: int = 16,
-        window_ijk: Sequence[int] = (128, 128, 16),
+        window_ijk: Sequence[int] = (160, 160, 16),
         overlap: float = 0.1,
         seed: int = 0,
         device=None,
@@ -100,8 +100,10 @@ class FeatureExtractor:
         x = x.contiguous().to(self.device)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         noise = torch.randn(x.shape, generator=generator).to(self.device)
-        # windows no larger than the view (MONAI pads the view up to the window otherwise)
-        roi = tuple(min(r, s) if s >= 8 else r for r, s in zip(self.roi, x.shape[2:]))
+        # Windows no larger than the view (rounded up to what the UNet's downsampling needs):
+        # a view just over a fixed window would otherwise be tiled twice over per axis.
+        multiple = 2 ** (len(self.unet.block_out_channels) - 1)
+        roi = tuple(min(r, int(np.ceil(s / multiple)) * multiple) for r, s in zip(self.roi, x.shape[2:]))
         outputs = []
         with torch.inference_mode():
             for t in self.timesteps:
