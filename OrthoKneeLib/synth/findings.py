@@ -155,8 +155,8 @@ def _effusion(knee: Knee, rng: np.random.Generator) -> np.ndarray:
     shape = knee.structures.shape
     above_joint = np.arange(shape[1])[None, :, None] <= f["joint"]
     anterior = np.arange(shape[2])[None, None, :] <= f["centre_p"]
-    lowest_recess = f["joint"] - 45.0 / s  # suprapatellar recess reaches ~4-5 cm above the joint
-    high_enough = np.arange(shape[1])[None, :, None] >= lowest_recess
+    recess_top = f["joint"] - 45.0 / s  # the suprapatellar recess reaches ~4-5 cm above the joint
+    high_enough = np.arange(shape[1])[None, :, None] >= recess_top  # j grows downwards
     recess = soft & (d_femur > 0) & (d_femur <= size) & above_joint & anterior & high_enough
     tibial = knee.mask("tibia", "tibial_cartilage")
     joint_space = soft & (d_femur <= 2.5) & dilate(tibial, max(1, round(2.5 / s)))
