@@ -7,7 +7,9 @@ from pathlib import Path
 
 from .errors import MissingFileError
 
-__all__ = ["resources_dir", "sample_case_dir", "SAMPLE_VIEWS"]
+__all__ = ["resources_dir", "sample_case_dir", "demo_bundle_dir", "SAMPLE_VIEWS", "DEMO_BUNDLE"]
+
+DEMO_BUNDLE = "orthoknee-demo"
 
 # The shipped sample case: one real sagittal DESS series plus two reformats of it.
 SAMPLE_VIEWS = {
@@ -34,3 +36,8 @@ def sample_case_dir() -> Path:
             "or set ORTHOKNEE_RESOURCES to a folder holding SampleData/.",
         )
     return folder
+
+
+def demo_bundle_dir() -> Path:
+    """The shipped demo bundle (checked when it is opened, see bundle.Bundle.open)."""
+    return resources_dir() / "Models" / DEMO_BUNDLE
