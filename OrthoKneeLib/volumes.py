@@ -737,10 +737,9 @@ def reformat(
     direction = axes.T  # columns are the new axes, in LPS
 
     src = sitk.Cast(image, sitk.sitkFloat32)
-    src_spacing = np.asarray(image.GetSpacing())
-    sigma = 0.5 * math.sqrt(max(in_plane_spacing**2 - float(src_spacing.min()) ** 2, 0.0))
+    sigma = 0.5 * math.sqrt(max(in_plane_spacing**2 - float(min(image.GetSpacing())) ** 2, 0.0))
     if sigma > 0:
-        src = sitk.SmoothingRecursiveGaussian(src, [sigma] * 3)
+        src = _smooth(src, [sigma] * 3)
 
     ref = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
     ref.SetSpacing(tuple(float(s) for s in spacing))

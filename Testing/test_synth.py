@@ -8,9 +8,8 @@ import SimpleITK as sitk
 
 from OrthoKneeLib.labels import DEFAULT_CATALOG, FINDING_KEYS
 from OrthoKneeLib.synth.anatomy import dilate, working_grid
-from OrthoKneeLib.synth.dataset import SynthConfig, read_case, render_case, split_subjects, synthesize
+from OrthoKneeLib.synth.dataset import SynthConfig, read_case, render_case, split_subjects
 from OrthoKneeLib.synth.sources import SOURCES, load_source_maps, map_labels
-from OrthoKneeLib.volumes import resample_like
 
 pytestmark = pytest.mark.shared_data
 L = {s.key: s.label for s in DEFAULT_CATALOG.structures}

@@ -10,10 +10,9 @@ as features (features.py).
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +21,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressFn, no_progress
-from ..volumes import Volume, detect_plane, list_volumes, normalize_intensity, reformat, resample_to_spacing
+from ..volumes import list_volumes, normalize_intensity, reformat, resample_to_spacing
 
 __all__ = [
     "ViewModelConfig", "build_unet", "build_scheduler", "prepare_view", "to_network", "from_network",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from ..volumes import VIEW_PLANES, reformat, resample_like
+from ..volumes import VIEW_PLANES, reformat
 
 __all__ = ["acquire_views"]
 
@@ -83,7 +83,3 @@ def acquire_views(
         }
     return views
 
-
-def labels_on(grid: sitk.Image, view: dict) -> sitk.Image:
-    """A view's labels resampled back onto ``grid`` (undoing nothing: the round trip check)."""
-    return resample_like(view["labels"], grid, kind="label")

@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..io import write_image_atomic, write_json_atomic
 from ..labels import DEFAULT_CATALOG, FINDING_KEYS
 from ..progress import CancelToken, ProgressFn, no_progress
-from ..volumes import Case, Volume, VolumeSource, load_volume
+from ..volumes import Case, load_volume
 from .acquire import acquire_views
 from .anatomy import build_knee, working_grid
 from .findings import simulate_findings

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..labels import FINDING_KEYS
-from .anatomy import BONES, CARTILAGES, Knee, dilate, distance_mm
+from .anatomy import CARTILAGES, Knee, dilate, distance_mm
 from .sources import Tissue
 
 __all__ = ["FindingResult", "simulate_findings", "eligible_findings"]

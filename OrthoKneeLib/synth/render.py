@@ -42,9 +42,6 @@ CONTRASTS: dict[str, dict[int, tuple[float, float]]] = {
 
 def render_intensity(tissue: np.ndarray, contrast: str, rng: np.random.Generator, spacing: float) -> tuple[np.ndarray, dict]:
     """Float32 image in roughly [0, 1] and the parameters drawn (recorded in case.json)."""
-    import torch
-    import torch.nn.functional as F
-
     ranges = CONTRASTS[contrast]
     means = np.zeros(Tissue.COUNT, dtype=np.float32)
     for t, (lo, hi) in ranges.items():
