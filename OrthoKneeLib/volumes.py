@@ -51,6 +51,7 @@ __all__ = [
     "reformat",
     "normalize_intensity",
     "overlap_fraction",
+    "box_corners",
 ]
 
 _log = logging.getLogger(__name__)
@@ -134,14 +135,15 @@ def ijk_to_ras(image: sitk.Image) -> np.ndarray:
     return lps_to_ras @ ijk_to_lps
 
 
-def _corners(image: sitk.Image) -> np.ndarray:
-    """Physical (LPS) positions of the 8 outer voxel *edges* of an image."""
-    size = np.asarray(image.GetSize(), dtype=float)
-    lo, hi = -0.5, size - 0.5
+def box_corners(image: sitk.Image, start: Sequence[int] | None = None, size: Sequence[int] | None = None) -> np.ndarray:
+    """Physical (LPS) positions of the 8 outer voxel *edges* of an index box (default: the image)."""
+    start = np.zeros(3) if start is None else np.asarray(start, dtype=float)
+    size = np.asarray(image.GetSize() if size is None else size, dtype=float)
+    lo, hi = start - 0.5, start + size - 0.5
     pts = []
-    for i in (lo, hi[0]):
-        for j in (lo, hi[1]):
-            for k in (lo, hi[2]):
+    for i in (lo[0], hi[0]):
+        for j in (lo[1], hi[1]):
+            for k in (lo[2], hi[2]):
                 pts.append(image.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k))))
     return np.asarray(pts)
 
@@ -728,7 +730,7 @@ def reformat(
     if slice_thickness <= 0 or in_plane_spacing <= 0 or slice_gap < 0:
         raise ValueError("spacing and thickness must be positive, the gap non-negative")
     axes = np.asarray(_PLANE_AXES[plane], dtype=float)  # rows: row dir, col dir, normal
-    corners = _corners(image) @ axes.T  # coordinates of the source's corners in the new frame
+    corners = box_corners(image) @ axes.T  # coordinates of the source's corners in the new frame
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     step = slice_thickness + slice_gap
     spacing = np.asarray([in_plane_spacing, in_plane_spacing, step])

@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..labels import DEFAULT_CATALOG
-from ..volumes import plane_direction
+from ..volumes import box_corners, plane_direction
 from .sources import LabelSource, SourceMap, Tissue, map_labels
 
 __all__ = ["Knee", "working_grid", "build_knee", "random_smooth_field", "distance_mm"]
@@ -27,14 +27,10 @@ def working_grid(source: sitk.Image, spacing: float, margin_mm: float) -> sitk.I
     """An empty PIR grid of ``spacing`` mm covering the source's labelled voxels plus a margin."""
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(source > 0, sitk.sitkUInt8))
-    x0, y0, z0, sx, sy, sz = stats.GetBoundingBox(1)
-    corners = []
-    for i in (x0 - 0.5, x0 + sx - 0.5):
-        for j in (y0 - 0.5, y0 + sy - 0.5):
-            for k in (z0 - 0.5, z0 + sz - 0.5):
-                corners.append(source.TransformContinuousIndexToPhysicalPoint((i, j, k)))
+    box = stats.GetBoundingBox(1)  # (start i, j, k, size i, j, k)
+    corners = box_corners(source, box[:3], box[3:])
     direction = np.asarray(plane_direction("sagittal")).reshape(3, 3)
-    local = np.asarray(corners) @ direction  # coordinates along the grid's axes
+    local = corners @ direction  # coordinates along the grid's axes
     lo = local.min(axis=0) - margin_mm
     hi = local.max(axis=0) + margin_mm
     size = np.ceil((hi - lo) / spacing).astype(int)
