@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageDimensionError, UnreadableFileError
+from .errors import ImageDimensionError, UnreadableFileError, itk_error_detail
 
 __all__ = ["DicomSeries", "scan_dicom_folder", "is_dicom_file"]
 
@@ -189,13 +189,8 @@ def read_dicom_series(series: DicomSeries):
     except RuntimeError as exc:
         raise UnreadableFileError(
             series.folder,
-            f"DICOM series '{series.label}' could not be decoded ({_first_line(exc)}).",
+            f"DICOM series '{series.label}' could not be decoded ({itk_error_detail(exc)}).",
             "Check that the files are complete; compressed transfer syntaxes need GDCM support.",
         ) from None
     return image
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    # ITK messages start with a source location; the last informative line says what failed.
-    return lines[-1] if lines else type(exc).__name__

@@ -22,7 +22,17 @@ __all__ = [
     "NoOverlapError",
     "InvalidVoxelsError",
     "EmptyVolumeError",
+    "itk_error_detail",
 ]
+
+
+def itk_error_detail(exc: BaseException) -> str:
+    """The informative part of an ITK exception: its last non-empty line.
+
+    ITK messages start with a source file location; the last line says what failed.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 class OrthoKneeError(Exception):

@@ -30,6 +30,7 @@ from .errors import (
     MissingFileError,
     NoOverlapError,
     UnreadableFileError,
+    itk_error_detail,
 )
 
 __all__ = [
@@ -262,11 +263,9 @@ def _read_image_file(path: Path) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = lines[-1] if lines else "unknown reason"
         raise UnreadableFileError(
             path,
-            f"is not a readable image ({detail}).",
+            f"is not a readable image ({itk_error_detail(exc)}).",
             "Check the file is a complete NIfTI, NRRD or MHA volume or a DICOM series folder.",
         ) from None
 
