@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -429,10 +429,18 @@ def load_volume(
     (label, members), = groups.items()
 
     if len(members) == 1 and members[0][0] == "file":
-        frames = _file_sources(members[0][1])
-        volume = _pick_echo([Volume(img, src) for img, src in frames], echo, listing.path)
+        frames = [Volume(img, src) for img, src in _file_sources(members[0][1])]
+        if len(frames) == 1:
+            volume = frames[0]  # a 3D file: there is no echo to choose
+        else:
+            options = [(v.source.echo_number, v.source.echo_time, lambda v=v: v) for v in frames]
+            volume = _pick_echo(options, echo, listing.path, f"is a 4D image with {len(frames)} frames (echoes)")
     else:
-        volume = _pick_echo_dicom([m[1] for m in members], echo, listing.path)
+        series = [m[1] for m in members]
+        options = [(s.echo_number, s.echo_time, lambda s=s: Volume(_read_dicom(s), _dicom_source(s))) for s in series]
+        holds = (f"series '{series[0].description or series[0].series_uid}' holds {len(series)} echoes "
+                 "(a multi-echo acquisition)")
+        volume = _pick_echo(options, echo, listing.path, holds)
     if check:
         check_volume(volume)
     return volume
@@ -459,38 +467,22 @@ def _echo_advice(echoes: list[tuple[int | None, float | None]]) -> str:
     return f"Choose one echo by number: {listed} (`--echo N` on the command line)."
 
 
-def _pick_echo(frames: list[Volume], echo: int | None, path: Path) -> Volume:
-    if len(frames) == 1:
-        return frames[0]
-    echoes = [(v.source.echo_number, v.source.echo_time) for v in frames]
+def _pick_echo(options: list[tuple[int | None, float | None, Callable[[], Volume]]], echo: int | None,
+               path: Path, holds: str) -> Volume:
+    """One echo out of ``(echo number, TE, load)`` options; ``load`` runs only for the chosen one.
+
+    ``holds`` completes the sentence "<path> ..." when no echo was chosen among several.
+    """
+    if echo is None and len(options) == 1:
+        return options[0][2]()
+    echoes = [(n, te) for n, te, _ in options]
     if echo is None:
         raise EchoChoiceRequiredError(
-            path,
-            f"is a 4D image with {len(frames)} frames (echoes); one 3D volume is needed.",
-            _echo_advice(echoes),
-            echoes=[te for _, te in echoes],
+            path, f"{holds}; one 3D volume is needed.", _echo_advice(echoes), echoes=[te for _, te in echoes]
         )
-    for v in frames:
-        if v.source.echo_number == echo:
-            return v
-    raise EchoChoiceRequiredError(path, f"has no echo {echo}.", _echo_advice(echoes), echoes=[te for _, te in echoes])
-
-
-def _pick_echo_dicom(series: list[DicomSeries], echo: int | None, path: Path) -> Volume:
-    if len(series) == 1 and echo is None:
-        return Volume(_read_dicom(series[0]), _dicom_source(series[0]))
-    echoes = [(s.echo_number, s.echo_time) for s in series]
-    if echo is None:
-        raise EchoChoiceRequiredError(
-            path,
-            f"series '{series[0].description or series[0].series_uid}' holds {len(series)} echoes "
-            "(a multi-echo acquisition); one 3D volume is needed.",
-            _echo_advice(echoes),
-            echoes=[te for _, te in echoes],
-        )
-    for s in series:
-        if s.echo_number == echo:
-            return Volume(_read_dicom(s), _dicom_source(s))
+    for number, _, load in options:
+        if number == echo:
+            return load()
     raise EchoChoiceRequiredError(path, f"has no echo {echo}.", _echo_advice(echoes), echoes=[te for _, te in echoes])
 
 
