@@ -32,7 +32,7 @@ from .model.diffusion import ViewModelConfig
 __all__ = ["FORMAT_VERSION", "BundleError", "Bundle", "create_bundle", "file_sha256", "DEFAULT_FEATURES"]
 
 FORMAT_VERSION = 1
-DEFAULT_FEATURES = {"timesteps": [50, 150, 250], "budget_per_block": 16, "seed": 0, "overlap": 0.1}
+DEFAULT_FEATURES = {"timesteps": {"sagittal": [50, 200], "coronal": [100], "axial": [100]}, "budget_per_block": 16, "seed": 0, "overlap": 0.1}
 
 
 class BundleError(OrthoKneeError):

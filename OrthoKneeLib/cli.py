@@ -191,6 +191,132 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- predict
+
+
+def _load_case(args: argparse.Namespace):
+    from .volumes import Case, list_volumes, load_volume
+
+    named = {p: load_volume(getattr(args, p)) for p in ("sagittal", "coronal", "axial") if getattr(args, p)}
+    loose = []
+    for path in args.paths:
+        volumes = [v for v in list_volumes(path) if "label" not in Path(v.path).name.lower()]
+        if len(volumes) > 1 and Path(path).is_file():
+            volumes = [load_volume(path)]  # one file of a series: its own series only
+        loose.extend(volumes)
+    if not named and not loose:
+        raise OrthoKneeError(None, "no input series were given.",
+                             "Give files or DICOM folders, or --sagittal/--coronal/--axial.")
+    case = Case.from_volumes(loose) if loose else None
+    views = dict(case.views) if case else {}
+    views.update(named)
+    return Case(**views, name=args.name)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .montage import montage
+    from .predict import Predictor
+    from .progress import TextProgress
+
+    case = _load_case(args)
+    predictor = Predictor(args.bundle, device=args.device)
+    prediction = predictor.predict(case, progress=TextProgress("predict", unit="stage"))
+    written = prediction.save(args.out)
+    if not args.no_montage:
+        written["montage"] = montage(prediction, case, Path(args.out) / "montage.png")
+    if args.json:
+        print(json.dumps({**prediction.summary(), "files": {k: str(v) for k, v in written.items()}}, indent=2))
+        return 0
+    print(f"{case.name}: views {', '.join(case.planes)} (reference {case.reference_plane}), "
+          f"bundle {prediction.bundle['name']} {prediction.bundle['version']}, {prediction.timings['total']:.1f} s "
+          f"on {prediction.device}")
+    for key, p in sorted(prediction.finding_probabilities.items(), key=lambda kv: -kv[1]):
+        print(f"  {prediction.catalog.finding(key).name:32} {p:6.3f}")
+    vols = prediction.measurements["volume_ml"]
+    print("  volumes (mL): " + ", ".join(f"{k} {v:.1f}" for k, v in vols.items() if v > 0))
+    thick = prediction.measurements["mean_thickness_mm"]
+    if thick:
+        print("  mean cartilage thickness (mm): " + ", ".join(f"{k} {v:.2f}" for k, v in thick.items() if v))
+    for w in prediction.warnings:
+        print(f"  warning: {w}")
+    for what, path in written.items():
+        if not what.startswith("overlay:"):
+            print(f"  wrote {path}")
+    print(f"  wrote {len(prediction.overlays)} overlays in {Path(args.out) / 'overlays'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- finetune / evaluate
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    import os
+
+    if args.cache:
+        return Path(args.cache)
+    return Path(os.environ.get("ORTHOKNEE_CACHE", Path.home() / ".cache" / "orthoknee" / "features"))
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bundle import Bundle
+    from .model.device import select_device
+    from .progress import TextProgress
+    from .train import FinetuneConfig, cache_case, find_cases, finetune
+
+    bundle = Bundle.open(args.bundle)
+    train = find_cases(args.cases, "train")
+    if args.max_cases:
+        train = train[: args.max_cases]
+    val = find_cases(args.validation or args.cases, "validation" if not args.validation else None)[: args.validation_cases]
+    if not train:
+        raise OrthoKneeError(None, f"no training cases (split 'train') under {', '.join(map(str, args.cases))}.",
+                             "Make some with `orthoknee synth`.")
+    device = select_device(args.device)
+    cache = _cache_dir(args)
+    bar = TextProgress("features", unit="case")
+    train_c = []
+    for n, c in enumerate(train + val):
+        train_c.append(cache_case(bundle, c, cache, device=device))
+        bar(n + 1, len(train) + len(val), c.name)
+    config = FinetuneConfig(steps=args.steps, label_fraction=args.label_fraction, seed=args.seed,
+                            learning_rate=args.lr, model=args.model, validate_every=args.validate_every,
+                            validation_cases=args.validation_cases)
+    out = finetune(bundle, train_c[: len(train)], args.out, config, validation_caches=train_c[len(train):],
+                   version=args.version, device=args.device, progress=TextProgress("finetune", unit="step"),
+                   command="orthoknee " + " ".join(shlex.quote(str(a)) for a in args.argv))
+    t = out.metadata["heads"]["training"]
+    print(f"{args.out}: {out.metadata['heads']['kind']} {out.metadata['version']}, {t['labelled_cases']} of "
+          f"{t['cases']} cases labelled, {config.steps} steps in {t['seconds']:.0f} s, "
+          f"loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .evaluate import evaluate_bundle, format_table
+    from .progress import TextProgress
+    from .train import find_cases
+
+    bundle = Bundle.open(args.bundle)
+    cases = find_cases(args.cases, args.split)
+    if args.max_cases:
+        cases = cases[: args.max_cases]
+    if not cases:
+        raise OrthoKneeError(None, f"no cases with split {args.split!r} under {', '.join(map(str, args.cases))}.",
+                             "Use --split all, or give other folders.")
+    scores = evaluate_bundle(bundle, cases, _cache_dir(args), device=args.device,
+                             progress=TextProgress("evaluate", unit="step"), with_hd95=not args.no_hd95)
+    if args.json:
+        print(json.dumps({k: v for k, v in scores.items() if args.per_case or k != "per_case"}, indent=2))
+    else:
+        print(f"{bundle.metadata.get('name')} {bundle.metadata.get('version')} ({scores['bundle']['kind']}) "
+              f"on {scores['cases']} cases")
+        print(format_table(scores, bundle.catalog))
+    return 0
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -280,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 3.0), metavar=("I", "J", "K"),
                    help="model spacing in mm along the view's in-plane and through-plane axes")
     p.add_argument("--patch", type=int, nargs=3, default=(64, 64, 16), metavar=("I", "J", "K"), help="training patch")
-    p.add_argument("--window", type=int, nargs=3, default=(160, 160, 16), metavar=("I", "J", "K"),
+    p.add_argument("--window", type=int, nargs=3, default=(256, 256, 16), metavar=("I", "J", "K"),
                    help="largest sliding window for feature extraction")
     p.add_argument("--channels", type=int, nargs="+", default=(8, 16, 32))
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -291,6 +417,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="orthoknee", help="bundle name, when creating it")
     p.add_argument("--version", default="0.1.0", help="bundle version, when creating it")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("predict", help="structures, finding probabilities and overlays for one case")
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="series files or DICOM folders (views by plane)")
+    for plane in ("sagittal", "coronal", "axial"):
+        p.add_argument(f"--{plane}", type=Path, help=f"the {plane} series (overrides plane detection)")
+    p.add_argument("--bundle", type=Path, help="model bundle (default: the shipped demo bundle)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--name", help="case name (default: from the reference series)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--no-montage", action="store_true", help="skip montage.png")
+    p.add_argument("--json", action="store_true", help="print the findings.json summary")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("finetune", help="train the heads on cached features of labelled cases (backbone frozen)")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle with pretrained backbones")
+    p.add_argument("--cases", type=Path, nargs="+", required=True, help="`orthoknee synth` outputs or case folders")
+    p.add_argument("--validation", type=Path, nargs="+", help="validation cases (default: split 'validation' of --cases)")
+    p.add_argument("--out", type=Path, required=True, help="new bundle folder")
+    p.add_argument("--label-fraction", type=float, default=1.0, help="use the labels of this fraction of cases")
+    p.add_argument("--model", default="heads", choices=["heads", "baseline"],
+                   help="heads on diffusion features, or the supervised MONAI UNet baseline")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-cases", type=int, help="use at most this many training cases")
+    p.add_argument("--validate-every", type=int, default=100, metavar="STEPS")
+    p.add_argument("--validation-cases", type=int, default=4)
+    p.add_argument("--version", help="version of the new bundle (default: next minor)")
+    p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="Dice/HD95 per structure and AUC per finding on labelled cases")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--cases", type=Path, nargs="+", required=True, help="`orthoknee synth` outputs or case folders")
+    p.add_argument("--split", default="all", help="which split to score: validation, train or all (default)")
+    p.add_argument("--max-cases", type=int)
+    p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    p.add_argument("--json", action="store_true", help="print JSON with keys dice, hd95 (mm), auc")
+    p.add_argument("--per-case", action="store_true", help="with --json: include per-case scores")
+    p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="load the shipped sample case and show what was found")
     p.add_argument("--sample", type=Path, help="folder holding the sample case (default: the shipped one)")

@@ -36,3 +36,42 @@ def test_demo_backbone_gives_full_size_features_on_the_sample():
     features = extractor(view)
     assert features.shape[1:] == view.shape
     assert np.isfinite(features).all() and features.std() > 0
+
+
+def test_predict_on_the_real_sample_puts_the_bones_where_they_are(tmp_path, capsys):
+    """`orthoknee predict` on the shipped real DESS case: all outputs, and anatomy that makes sense.
+
+    The sample has no reference segmentation, so the test checks what any knee must satisfy:
+    femur above tibia, patella in front of the femur, plausible volumes, cartilage present.
+    """
+    import json
+
+    import SimpleITK as sitk
+
+    from OrthoKneeLib.cli import main
+    from OrthoKneeLib.segfile import read_seg_nrrd
+
+    folder = sample_case_dir()
+    args = ["predict", *(str(folder / SAMPLE_VIEWS[p]) for p in ("sagittal", "coronal", "axial")),
+            "--out", str(tmp_path), "--device", "cpu", "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    for name in ("structures.seg.nrrd", "findings.json", "montage.png"):
+        assert (tmp_path / name).is_file(), name
+    assert len(list((tmp_path / "overlays").glob("*.nrrd"))) == 8
+    labels, segments = read_seg_nrrd(tmp_path / "structures.seg.nrrd")
+    array = sitk.GetArrayFromImage(labels)
+    label_of = {s.key: s.label for s in segments}
+
+    def centre_lps(key):
+        idx = np.argwhere(array == label_of[key]).mean(0)[::-1]  # i, j, k
+        return np.array(labels.TransformContinuousIndexToPhysicalPoint(idx.tolist()))
+
+    femur, tibia, patella = centre_lps("femur"), centre_lps("tibia"), centre_lps("patella")
+    assert femur[2] > tibia[2] + 20  # LPS: +z is superior
+    assert patella[1] < femur[1] - 10  # LPS: -y is anterior
+    volumes = summary["measurements"]["volume_ml"]
+    assert 50 < volumes["femur"] < 600 and 30 < volumes["tibia"] < 500 and 5 < volumes["patella"] < 40
+    assert volumes["femoral_cartilage"] > 2
+    assert 1.0 < summary["measurements"]["mean_thickness_mm"]["femoral_cartilage"] < 4.0
+    assert set(summary["findings"]) == set(Bundle.open(demo_bundle_dir()).catalog.finding_keys)

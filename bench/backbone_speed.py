@@ -62,7 +62,9 @@ def run_one(args) -> dict:
     else:
         config = ViewModelConfig(plane=args.plane)
         unet, scheduler, features = build_unet(config).eval(), build_scheduler(config), DEFAULT_FEATURES
-    extractor = FeatureExtractor(unet, scheduler, features["timesteps"], features["budget_per_block"],
+    timesteps = features["timesteps"]
+    timesteps = timesteps[args.plane] if isinstance(timesteps, dict) else timesteps
+    extractor = FeatureExtractor(unet, scheduler, timesteps, features["budget_per_block"],
                                  window_ijk=config.window, overlap=features["overlap"])
     view = np.random.default_rng(0).uniform(-1, 1, view_shape(args.factor)).astype(np.float32)
     small = view[: config.window[2], : config.window[1], : config.window[0]]
@@ -78,7 +80,7 @@ def run_one(args) -> dict:
         "flops": flops, "flop_per_s": flops / seconds, "feature_channels": int(out.shape[0]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "matmul_flop_per_s": matmul_flops(), "threads": args.threads,
-        "config": {"channels": list(config.channels), "window": list(config.window), "timesteps": features["timesteps"],
+        "config": {"channels": list(config.channels), "window": list(config.window), "timesteps": timesteps,
                    "overlap": features["overlap"]},
     }
 

@@ -58,12 +58,26 @@ class FeatureExtractor:
         self.sw_batch_size = sw_batch_size
         self._captured: list = []
         self._hooks = [block.register_forward_hook(self._capture) for block in unet.up_blocks]
+        # cancellation is checked before every block, so a cancel lands within a fraction of a second
+        self._cancel: CancelToken | None = None
+        blocks = [*unet.down_blocks, unet.middle_block, *unet.up_blocks]
+        self._hooks += [block.register_forward_pre_hook(self._check_cancel) for block in blocks]
         for p in self.unet.parameters():
             p.requires_grad_(False)
         self.dtype = torch.float32
 
     def _capture(self, module, inputs, output) -> None:
         self._captured.append(output)
+
+    def _check_cancel(self, module, inputs) -> None:
+        if self._cancel is not None:
+            self._cancel.raise_if_cancelled()
+
+    def close(self) -> None:
+        """Detach the hooks (the UNet can then be used on its own again)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     @property
     def channels(self) -> int:
@@ -105,16 +119,20 @@ class FeatureExtractor:
         multiple = 2 ** (len(self.unet.block_out_channels) - 1)
         roi = tuple(min(r, int(np.ceil(s / multiple)) * multiple) for r, s in zip(self.roi, x.shape[2:]))
         outputs = []
-        with torch.inference_mode():
-            for t in self.timesteps:
-                if cancel:
-                    cancel.raise_if_cancelled()
-                noisy = self.scheduler.add_noise(x, noise, torch.tensor([t], device=self.device))
-                feats = sliding_window_inference(
-                    noisy, roi, self.sw_batch_size, lambda w, _t=t: self._window_features(w, _t),
-                    overlap=self.overlap, mode="gaussian", padding_mode="replicate",
-                )
-                outputs.append(from_network(feats[0]).to("cpu", dtype or torch.float32))
+        self._cancel = cancel
+        try:
+            with torch.inference_mode():
+                for t in self.timesteps:
+                    if cancel:
+                        cancel.raise_if_cancelled()
+                    noisy = self.scheduler.add_noise(x, noise, torch.tensor([t], device=self.device))
+                    feats = sliding_window_inference(
+                        noisy, roi, self.sw_batch_size, lambda w, _t=t: self._window_features(w, _t),
+                        overlap=self.overlap, mode="gaussian", padding_mode="replicate",
+                    )
+                    outputs.append(from_network(feats[0]).to("cpu", dtype or torch.float32))
+        finally:
+            self._cancel = None
         return torch.cat(outputs, dim=0).contiguous().numpy()
 
 

@@ -1,0 +1,185 @@
+"""Evaluating a bundle on labelled cases: Dice and HD95 per structure, AUC per finding.
+
+Scores are computed on the reference series' own grid (where a reader sees the result),
+only for the structures a case annotates and the findings whose presence it knows. The
+heads run on the same cached inputs the Predictor would compute (train.cache_case uses the
+Predictor's feature stage), so these numbers are the Predictor's numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .labels import Catalog
+from .progress import CancelToken, ProgressFn, no_progress
+
+__all__ = ["dice", "hd95", "roc_auc", "evaluate_cached", "evaluate_bundle", "format_table"]
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
+    """Dice of two boolean masks; None when both are empty (nothing to score)."""
+    total = int(pred.sum()) + int(truth.sum())
+    if total == 0:
+        return None
+    return 2.0 * int(np.logical_and(pred, truth).sum()) / total
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    eroded = mask.copy()
+    for axis in range(3):
+        for shift in (1, -1):
+            eroded &= np.roll(mask, shift, axis=axis)
+    return mask & ~eroded
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing_ijk: Sequence[float]) -> float | None:
+    """95th-percentile symmetric Hausdorff distance in mm (MONAI's convention: the larger of the
+    two directed 95th percentiles). None when either mask is empty."""
+    if not pred.any() or not truth.any():
+        return None
+    both = pred | truth
+    idx = np.argwhere(both)
+    lo = np.maximum(idx.min(0) - 2, 0)
+    hi = idx.max(0) + 3
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    p, t = np.pad(pred[box], 1), np.pad(truth[box], 1)
+    distances = []
+    for a, b in ((p, t), (t, p)):
+        image = sitk.GetImageFromArray(b.astype(np.uint8))
+        image.SetSpacing(tuple(float(s) for s in spacing_ijk))
+        dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                                                   useImageSpacing=True))
+        distances.append(np.percentile(np.abs(dist[_surface(a)]), 95))
+    return float(max(distances))
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
+    """Area under the ROC curve (ties count half); None without both classes."""
+    s, y = np.asarray(scores, float), np.asarray(labels, int)
+    pos, neg = s[y == 1], s[y == 0]
+    if pos.size == 0 or neg.size == 0:
+        return None
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (pos.size * neg.size))
+
+
+def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", with_hd95: bool = True,
+                    progress: ProgressFn = no_progress, cancel: CancelToken | None = None) -> dict:
+    """Scores of a heads (or baseline) module on cached cases (train.CachedCase)."""
+    from .predict import run_baseline, run_heads
+
+    per_dice: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
+    per_hd: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
+    finding_scores: dict[str, list[tuple[float, int]]] = {f.key: [] for f in catalog.findings}
+    per_case = []
+    for n, case in enumerate(cases):
+        if cancel:
+            cancel.raise_if_cancelled()
+        if kind == "supervised-baseline":
+            probs = run_baseline(model, np.asarray(case.array("image_reference"), np.float32), device=device)
+            finding_probs = None
+        else:
+            result = run_heads(model, case.fusion_inputs(), device=device, cancel=cancel)
+            probs, finding_probs = result["probabilities"], result["finding_probabilities"]
+        labelmap = probs.argmax(0)
+        truth = np.asarray(case.array("labels_reference"))
+        spacing = case.reference_grid.spacing
+        annotated = set(case.meta["annotated"])
+        row = {"case_id": case.case_id, "subject": case.meta.get("subject"), "dice": {}, "hd95": {}}
+        for s in catalog.structures:
+            if s.key not in annotated:
+                continue
+            d = dice(labelmap == s.label, truth == s.label)
+            if d is None:
+                continue
+            per_dice[s.key].append(d)
+            row["dice"][s.key] = d
+            if with_hd95:
+                h = hd95(labelmap == s.label, truth == s.label, spacing)
+                if h is not None:
+                    per_hd[s.key].append(h)
+                    row["hd95"][s.key] = h
+        if finding_probs is not None:
+            values, known = case.finding_targets(catalog)
+            row["findings"] = {}
+            for f, p, v, k in zip(catalog.findings, finding_probs, values, known):
+                row["findings"][f.key] = float(p)
+                if k:
+                    finding_scores[f.key].append((float(p), int(v)))
+        per_case.append(row)
+        progress(n + 1, len(cases), case.case_id)
+    dice_mean = {k: float(np.mean(v)) for k, v in per_dice.items() if v}
+    hd_mean = {k: float(np.mean(v)) for k, v in per_hd.items() if v}
+    auc = {}
+    counts = {}
+    for key, pairs in finding_scores.items():
+        if pairs:
+            a = roc_auc([p for p, _ in pairs], [y for _, y in pairs])
+            counts[key] = {"cases": len(pairs), "positive": int(sum(y for _, y in pairs))}
+            if a is not None:
+                auc[key] = a
+    return {
+        "dice": dice_mean,
+        "hd95": hd_mean,
+        "auc": auc,
+        "finding_counts": counts,
+        "mean_dice": float(np.mean(list(dice_mean.values()))) if dice_mean else None,
+        "mean_auc": float(np.mean(list(auc.values()))) if auc else None,
+        "cases": len(cases),
+        "per_case": per_case,
+    }
+
+
+def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_root: str | os.PathLike,
+                    device: str = "auto", progress: ProgressFn = no_progress, cancel: CancelToken | None = None,
+                    with_hd95: bool = True) -> dict:
+    """Cache (if needed) and score every case folder; warns about subjects the heads trained on."""
+    from .model.device import select_device
+    from .predict import load_heads
+    from .train import CachedCase, cache_case
+
+    dev = select_device(device)
+    kind, model = load_heads(bundle, device=dev)
+    cases = []
+    for n, folder in enumerate(case_folders):
+        cases.append(CachedCase(cache_case(bundle, folder, cache_root, device=dev, cancel=cancel)))
+        progress(n + 1, 2 * len(case_folders), f"features {Path(folder).name}")
+    scores = evaluate_cached(kind, model, cases, bundle.catalog, device=dev, with_hd95=with_hd95, cancel=cancel,
+                             progress=lambda d, t, m: progress(len(case_folders) + d, 2 * len(case_folders), m))
+    trained = set((bundle.metadata["heads"].get("training") or {}).get("subjects", []))
+    seen = sorted({c.meta.get("subject") for c in cases} & trained)
+    scores["warnings"] = ([f"{len(seen)} evaluated subject(s) were used to train these heads: {', '.join(seen)}; "
+                           "these scores are not held-out."] if seen else [])
+    scores["bundle"] = {"name": bundle.metadata.get("name"), "version": bundle.metadata.get("version"),
+                        "kind": kind}
+    return scores
+
+
+def format_table(scores: dict, catalog: Catalog) -> str:
+    """A plain-text table: structure | Dice | HD95, then finding | AUC | cases (positive)."""
+    lines = [f"{'structure':<24} {'Dice':>6} {'HD95 mm':>8}"]
+    for s in catalog.structures:
+        d, h = scores["dice"].get(s.key), scores["hd95"].get(s.key)
+        if d is None:
+            continue
+        lines.append(f"{s.key:<24} {d:6.3f} {h if h is not None else float('nan'):8.2f}")
+    if scores.get("mean_dice") is not None:
+        lines.append(f"{'mean':<24} {scores['mean_dice']:6.3f}")
+    if scores["auc"] or scores.get("finding_counts"):
+        lines.append("")
+        lines.append(f"{'finding':<28} {'AUC':>6} {'cases (positive)':>18}")
+        for f in catalog.findings:
+            a = scores["auc"].get(f.key)
+            c = scores.get("finding_counts", {}).get(f.key)
+            if a is None and c is None:
+                continue
+            lines.append(f"{f.key:<28} {a if a is not None else float('nan'):6.3f} "
+                         f"{(str(c['cases']) + ' (' + str(c['positive']) + ')') if c else '-':>18}")
+    for w in scores.get("warnings", []):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)

@@ -1,0 +1,346 @@
+"""View fusion, segmentation head and finding head: everything trained on frozen features.
+
+Each view's decoder features live on that view's own grid (its orientation, the backbone's
+spacing). Fusion brings them, in physical space, onto the *fusion grid*: the reference view
+at the backbone spacing (1 x 1 x 3 mm in its own orientation). There a learned per-view,
+per-channel weighting combines whatever views are present and cover a voxel, so a case with
+one or two views runs with the same weights. The segmentation head predicts coarse logits on
+the fusion grid and refines them on the reference series' own (finer) grid with the image,
+so thin cartilage plates are drawn at the resolution the reader sees. The finding head works
+on a pooled fusion grid (3 x 3 x 3 mm cells): per-cell logits for each finding, pooled into a
+case-level score by gated attention (Ilse et al. 2018); the attention-weighted per-cell map is
+the overlay, so the score and the map come from the same numbers.
+
+Arrays follow SimpleITK's [k, j, i] order (torch's D, H, W), channels first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "Grid", "grid_of", "resample_to_grid", "pooled_grid", "HeadsConfig", "ViewFusion", "SegmentationHead",
+    "FindingHead", "OrthoKneeHeads", "marginal_seg_loss",
+]
+
+VIEW_ORDER = ("sagittal", "coronal", "axial")
+
+
+# --------------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid in LPS: what SimpleITK's image geometry says, without the pixels."""
+
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...]
+    size: tuple[int, int, int]  # i, j, k
+
+    def index_to_physical(self) -> np.ndarray:
+        """4x4 matrix mapping (i, j, k, 1) to LPS millimetres."""
+        m = np.eye(4)
+        m[:3, :3] = np.asarray(self.direction, float).reshape(3, 3) @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def image(self, array_kji: np.ndarray | None = None, dtype=np.uint8) -> sitk.Image:
+        """An image on this grid holding ``array_kji`` (zeros if None)."""
+        if array_kji is None:
+            array_kji = np.zeros(self.size[::-1], dtype)
+        image = sitk.GetImageFromArray(array_kji)
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def grid_of(image: sitk.Image) -> Grid:
+    return Grid(tuple(image.GetOrigin()), tuple(image.GetSpacing()), tuple(image.GetDirection()), tuple(image.GetSize()))
+
+
+def pooled_grid(grid: Grid, factor_ijk: Sequence[int]) -> Grid:
+    """The grid ``F.avg_pool3d(kernel=stride=factor, ceil_mode=True)`` produces from ``grid``."""
+    factor = np.asarray(factor_ijk, float)
+    spacing = np.asarray(grid.spacing) * factor
+    d = np.asarray(grid.direction).reshape(3, 3)
+    # the first cell's centre is the mean of the first `factor` voxel centres
+    origin = np.asarray(grid.origin) + d @ (np.asarray(grid.spacing) * (factor - 1) / 2)
+    size = tuple(int(np.ceil(s / f)) for s, f in zip(grid.size, factor_ijk))
+    return Grid(tuple(origin), tuple(spacing), grid.direction, size)
+
+
+def _sampling_grid(src: Grid, dst: Grid, device=None) -> torch.Tensor:
+    """For every voxel of ``dst``, where it falls in ``src``, in grid_sample's [-1, 1] units."""
+    m = np.linalg.inv(src.index_to_physical()) @ dst.index_to_physical()  # dst (i,j,k,1) -> src (i,j,k,1)
+    size_src = np.asarray(src.size, float)
+    # normalized = 2 * idx / (n - 1) - 1  (align_corners=True), folded into the affine
+    scale = np.where(size_src > 1, 2.0 / np.maximum(size_src - 1, 1), 0.0)
+    norm = np.diag(np.r_[scale, 1.0])
+    norm[:3, 3] = np.where(size_src > 1, -1.0, 0.0)
+    m = torch.as_tensor(norm @ m, dtype=torch.float32, device=device)
+    i, j, k = dst.size
+    kk, jj, ii = torch.meshgrid(
+        torch.arange(k, dtype=torch.float32, device=device),
+        torch.arange(j, dtype=torch.float32, device=device),
+        torch.arange(i, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    points = torch.stack([ii, jj, kk], dim=-1)  # (k, j, i, 3) as (x=i, y=j, z=k), grid_sample's order
+    return points @ m[:3, :3].T + m[:3, 3]
+
+
+def resample_to_grid(values: torch.Tensor, src: Grid, dst: Grid, mode: str = "bilinear",
+                     chunk_slices: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample (C, k, j, i) ``values`` from ``src`` onto ``dst`` in physical space.
+
+    Returns the resampled values and the coverage (1, k, j, i): the fraction of the voxel's
+    interpolation support that lies inside the source (0 outside its field of view), used
+    as the fusion weight so a view never votes where it saw nothing. Works a few slices at
+    a time to keep the sampling coordinates small.
+    """
+    out, cover = [], []
+    # channels-last makes CPU grid_sample ~5x faster for many channels (bench/predict_speed.py)
+    source = values[None].contiguous(memory_format=torch.channels_last_3d)
+    ones = torch.ones((1, 1, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    k = dst.size[2]
+    for k0 in range(0, k, chunk_slices):
+        sub = Grid(
+            tuple(np.asarray(dst.origin) + np.asarray(dst.direction).reshape(3, 3) @ (np.asarray(dst.spacing) * np.array([0, 0, k0]))),
+            dst.spacing, dst.direction, (dst.size[0], dst.size[1], min(chunk_slices, k - k0)),
+        )
+        g = _sampling_grid(src, sub, values.device)[None].to(values.dtype)
+        out.append(F.grid_sample(source, g, mode=mode, padding_mode="zeros", align_corners=True)[0])
+        cover.append(F.grid_sample(ones, g, mode="bilinear", padding_mode="zeros", align_corners=True)[0])
+    return torch.cat(out, dim=1).contiguous(), torch.cat(cover, dim=1).contiguous()
+
+
+# ------------------------------------------------------------------------------------ heads
+
+
+@dataclass
+class HeadsConfig:
+    """Sizes of the heads (stored in the bundle with their weights)."""
+
+    view_channels: dict[str, int] = field(default_factory=dict)  # plane -> feature channels
+    n_classes: int = 12  # background + 11 structures
+    n_findings: int = 8
+    fused_channels: int = 24
+    seg_hidden: int = 32
+    refine_hidden: int = 16
+    finding_hidden: int = 24
+    attention_hidden: int = 8
+    finding_pool: tuple[int, int, int] = (3, 3, 1)  # i, j, k cells of the fusion grid
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "HeadsConfig":
+        d = dict(data)
+        d["finding_pool"] = tuple(d["finding_pool"])
+        return cls(**d)
+
+
+class ViewFusion(nn.Module):
+    """Per-view 1x1x1 projections, combined by learned per-view per-channel weights.
+
+    The weight of a view at a voxel is exp(logit[view, channel]) x coverage(view, voxel),
+    normalized over the views present: an absent view (or a voxel outside a view's field of
+    view) simply drops out of the average.
+    """
+
+    def __init__(self, view_channels: dict[str, int], out_channels: int) -> None:
+        super().__init__()
+        self.planes = tuple(p for p in VIEW_ORDER if p in view_channels)
+        self.project = nn.ModuleDict({p: Pointwise(view_channels[p], out_channels) for p in self.planes})
+        self.view_logits = nn.Parameter(torch.zeros(len(self.planes), out_channels))
+
+    def forward(self, features: dict[str, torch.Tensor], coverage: dict[str, torch.Tensor]) -> torch.Tensor:
+        num = den = None
+        for n, plane in enumerate(self.planes):
+            if plane not in features:
+                continue
+            w = torch.exp(self.view_logits[n]).view(1, -1, 1, 1, 1) * coverage[plane]
+            term = w * self.project[plane](features[plane])
+            num = term if num is None else num + term
+            den = w if den is None else den + w
+        if num is None:
+            raise ValueError(f"no view among {self.planes} was given")
+        return num / den.clamp_min(1e-4)
+
+
+class Pointwise(nn.Module):
+    """A 1x1x1 convolution as one matrix product.
+
+    PyTorch's CPU Conv3d sends 1x1x1 kernels to its slow reference path (``slow_conv3d``);
+    a GEMM over (C, voxels) is several times faster, forward and backward.
+    """
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cout, cin))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        bound = 1 / cin ** 0.5
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        flat = x.reshape(n, c, -1)
+        y = torch.stack([torch.addmm(self.bias[:, None], self.weight, flat[b]) for b in range(n)])
+        return y.view(n, -1, *x.shape[2:])
+
+
+class InPlaneConv(nn.Module):
+    """A 3x3 convolution within each slice, run as Conv2d over slices (oneDNN's fast path;
+    a (1, 3, 3) Conv3d takes PyTorch's slow reference path on the CPU)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, k, j, i = x.shape
+        y = self.conv(x.transpose(1, 2).reshape(n * k, c, j, i))
+        return y.view(n, k, -1, j, i).transpose(1, 2)
+
+
+def _block(cin: int, cout: int, kernel) -> nn.Sequential:
+    # No normalization layer on purpose: the heads train on patches and run on whole volumes
+    # (or slabs); GroupNorm/InstanceNorm statistics would differ between the two.
+    if kernel == 1:
+        return nn.Sequential(Pointwise(cin, cout), nn.LeakyReLU(0.1))
+    if kernel == (1, 3, 3):
+        return nn.Sequential(InPlaneConv(cin, cout), nn.LeakyReLU(0.1))
+    padding = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
+    return nn.Sequential(nn.Conv3d(cin, cout, kernel, padding=padding), nn.LeakyReLU(0.1))
+
+
+class SegmentationHead(nn.Module):
+    """Coarse logits on the fusion grid from fused features + image; refined on the reference grid."""
+
+    def __init__(self, config: HeadsConfig) -> None:
+        super().__init__()
+        c = config
+        self.fusion = ViewFusion(c.view_channels, c.fused_channels)
+        # per-voxel: the decoder features already carry the UNet's spatial context, and 3x3x3
+        # convolutions here would triple the cost of a training step on the CPU
+        self.coarse = nn.Sequential(
+            _block(c.fused_channels + 1, c.seg_hidden, 1),
+            _block(c.seg_hidden, c.seg_hidden, 1),
+            Pointwise(c.seg_hidden, c.n_classes),
+        )
+        self.refine = nn.Sequential(  # in-plane only: the reference series is thick-sliced
+            _block(c.n_classes + 1, c.refine_hidden, (1, 3, 3)),
+            _block(c.refine_hidden, c.refine_hidden, (1, 3, 3)),
+            InPlaneConv(c.refine_hidden, c.n_classes),
+        )
+
+    def coarse_logits(self, features, coverage, image_fusion: torch.Tensor) -> torch.Tensor:
+        fused = self.fusion(features, coverage)
+        return self.coarse(torch.cat([fused, image_fusion], dim=1))
+
+    def refined_logits(self, coarse_on_reference: torch.Tensor, image_reference: torch.Tensor) -> torch.Tensor:
+        """``coarse_on_reference``: coarse logits already resampled onto the reference grid."""
+        return coarse_on_reference + self.refine(torch.cat([coarse_on_reference, image_reference], dim=1))
+
+
+class FindingHead(nn.Module):
+    """Per-cell finding logits and gated-attention pooling (one attention map per finding)."""
+
+    def __init__(self, config: HeadsConfig) -> None:
+        super().__init__()
+        c = config
+        self.n = c.n_findings
+        self.fusion = ViewFusion(c.view_channels, c.fused_channels)
+        self.trunk = nn.Sequential(_block(c.fused_channels + 1, c.finding_hidden, 1), _block(c.finding_hidden, c.finding_hidden, 1))
+        self.cell_logits = Pointwise(c.finding_hidden, c.n_findings)
+        a = c.attention_hidden
+        self.attention_v = Pointwise(c.finding_hidden, c.n_findings * a)
+        self.attention_u = Pointwise(c.finding_hidden, c.n_findings * a)
+        # one attention vector per finding (Ilse et al.'s w), applied to that finding's gate
+        self.attention_w = nn.Parameter(torch.randn(c.n_findings, a) / a ** 0.5)
+
+    def forward(self, features, coverage, image_pooled: torch.Tensor, inside: torch.Tensor):
+        """Returns (case logits (N, F), cell logits (N, F, k, j, i), attention (N, F, k, j, i)).
+
+        ``inside`` (N, 1, k, j, i) is 1 where any view saw the cell: attention is a softmax over
+        those cells only.
+        """
+        h = self.trunk(torch.cat([self.fusion(features, coverage), image_pooled], dim=1))
+        logits = self.cell_logits(h)
+        gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
+        n = gate.shape[0]
+        gate = gate.view(n, self.n, -1, *gate.shape[2:])
+        scores = torch.einsum("nfa...,fa->nf...", gate, self.attention_w).masked_fill(inside < 0.5, float("-inf"))
+        attention = torch.softmax(scores.flatten(2), dim=-1).view_as(scores)
+        case_logits = (attention * logits).flatten(2).sum(-1)
+        return case_logits, logits, attention
+
+    @staticmethod
+    def overlay(logits: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Per-cell probability weighted by attention relative to the most attended cell, in [0, 1]."""
+        peak = attention.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None, None]
+        return torch.sigmoid(logits) * (attention / peak)
+
+
+class OrthoKneeHeads(nn.Module):
+    def __init__(self, config: HeadsConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.segmentation = SegmentationHead(config)
+        self.findings = FindingHead(config)
+
+
+def marginal_seg_loss(logits: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor,
+                      dice_weight: float = 1.0) -> torch.Tensor:
+    """Dice + cross-entropy that does not punish structures a case does not annotate.
+
+    ``annotated`` (N, n_classes) bool, background always True. Probabilities of the classes a
+    case does not annotate are merged into background (the marginal loss of Shi et al. 2021):
+    their voxels are labelled background in such a case, and predicting them there costs
+    nothing. Dice is averaged over annotated foreground classes present in the batch.
+    """
+    n, c = logits.shape[:2]
+    probs = torch.softmax(logits, dim=1)
+    unannotated = (~annotated).float().view(n, c, 1, 1, 1)
+    merged_bg = probs[:, :1] + (probs * unannotated).sum(1, keepdim=True)
+    probs_m = torch.cat([merged_bg, probs[:, 1:] * (1 - unannotated[:, 1:])], dim=1)
+    ce = F.nll_loss(torch.log(probs_m.clamp_min(1e-6)), labels.long())
+    onehot = F.one_hot(labels.long(), c).permute(0, 4, 1, 2, 3).float()
+    dims = (2, 3, 4)
+    inter = (probs_m * onehot).sum(dims)
+    denom = probs_m.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + 1e-3) / (denom + 1e-3)
+    use = annotated.clone()
+    use[:, 0] = False
+    use = use & (onehot.sum(dims) > 0)
+    dice_loss = (1 - dice)[use].mean() if use.any() else logits.sum() * 0
+    return ce + dice_weight * dice_loss
+
+
+def build_baseline(n_classes: int = 12):
+    """The supervised comparison: a MONAI UNet trained end to end on the reference series.
+
+    Anisotropic strides (in-plane first) because the reference series is thick-sliced; about
+    the heads' trainable size times ten, since it has no frozen backbone to lean on.
+    """
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=1, out_channels=n_classes, channels=(16, 32, 64),
+                strides=((1, 2, 2), (2, 2, 2)), num_res_units=1)
+
+
+BASELINE_PATCH_KJI = (8, 96, 96)

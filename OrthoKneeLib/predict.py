@@ -1,0 +1,448 @@
+"""Predictor: a Case in, a Prediction out (structures, finding scores and overlays).
+
+Stages, each reported to ``progress`` and interruptible by ``cancel``:
+1. per view: resample to the backbone spacing and normalize; decoder features (features.py);
+2. every view's features resampled onto the fusion grid (the reference view at backbone
+   spacing) with its coverage;
+3. heads: segmentation (coarse on the fusion grid, refined on the reference grid) and findings
+   (pooled grid, gated attention);
+4. everything expressed on the reference series' grid, plus measurements.
+
+Training (train.py) reuses stages 1-2 through :func:`fusion_inputs`, so the heads learn from
+exactly what they will see here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import SimpleITK as sitk
+
+from .bundle import Bundle, BundleError
+from .progress import CancelToken, ProgressFn, no_progress
+from .volumes import Case, normalize_intensity, resample_to_spacing
+
+if TYPE_CHECKING:
+    from .labels import Catalog
+    from .model.heads import Grid
+
+__all__ = ["FusionInputs", "fusion_inputs", "view_timesteps", "Predictor", "Prediction", "load_heads", "run_heads", "measure"]
+
+_log = logging.getLogger(__name__)
+
+
+def view_timesteps(bundle: Bundle, plane: str) -> list[int]:
+    """The bundle's feature timesteps for one view (a list for all views, or per view)."""
+    t = bundle.features["timesteps"]
+    return list(t[plane] if isinstance(t, dict) else t)
+
+
+@dataclass
+class FusionInputs:
+    """What the heads read: per-view features on the fusion grid and the reference image."""
+
+    fusion_grid: "Grid"
+    reference_grid: "Grid"
+    features: dict[str, np.ndarray]  # plane -> (C, k, j, i) float32
+    coverage: dict[str, np.ndarray]  # plane -> (1, k, j, i) in [0, 1]
+    image_fusion: np.ndarray  # (1, k, j, i) reference image on the fusion grid, [0, 1]
+    image_reference: np.ndarray  # (1, k, j, i) reference image on its own grid, [0, 1]
+    timings: dict[str, float] = field(default_factory=dict)
+    input_hashes: dict[str, str] = field(default_factory=dict)
+
+
+def _extract(bundle: Bundle, plane: str, view_kji: np.ndarray, device, cancel: CancelToken | None,
+             window_scale: float = 1.0) -> np.ndarray:
+    from .model.features import FeatureExtractor
+
+    config = bundle.view_config(plane)
+    unet, scheduler = bundle.load_backbone(plane, device=str(device))
+    window = [max(16, int(w * window_scale) // 4 * 4) if n < 2 else w for n, w in enumerate(config.window)]
+    extractor = FeatureExtractor(
+        unet, scheduler, timesteps=view_timesteps(bundle, plane), budget_per_block=bundle.features["budget_per_block"],
+        window_ijk=window, overlap=bundle.features["overlap"], seed=bundle.features["seed"], device=device,
+    )
+    try:
+        return extractor(view_kji, cancel=cancel)
+    finally:
+        extractor.close()
+
+
+def _extract_with_fallback(bundle: Bundle, plane: str, view_kji: np.ndarray, device, cancel, warnings: list[str]):
+    """On CUDA: retry with half-size windows on out-of-memory, then fall back to the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return _extract(bundle, plane, view_kji, device, cancel), device
+    free, _total = torch.cuda.mem_get_info(device)
+    # pre-flight: ~1.2 kB of activations per window voxel at fp16 for the demo widths
+    scale = 1.0
+    window_voxels = np.prod(bundle.view_config(plane).window)
+    while scale > 0.25 and window_voxels * scale * scale * 1200 > 0.8 * free:
+        scale /= 2
+    while scale >= 0.25:
+        try:
+            with torch.autocast("cuda", dtype=torch.float16):
+                return _extract(bundle, plane, view_kji, device, cancel, window_scale=scale), device
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            scale /= 2
+            warnings.append(f"{plane}: GPU out of memory; retrying with windows scaled by {scale:g}.")
+    warnings.append(f"{plane}: GPU out of memory even with small windows; this view ran on the CPU.")
+    cpu = torch.device("cpu")
+    return _extract(bundle, plane, view_kji, cpu, cancel), cpu
+
+
+def fusion_inputs(bundle: Bundle, case: Case, device="cpu", progress: ProgressFn = no_progress,
+                  cancel: CancelToken | None = None, warnings: list[str] | None = None,
+                  steps: tuple[int, int] = (0, 1)) -> FusionInputs:
+    """Stages 1-2 for every view of ``case`` the bundle has a backbone for."""
+    import torch
+
+    from .model.features import array_hash
+    from .model.heads import grid_of, resample_to_grid
+
+    warnings = warnings if warnings is not None else []
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    planes = [p for p in case.planes if p in bundle.planes]
+    for p in case.planes:
+        if p not in bundle.planes:
+            warnings.append(f"the bundle has no {p} backbone; the {p} series was not used.")
+    if not planes:
+        raise BundleError(bundle.path, f"has no backbone for any view of this case ({', '.join(case.planes)}).")
+    ref_plane = case.reference_plane
+    ref_image = case.reference.image
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    reference_norm = sitk.GetArrayFromImage(normalize_intensity(ref_image))[None]
+    fusion_image = None
+    view_features: dict[str, tuple[np.ndarray, object]] = {}
+    hashes = {}
+    done, total = steps
+    for plane in planes:
+        if cancel:
+            cancel.raise_if_cancelled()
+        progress(done, total, f"features: {plane}")
+        t = time.perf_counter()
+        config = bundle.view_config(plane)
+        resampled = resample_to_spacing(case.views[plane].image, config.spacing)
+        normalized = sitk.GetArrayFromImage(normalize_intensity(resampled))
+        hashes[plane] = array_hash(sitk.GetArrayViewFromImage(case.views[plane].image))
+        if plane == ref_plane:
+            fusion_grid = grid_of(resampled)
+            fusion_image = normalized[None]
+        feats, used = _extract_with_fallback(bundle, plane, normalized * 2.0 - 1.0, dev, cancel, warnings)
+        view_features[plane] = (feats, grid_of(resampled))
+        timings[f"features_{plane}"] = time.perf_counter() - t
+        done += 1
+    if ref_plane not in view_features:  # the reference view has no backbone: fuse on its grid anyway
+        config = bundle.view_config(planes[0])
+        resampled = resample_to_spacing(ref_image, config.spacing)
+        fusion_grid = grid_of(resampled)
+        fusion_image = sitk.GetArrayFromImage(normalize_intensity(resampled))[None]
+    t = time.perf_counter()
+    features, coverage = {}, {}
+    for plane, (feats, grid) in view_features.items():
+        if cancel:
+            cancel.raise_if_cancelled()
+        values = torch.from_numpy(feats)
+        if grid == fusion_grid:
+            features[plane], coverage[plane] = feats, np.ones((1, *feats.shape[1:]), np.float32)
+        else:
+            v, c = resample_to_grid(values, grid, fusion_grid)
+            features[plane], coverage[plane] = v.numpy(), c.numpy()
+    timings["fusion_resampling"] = time.perf_counter() - t
+    timings["preparation_total"] = time.perf_counter() - t0
+    return FusionInputs(fusion_grid, grid_of(ref_image), features, coverage, fusion_image.astype(np.float32),
+                        reference_norm.astype(np.float32), timings, hashes)
+
+
+# ------------------------------------------------------------------------------------ heads
+
+
+def load_heads(bundle: Bundle, device="cpu"):
+    """(kind, module) of the bundle's trained heads; a bundle without heads is a clear error."""
+    from .model.heads import HeadsConfig, OrthoKneeHeads, build_baseline
+
+    entry = bundle.metadata.get("heads")
+    if not entry:
+        raise BundleError(bundle.path, "has backbones but no trained heads, so it cannot predict.",
+                          "Train them: `orthoknee finetune --bundle <this bundle> --cases <synth output> --out <new bundle>`.")
+    kind = entry.get("kind", "diffusion-heads")
+    if kind == "diffusion-heads":
+        module = OrthoKneeHeads(HeadsConfig.from_json(entry["config"]))
+    elif kind == "supervised-baseline":
+        module = build_baseline(len(bundle.catalog.structures) + 1)
+    else:
+        raise BundleError(bundle.path / "metadata.json", f"has heads of unknown kind {kind!r}.",
+                          "Use the OrthoKnee release that made this bundle.")
+    bundle.load_into(module, entry["weights"], "heads")
+    return kind, module.to(device).eval()
+
+
+def _t(array: np.ndarray, device):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(device)
+
+
+def run_heads(heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | None = None,
+              slab: int = 8) -> dict:
+    """Both heads on whole inputs. Returns reference-grid probabilities (C, k, j, i) float32,
+    case-level finding probabilities (F,), overlays on the reference grid (F, k, j, i)."""
+    import torch
+
+    from .model.heads import FindingHead, pooled_grid, resample_to_grid
+    from .train import pooled
+
+    planes = [p for p in inputs.features if p in heads.segmentation.fusion.planes]
+    with torch.inference_mode():
+        feats = {p: _t(inputs.features[p], device) for p in planes}
+        cover = {p: _t(inputs.coverage[p], device) for p in planes}
+        coarse = heads.segmentation.coarse_logits(feats, cover, _t(inputs.image_fusion, device))[0]
+        del feats
+        if cancel:
+            cancel.raise_if_cancelled()
+        coarse_ref, _ = resample_to_grid(coarse.float().cpu(), inputs.fusion_grid, inputs.reference_grid)
+        image_ref = torch.from_numpy(inputs.image_reference)
+        probs = torch.empty_like(coarse_ref)
+        for k0 in range(0, coarse_ref.shape[1], slab):  # in-plane kernels: slabs are exact
+            part = coarse_ref[None, :, k0:k0 + slab].to(device)
+            logits = heads.segmentation.refined_logits(part, image_ref[None, :, k0:k0 + slab].to(device))
+            probs[:, k0:k0 + slab] = torch.softmax(logits.float(), dim=1)[0].cpu()
+        if cancel:
+            cancel.raise_if_cancelled()
+        pool_kji = tuple(heads.config.finding_pool[::-1])
+        pf = {p: pooled(inputs.features[p], pool_kji)[None].to(device) for p in planes}
+        pc = {p: pooled(inputs.coverage[p], pool_kji)[None].to(device) for p in planes}
+        inside = (sum(pc.values()) > 0.05).float()
+        case_logits, cell_logits, attention = heads.findings(pf, pc, pooled(inputs.image_fusion, pool_kji)[None].to(device), inside)
+        overlay_cells = FindingHead.overlay(cell_logits, attention)[0].float().cpu()
+        grid = pooled_grid(inputs.fusion_grid, heads.config.finding_pool)
+        overlays, _ = resample_to_grid(overlay_cells, grid, inputs.reference_grid)
+    return {
+        "probabilities": probs.numpy(),
+        "finding_probabilities": torch.sigmoid(case_logits[0].float()).cpu().numpy(),
+        "overlays": overlays.clamp(0, 1).numpy(),
+    }
+
+
+def run_baseline(net, image_reference: np.ndarray, device="cpu") -> np.ndarray:
+    """The supervised baseline's probabilities (C, k, j, i) on the reference grid."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from .model.heads import BASELINE_PATCH_KJI
+
+    x = _t(image_reference, device)
+    with torch.inference_mode():  # windows the size it trained on (smaller inputs are padded)
+        logits = sliding_window_inference(x, BASELINE_PATCH_KJI, 4, net, overlap=0.25, mode="gaussian", padding_mode="replicate")
+    return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+
+
+# ------------------------------------------------------------------------------- prediction
+
+CARTILAGE_PLATES = ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage")
+
+
+def measure(labelmap: sitk.Image, catalog) -> dict:
+    """What a reader measures: each structure's volume (mL) and each cartilage plate's mean
+    thickness (mm), estimated as 2 x volume / surface area (a thin plate has two faces)."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.ComputePerimeterOn()
+    stats.Execute(labelmap)
+    present = set(stats.GetLabels())
+    volumes, thickness = {}, {}
+    for s in catalog.structures:
+        if s.label not in present:
+            volumes[s.key] = 0.0
+            continue
+        volume_mm3 = stats.GetPhysicalSize(s.label)
+        volumes[s.key] = round(volume_mm3 / 1000.0, 3)
+        if s.key in CARTILAGE_PLATES:
+            area = stats.GetPerimeter(s.label)
+            thickness[s.key] = round(2.0 * volume_mm3 / area, 3) if area > 0 else None
+    return {"volume_ml": volumes, "mean_thickness_mm": thickness}
+
+
+@dataclass
+class Prediction:
+    """Everything a front end shows, in the reference series' geometry. Renders never recompute it."""
+
+    case_name: str
+    reference_plane: str
+    reference_grid: "Grid"
+    labelmap: np.ndarray  # (k, j, i) uint8 structure labels
+    probabilities: np.ndarray  # (1 + structures, k, j, i) float16, softmax
+    finding_probabilities: dict[str, float]
+    overlays: dict[str, np.ndarray]  # finding key -> (k, j, i) float32 in [0, 1]
+    catalog: "Catalog"
+    measurements: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    bundle: dict = field(default_factory=dict)
+    input_hashes: dict[str, str] = field(default_factory=dict)
+    views: list[str] = field(default_factory=list)
+    device: str = "cpu"
+
+    def labelmap_image(self) -> sitk.Image:
+        return self.reference_grid.image(self.labelmap.astype(np.uint8))
+
+    def probability_image(self, structure_key: str) -> sitk.Image:
+        label = self.catalog.structure(structure_key).label
+        return self.reference_grid.image(self.probabilities[label].astype(np.float32))
+
+    def overlay_image(self, finding_key: str) -> sitk.Image:
+        return self.reference_grid.image(self.overlays[finding_key].astype(np.float32))
+
+    def top_finding(self) -> str | None:
+        if not self.finding_probabilities:
+            return None
+        return max(self.finding_probabilities, key=self.finding_probabilities.get)
+
+    def summary(self) -> dict:
+        return {
+            "case": self.case_name,
+            "reference_view": self.reference_plane,
+            "views": self.views,
+            "findings": {k: {"name": self.catalog.finding(k).name, "probability": round(float(v), 4)}
+                         for k, v in self.finding_probabilities.items()},
+            "measurements": self.measurements,
+            "bundle": self.bundle,
+            "input_sha256": self.input_hashes,
+            "device": self.device,
+            "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+            "warnings": self.warnings,
+            "not_for_clinical_use": True,
+        }
+
+    def save(self, folder: str | os.PathLike, cancel: CancelToken | None = None) -> dict[str, Path]:
+        """Write structures.seg.nrrd, overlays/<finding>.nrrd and findings.json into ``folder``.
+
+        Every file is written to a temporary name and renamed, so an interrupted save leaves
+        whole files only. A structures.seg.nrrd that differs from what the last save wrote (the
+        user edited it) is never replaced: the new one gets the next free name and a warning.
+        """
+        from .io import write_image_atomic, write_json_atomic
+        from .segfile import catalog_segments, write_seg_nrrd
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        written: dict[str, Path] = {}
+        seg_path = _free_segmentation_path(folder, self.warnings)
+        written["structures"] = write_seg_nrrd(self.labelmap_image(), catalog_segments(self.catalog), seg_path)
+        for key in self.overlays:
+            if cancel:
+                cancel.raise_if_cancelled()
+            written[f"overlay:{key}"] = write_image_atomic(self.overlay_image(key), folder / "overlays" / f"{key}.nrrd")
+        summary = self.summary()
+        summary["files"] = {k: str(p.relative_to(folder)) for k, p in written.items()}
+        summary["structures_sha256"] = _sha256(seg_path)
+        written["findings"] = write_json_atomic(summary, folder / "findings.json")
+        return written
+
+
+def _sha256(path: Path) -> str:
+    from .bundle import file_sha256
+
+    return file_sha256(path)
+
+
+def _free_segmentation_path(folder: Path, warnings: list[str]) -> Path:
+    """structures.seg.nrrd unless that file was edited since OrthoKnee wrote it."""
+    import json
+
+    target = folder / "structures.seg.nrrd"
+    if not target.exists():
+        return target
+    recorded = None
+    summary = folder / "findings.json"
+    if summary.is_file():
+        try:
+            recorded = json.loads(summary.read_text()).get("structures_sha256")
+        except ValueError:
+            recorded = None
+    if recorded and recorded == _sha256(target):
+        return target  # our own earlier output, untouched: safe to refresh
+    n = 2
+    while (folder / f"structures-{n}.seg.nrrd").exists():
+        n += 1
+    new = folder / f"structures-{n}.seg.nrrd"
+    warnings.append(f"{target} was edited after OrthoKnee wrote it (or is not OrthoKnee's); it was kept and "
+                    f"this result was written to {new.name}.")
+    return new
+
+
+class Predictor:
+    """``Predictor(bundle, device="auto").predict(case, progress=cb, cancel=token) -> Prediction``.
+
+    Loads and checks the bundle once; each ``predict`` call is independent (thread-safe to
+    call from a worker thread; the front end keeps the CancelToken).
+    """
+
+    def __init__(self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto") -> None:
+        from .model.device import select_device
+        from .resources import demo_bundle_dir
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle or demo_bundle_dir())
+        self.device = select_device(device)
+        self.kind, self.heads = load_heads(self.bundle, device=self.device)
+
+    def predict(self, case: Case, progress: ProgressFn = no_progress, cancel: CancelToken | None = None) -> Prediction:
+        import torch
+
+        from .model.features import array_hash
+        from .model.heads import grid_of
+
+        t0 = time.perf_counter()
+        warnings = list(case.warnings)
+        for p in ("sagittal", "coronal", "axial"):
+            if p not in case.views:
+                warnings.append(f"no {p} series: the result uses {', '.join(case.planes)} only and may be less accurate.")
+        catalog = self.bundle.catalog
+        n_steps = len(case.planes) + 3
+        if self.kind == "supervised-baseline":
+            image = sitk.GetArrayFromImage(normalize_intensity(case.reference.image))[None]
+            probs = run_baseline(self.heads, image, device=self.device)
+            findings, overlays = {}, {}
+            timings = {}
+            hashes = {p: array_hash(sitk.GetArrayViewFromImage(v.image)) for p, v in case.views.items()}
+            ref_grid = grid_of(case.reference.image)
+        else:
+            inputs = fusion_inputs(self.bundle, case, device=self.device, progress=progress, cancel=cancel,
+                                   warnings=warnings, steps=(0, n_steps))
+            progress(n_steps - 2, n_steps, "heads")
+            t = time.perf_counter()
+            try:
+                out = run_heads(self.heads, inputs, device=self.device, cancel=cancel)
+            except torch.OutOfMemoryError:
+                warnings.append("GPU out of memory in the heads; they ran on the CPU.")
+                out = run_heads(self.heads.to("cpu"), inputs, device="cpu", cancel=cancel)
+                self.heads.to(self.device)
+            timings = dict(inputs.timings, heads=time.perf_counter() - t)
+            probs = out["probabilities"]
+            findings = {f.key: float(p) for f, p in zip(catalog.findings, out["finding_probabilities"])}
+            overlays = {f.key: out["overlays"][n] for n, f in enumerate(catalog.findings)}
+            hashes = inputs.input_hashes
+            ref_grid = inputs.reference_grid
+        if cancel:
+            cancel.raise_if_cancelled()
+        progress(n_steps - 1, n_steps, "measurements")
+        labelmap = probs.argmax(0).astype(np.uint8)
+        prediction = Prediction(
+            case_name=case.name, reference_plane=case.reference_plane, reference_grid=ref_grid, labelmap=labelmap,
+            probabilities=probs.astype(np.float16), finding_probabilities=findings, overlays=overlays, catalog=catalog,
+            warnings=warnings, input_hashes=hashes, views=list(case.planes), device=str(self.device),
+            bundle={"name": self.bundle.metadata.get("name"), "version": self.bundle.metadata.get("version"),
+                    "heads": self.kind, "path": str(self.bundle.path)},
+        )
+        prediction.measurements = measure(prediction.labelmap_image(), catalog)
+        prediction.timings = dict(timings, total=time.perf_counter() - t0)
+        progress(n_steps, n_steps, "done")
+        return prediction

@@ -1,0 +1,491 @@
+"""Fine-tuning the heads on frozen features (and the supervised baseline they are compared with).
+
+Features are computed once per (bundle backbone, case) by the Predictor's own feature stage
+(predict.fusion_inputs) and cached as float16 arrays; training then reads random patches
+(segmentation) and whole pooled cases (findings) from memory-mapped files, so a training
+run costs seconds per epoch instead of a backbone pass per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .bundle import Bundle, file_sha256
+from .errors import InputError
+from .io import atomic_path, write_json_atomic
+from .labels import Catalog
+from .progress import CancelToken, ProgressFn, no_progress
+
+__all__ = ["find_cases", "cache_case", "CachedCase", "FinetuneConfig", "finetune", "pooled"]
+
+CACHE_LAYOUT = 1
+
+
+# ------------------------------------------------------------------------------------ cases
+
+
+def find_cases(folders: Sequence[str | os.PathLike], split: str | None = None) -> list[Path]:
+    """Case folders under `orthoknee synth` outputs (or case folders themselves), optionally one split."""
+    out: list[Path] = []
+    for folder in folders:
+        folder = Path(folder)
+        if (folder / "case.json").is_file():
+            candidates = [folder]
+        elif (folder / "cases").is_dir():
+            candidates = sorted(p for p in (folder / "cases").iterdir() if (p / "case.json").is_file())
+        else:
+            raise InputError(folder, "holds no training cases (no case.json, no cases/ folder).",
+                             "Give the output folder of `orthoknee synth` or of the Slicer module's export.")
+        for c in candidates:
+            if split in (None, "all") or json.loads((c / "case.json").read_text()).get("split") == split:
+                out.append(c)
+    return out
+
+
+def pooled(array, factor_kji: Sequence[int]):
+    """Average pooling with ``ceil_mode`` (cells at the border average what they hold)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(array, dtype=torch.float32)
+    n = F.avg_pool3d(t[None], factor_kji, factor_kji, ceil_mode=True, count_include_pad=False)[0]
+    return n
+
+
+def _cache_key(bundle: Bundle, case_folder: Path) -> str:
+    h = hashlib.sha256()
+    h.update(bundle.hash.encode())
+    h.update(str(CACHE_LAYOUT).encode())
+    for name in ("case.json", "sagittal.nrrd", "coronal.nrrd", "axial.nrrd"):
+        f = case_folder / name
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:20]
+
+
+def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str | os.PathLike,
+               pool_kji: Sequence[int] = (1, 3, 3), device="cpu", cancel: CancelToken | None = None) -> Path:
+    """Compute (or find) the cached head inputs of one training case; returns its cache folder."""
+    from .model.heads import pooled_grid
+    from .predict import fusion_inputs
+    from .synth.dataset import read_case
+    from .volumes import resample_like
+
+    case_folder = Path(case_folder)
+    out = Path(cache_root) / f"{case_folder.name}-{_cache_key(bundle, case_folder)}"
+    if (out / "meta.json").is_file():
+        return out
+    sc = read_case(case_folder)
+    warnings: list[str] = []
+    fi = fusion_inputs(bundle, sc.case, device=device, cancel=cancel, warnings=warnings)
+    ref_plane = sc.case.reference_plane
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, array: np.ndarray, dtype=np.float16) -> None:
+        with atomic_path(out / f"{name}.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(array, dtype=dtype))
+
+    fusion_ref = fi.fusion_grid.image()
+    labels_ref = sc.labels[ref_plane]
+    save("labels_reference", sitk.GetArrayFromImage(labels_ref), np.uint8)
+    save("labels_fusion", sitk.GetArrayFromImage(resample_like(labels_ref, fusion_ref, kind="label")), np.uint8)
+    save("image_reference", fi.image_reference)
+    save("image_fusion", fi.image_fusion)
+    for plane in fi.features:
+        save(f"features_{plane}", fi.features[plane])
+        save(f"coverage_{plane}", fi.coverage[plane])
+        save(f"pooled_features_{plane}", pooled(fi.features[plane], pool_kji).numpy())
+        save(f"pooled_coverage_{plane}", pooled(fi.coverage[plane], pool_kji).numpy())
+    save("pooled_image", pooled(fi.image_fusion, pool_kji).numpy())
+    findings = sc.findings
+    masks = []
+    for key in bundle.catalog.finding_keys:
+        mask = sc.finding_mask(key)
+        if mask is None:
+            masks.append(np.zeros(fi.image_fusion.shape[1:], np.float32))
+        else:
+            m = resample_like(sitk.Cast(mask > 0, sitk.sitkFloat32), fusion_ref, kind="linear")
+            masks.append(sitk.GetArrayFromImage(m))
+    save("pooled_finding_masks", pooled(np.stack(masks), pool_kji).numpy())
+    meta = {
+        "layout": CACHE_LAYOUT,
+        "case_id": sc.meta["case_id"],
+        "case_folder": str(case_folder),
+        "subject": sc.meta.get("subject"),
+        "split": sc.meta.get("split"),
+        "source": sc.meta.get("source"),
+        "planes": list(fi.features),
+        "reference_plane": ref_plane,
+        "annotated": list(sc.annotated),
+        "findings": findings,
+        "fusion_grid": fi.fusion_grid.to_json(),
+        "reference_grid": fi.reference_grid.to_json(),
+        "pooled_grid": pooled_grid(fi.fusion_grid, pool_kji[::-1]).to_json(),
+        "pool_kji": list(pool_kji),
+        "timings": fi.timings,
+        "warnings": warnings,
+        "bundle_hash": bundle.hash,
+    }
+    write_json_atomic(meta, out / "meta.json")  # last: its presence marks a complete entry
+    return out
+
+
+class CachedCase:
+    """One cached training case: arrays memory-mapped, pooled finding inputs in memory."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        from .model.heads import Grid
+
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.planes: list[str] = self.meta["planes"]
+        self.fusion_grid = Grid(**{k: tuple(v) for k, v in self.meta["fusion_grid"].items()})
+        self.reference_grid = Grid(**{k: tuple(v) for k, v in self.meta["reference_grid"].items()})
+        self.pooled_grid = Grid(**{k: tuple(v) for k, v in self.meta["pooled_grid"].items()})
+        self.pooled_features = {p: self._load(f"pooled_features_{p}", mmap=False) for p in self.planes}
+        self.pooled_coverage = {p: self._load(f"pooled_coverage_{p}", mmap=False) for p in self.planes}
+        self.pooled_image = self._load("pooled_image", mmap=False)
+        self.pooled_masks = self._load("pooled_finding_masks", mmap=False)
+
+    def _load(self, name: str, mmap: bool = True) -> np.ndarray:
+        return np.load(self.folder / f"{name}.npy", mmap_mode="r" if mmap else None)
+
+    def array(self, name: str) -> np.ndarray:
+        return self._load(name)
+
+    @property
+    def case_id(self) -> str:
+        return self.meta["case_id"]
+
+    def annotated_mask(self, catalog: Catalog) -> np.ndarray:
+        """(n_classes,) bool: background and the structures this case annotates."""
+        keys = set(self.meta["annotated"])
+        return np.array([True] + [s.key in keys for s in catalog.structures])
+
+    def finding_targets(self, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
+        """(values, known) per finding; unknown (null) findings are ignored by losses and AUC."""
+        f = self.meta["findings"]
+        values = np.array([float(f.get(k) or 0) for k in catalog.finding_keys], np.float32)
+        known = np.array([f.get(k) is not None for k in catalog.finding_keys])
+        return values, known
+
+    def fusion_inputs(self):
+        """The same object the Predictor builds, read back from the cache."""
+        from .predict import FusionInputs
+
+        return FusionInputs(
+            self.fusion_grid, self.reference_grid,
+            {p: np.asarray(self.array(f"features_{p}"), np.float32) for p in self.planes},
+            {p: np.asarray(self.array(f"coverage_{p}"), np.float32) for p in self.planes},
+            np.asarray(self.array("image_fusion"), np.float32),
+            np.asarray(self.array("image_reference"), np.float32),
+        )
+
+
+def _axis_map(fusion, reference) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis (scale, offset) with fusion_index = scale * reference_index + offset (i, j, k).
+
+    The fusion grid is the reference series resampled to the backbone spacing, so both share
+    their direction and the map is axis-aligned.
+    """
+    d = np.asarray(fusion.direction).reshape(3, 3)
+    if not np.allclose(d, np.asarray(reference.direction).reshape(3, 3), atol=1e-4):
+        raise ValueError("fusion and reference grids must share their direction")
+    scale = np.asarray(reference.spacing) / np.asarray(fusion.spacing)
+    offset = (d.T @ (np.asarray(reference.origin) - np.asarray(fusion.origin))) / np.asarray(fusion.spacing)
+    return scale, offset
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 600
+    patch_kji: tuple[int, int, int] = (8, 64, 64)  # fusion-grid voxels of a segmentation patch
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    label_fraction: float = 1.0
+    seed: int = 0
+    view_dropout: float = 0.2
+    finding_weight: float = 1.0
+    cell_weight: float = 0.5
+    validate_every: int = 100
+    validation_cases: int = 6
+    model: str = "heads"  # or "baseline": a supervised MONAI UNet on the reference series
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def labelled_subset(cases: list, fraction: float, seed: int) -> list:
+    """The cases whose labels a run may use: a fixed random ``fraction`` of them (at least one)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    n = max(1, int(round(fraction * len(cases))))
+    order = np.random.default_rng([seed, 11]).permutation(len(cases))
+    return [cases[i] for i in sorted(order[:n])]
+
+
+def _patch_boxes(case: CachedCase, patch_kji, rng) -> tuple[tuple[slice, ...], tuple[slice, ...], np.ndarray]:
+    """A fusion-grid patch (foreground-biased) and the reference-grid voxels inside it.
+
+    Returns (fusion slices, reference slices, fusion-index coordinates (k, j, i, 3 as i, j, k) of
+    the reference voxels relative to the patch start).
+    """
+    labels = case.array("labels_fusion")
+    size = labels.shape
+    patch = [min(p, s) for p, s in zip(patch_kji, size)]
+    if rng.random() < 0.7:
+        fg = np.flatnonzero(labels[:: 2, ::4, ::4] > 0)
+        if fg.size:
+            c = np.array(np.unravel_index(rng.choice(fg), labels[::2, ::4, ::4].shape)) * [2, 4, 4]
+        else:
+            c = np.array([rng.integers(s) for s in size])
+    else:
+        c = np.array([rng.integers(s) for s in size])
+    start = [int(np.clip(ci - p // 2, 0, s - p)) for ci, p, s in zip(c, patch, size)]
+    fusion_box = tuple(slice(a, a + p) for a, p in zip(start, patch))
+    scale, offset = _axis_map(case.fusion_grid, case.reference_grid)  # i, j, k
+    ref_size = case.reference_grid.size
+    ref_box, coords = [], []
+    for axis_kji, (a, p) in enumerate(zip(start, patch)):
+        ax = 2 - axis_kji  # i, j, k index
+        lo = int(np.ceil((a - offset[ax]) / scale[ax] - 1e-6))
+        hi = int(np.floor((a + p - 1 - offset[ax]) / scale[ax] + 1e-6))
+        lo, hi = max(lo, 0), min(hi, ref_size[ax] - 1)
+        ref_box.append(slice(lo, hi + 1))
+        coords.append(np.arange(lo, hi + 1) * scale[ax] + offset[ax] - a)
+    return fusion_box, tuple(ref_box), coords
+
+
+def _upsample_patch(coarse, coords, patch_kji):
+    """Trilinear values of a coarse (N, C, k, j, i) patch at fusion-index ``coords`` (per axis k, j, i)."""
+    import torch
+    import torch.nn.functional as F
+
+    norm = [torch.as_tensor(2 * c / max(p - 1, 1) - 1, dtype=torch.float32) for c, p in zip(coords, patch_kji)]
+    kk, jj, ii = torch.meshgrid(*norm, indexing="ij")
+    grid = torch.stack([ii, jj, kk], dim=-1)[None]
+    return F.grid_sample(coarse, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _finding_loss(heads, case: CachedCase, planes: list[str], catalog: Catalog, config: FinetuneConfig, dev):
+    import torch
+    import torch.nn.functional as F
+
+    feats = {p: torch.from_numpy(case.pooled_features[p].astype(np.float32))[None].to(dev) for p in planes}
+    cover = {p: torch.from_numpy(case.pooled_coverage[p].astype(np.float32))[None].to(dev) for p in planes}
+    inside = (sum(cover.values()) > 0.05).float()
+    image = torch.from_numpy(case.pooled_image.astype(np.float32))[None].to(dev)
+    case_logits, cell_logits, _ = heads.findings(feats, cover, image, inside)
+    values, known = case.finding_targets(catalog)
+    known_t = torch.from_numpy(known).to(dev)
+    if not known.any():
+        return case_logits.sum() * 0
+    target = torch.from_numpy(values).to(dev)[None]
+    case_loss = F.binary_cross_entropy_with_logits(case_logits[0][known_t], target[0][known_t])
+    # cell-level help from the simulated lesion masks (known findings only; outside the views ignored)
+    masks = torch.from_numpy(case.pooled_masks.astype(np.float32))[None].to(dev).clamp(0, 1)
+    weight = (known_t.view(1, -1, 1, 1, 1).float() * inside) * (1 + 20 * masks)
+    cell_loss = (F.binary_cross_entropy_with_logits(cell_logits, masks, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
+    return config.finding_weight * case_loss + config.cell_weight * cell_loss
+
+
+def _seg_batch(case: CachedCase, planes: list[str], config: FinetuneConfig, rng, dev, catalog: Catalog):
+    import torch
+
+    fbox, rbox, coords = _patch_boxes(case, config.patch_kji, rng)
+    patch = tuple(s.stop - s.start for s in fbox)
+    feats = {p: torch.from_numpy(np.asarray(case.array(f"features_{p}")[(slice(None), *fbox)], np.float32))[None].to(dev)
+             for p in planes}
+    cover = {p: torch.from_numpy(np.asarray(case.array(f"coverage_{p}")[(slice(None), *fbox)], np.float32))[None].to(dev)
+             for p in planes}
+    image_f = torch.from_numpy(np.asarray(case.array("image_fusion")[(slice(None), *fbox)], np.float32))[None].to(dev)
+    labels_f = torch.from_numpy(np.asarray(case.array("labels_fusion")[fbox], np.int64))[None].to(dev)
+    image_r = torch.from_numpy(np.asarray(case.array("image_reference")[(slice(None), *rbox)], np.float32))[None].to(dev)
+    labels_r = torch.from_numpy(np.asarray(case.array("labels_reference")[rbox], np.int64))[None].to(dev)
+    annotated = torch.from_numpy(case.annotated_mask(catalog))[None].to(dev)
+    return feats, cover, image_f, labels_f, image_r, labels_r, coords, patch, annotated
+
+
+def _baseline_batch(case: CachedCase, config: FinetuneConfig, rng, dev, catalog: Catalog, batch: int = 2):
+    import torch
+
+    from .model.heads import BASELINE_PATCH_KJI
+
+    images, labels = [], []
+    ref_labels = case.array("labels_reference")
+    ref_image = case.array("image_reference")
+    size = ref_labels.shape
+    for _ in range(batch):
+        if rng.random() < 0.7 and (fg := np.flatnonzero(ref_labels[::2, ::8, ::8] > 0)).size:
+            c = np.array(np.unravel_index(rng.choice(fg), ref_labels[::2, ::8, ::8].shape)) * [2, 8, 8]
+        else:
+            c = np.array([rng.integers(s) for s in size])
+        start = [int(np.clip(ci - p // 2, 0, max(s - p, 0))) for ci, p, s in zip(c, BASELINE_PATCH_KJI, size)]
+        box = tuple(slice(a, a + p) for a, p in zip(start, BASELINE_PATCH_KJI))
+        img = np.asarray(ref_image[(slice(None), *box)], np.float32)
+        lab = np.asarray(ref_labels[box], np.int64)
+        pads = [(0, p - s) for p, s in zip(BASELINE_PATCH_KJI, lab.shape)]
+        images.append(np.pad(img, [(0, 0), *pads]))
+        labels.append(np.pad(lab, pads))
+    annotated = torch.from_numpy(np.stack([case.annotated_mask(catalog)] * batch)).to(dev)
+    return torch.from_numpy(np.stack(images)).to(dev), torch.from_numpy(np.stack(labels)).to(dev), annotated
+
+
+def finetune(
+    bundle: Bundle,
+    train_caches: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    config: FinetuneConfig = FinetuneConfig(),
+    validation_caches: Sequence[str | os.PathLike] = (),
+    version: str | None = None,
+    device: str = "auto",
+    progress: ProgressFn = no_progress,
+    log=print,
+    cancel: CancelToken | None = None,
+    command: str = "",
+) -> Bundle:
+    """Train the heads (or the supervised baseline) on cached cases; write a new bundle at ``out``.
+
+    The backbone is frozen: its weights are copied unchanged, so the new bundle's feature
+    cache key (and every cached feature) stays valid.
+    """
+    import torch
+
+    from .model.device import select_device
+    from .model.heads import HeadsConfig, OrthoKneeHeads, build_baseline, marginal_seg_loss
+
+    dev = select_device(device)
+    torch.manual_seed(config.seed)
+    catalog = bundle.catalog
+    cases_all = [CachedCase(c) for c in train_caches]
+    if not cases_all:
+        raise InputError(None, "no training cases were given.", "Give `orthoknee synth` outputs with a train split.")
+    cases = labelled_subset(cases_all, config.label_fraction, config.seed)
+    val_cases = [CachedCase(c) for c in validation_caches][: config.validation_cases]
+    view_channels = {p: int(cases[0].pooled_features[p].shape[0]) for p in cases[0].planes}
+    baseline = config.model == "baseline"
+    if baseline:
+        model = build_baseline(len(catalog.structures) + 1).to(dev)
+        heads_config = None
+    else:
+        heads_config = HeadsConfig(view_channels=view_channels, n_classes=len(catalog.structures) + 1,
+                                   n_findings=len(catalog.findings))
+        model = OrthoKneeHeads(heads_config).to(dev)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps,
+                                                   pct_start=0.1)
+    history, losses = [], []
+    start = time.perf_counter()
+    model.train()
+    for step in range(config.steps):
+        if cancel:
+            cancel.raise_if_cancelled()
+        rng = np.random.default_rng([config.seed, step])
+        case = cases[int(rng.integers(len(cases)))]
+        if baseline:
+            x, y, annotated = _baseline_batch(case, config, rng, dev, catalog)
+            loss = marginal_seg_loss(model(x), y, annotated)
+        else:
+            planes = [p for p in case.planes if p == "sagittal" or rng.random() >= config.view_dropout]
+            if rng.random() < config.view_dropout / 2 and len(planes) > 1:
+                planes = planes[1:]  # sometimes without the reference view's own features
+            feats, cover, image_f, labels_f, image_r, labels_r, coords, patch, annotated = _seg_batch(
+                case, planes, config, rng, dev, catalog)
+            coarse = model.segmentation.coarse_logits(feats, cover, image_f)
+            refined = model.segmentation.refined_logits(_upsample_patch(coarse, coords, patch), image_r)
+            loss = marginal_seg_loss(refined, labels_r, annotated) + 0.5 * marginal_seg_loss(coarse, labels_f, annotated)
+            loss = loss + _finding_loss(model, case, planes, catalog, config, dev)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        progress(step + 1, config.steps, f"loss {np.mean(losses[-20:]):.3f}")
+        if val_cases and ((step + 1) % config.validate_every == 0 or step + 1 == config.steps):
+            from .evaluate import evaluate_cached
+
+            model.eval()
+            kind = "supervised-baseline" if baseline else "diffusion-heads"
+            scores = evaluate_cached(kind, model, val_cases, catalog, device=dev, with_hd95=False)
+            model.train()
+            entry = {"step": step + 1, "loss": float(np.mean(losses[-config.validate_every:])),
+                     "mean_dice": scores["mean_dice"], "mean_auc": scores["mean_auc"]}
+            history.append(entry)
+            log(f"step {step + 1}: loss {entry['loss']:.3f}  validation mean Dice {entry['mean_dice']:.3f}"
+                + (f"  mean AUC {entry['mean_auc']:.3f}" if entry["mean_auc"] is not None else ""))
+    seconds = time.perf_counter() - start
+    model.eval()
+    out_bundle = _derived_bundle(bundle, out, version)
+    relative = "weights/heads.pt"
+    digest = out_bundle.save_weights(relative, model.state_dict())
+    out_bundle.metadata["heads"] = {
+        "kind": "supervised-baseline" if baseline else "diffusion-heads",
+        "config": heads_config.to_json() if heads_config else {"patch_kji": list(config.patch_kji)},
+        "weights": relative,
+        "sha256": digest,
+        "parameters": params,
+        "training": {
+            "command": command,
+            "config": config.to_json(),
+            "seconds": round(seconds, 1),
+            "device": str(dev),
+            "cases": len(cases_all),
+            "labelled_cases": len(cases),
+            "subjects": sorted({c.meta["subject"] for c in cases}),
+            "sources": sorted({c.meta["source"] for c in cases}),
+            "first_loss": float(np.mean(losses[:20])),
+            "final_loss": float(np.mean(losses[-20:])),
+            "validation": history,
+        },
+    }
+    out_bundle.save_metadata()
+    return out_bundle
+
+
+def _derived_bundle(bundle: Bundle, out: str | os.PathLike, version: str | None) -> Bundle:
+    """A copy of ``bundle`` at ``out`` (backbones and metadata), ready for new heads."""
+    out = Path(out)
+    if out.resolve() == bundle.path.resolve():
+        raise InputError(out, "is the input bundle; a fine-tuned bundle is written as a new version.",
+                         "Give another --out folder.")
+    if (out / "metadata.json").is_file():
+        existing = json.loads((out / "metadata.json").read_text())
+        if existing.get("heads"):
+            raise InputError(out, "already holds a bundle with trained heads.", "Give a new --out folder or remove it.")
+    (out / "weights").mkdir(parents=True, exist_ok=True)
+    for plane in bundle.planes:
+        rel = bundle.metadata["views"][plane]["weights"]
+        if not (out / rel).is_file() or file_sha256(out / rel) != bundle.metadata["views"][plane]["sha256"]:
+            with atomic_path(out / rel) as tmp:
+                shutil.copyfile(bundle.path / rel, tmp)
+    metadata = json.loads(json.dumps(bundle.metadata))
+    metadata["version"] = version or _next_version(bundle.metadata.get("version", "0.0.0"))
+    metadata["parent"] = {"name": bundle.metadata.get("name"), "version": bundle.metadata.get("version"),
+                          "hash": bundle.hash}
+    metadata["heads"] = None
+    metadata["metrics"] = {}
+    write_json_atomic(metadata, out / "metadata.json")
+    return Bundle.open(out, verify=True)
+
+
+def _next_version(version: str) -> str:
+    parts = version.split(".")
+    try:
+        parts[1] = str(int(parts[1]) + 1)
+        parts[2:] = ["0"] * len(parts[2:])
+    except (IndexError, ValueError):
+        return version + ".1"
+    return ".".join(parts)

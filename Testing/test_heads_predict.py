@@ -1,0 +1,326 @@
+"""Fusion, heads, fine-tuning, evaluation and the Predictor, on tiny CPU configurations.
+
+One module-scoped pipeline: three synthetic SPL cases rendered from the real atlas, a tiny
+three-view bundle (random backbones: the plumbing, not the accuracy, is under test here),
+cached features, a short fine-tuning run. The shipped demo bundle's accuracy is measured by
+`orthoknee evaluate` and reported in its model card.
+"""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+torch = pytest.importorskip("torch", reason="torch is an engine dependency")
+
+from OrthoKneeLib.bundle import Bundle, BundleError, create_bundle  # noqa: E402
+from OrthoKneeLib.cli import main  # noqa: E402
+from OrthoKneeLib.model.device import DeviceError  # noqa: E402
+from OrthoKneeLib.model.diffusion import ViewModelConfig, build_unet  # noqa: E402
+from OrthoKneeLib.model.heads import (  # noqa: E402
+    FindingHead, HeadsConfig, grid_of, marginal_seg_loss, resample_to_grid,
+)
+from OrthoKneeLib.predict import Predictor  # noqa: E402
+from OrthoKneeLib.progress import Cancelled, CancelToken  # noqa: E402
+from OrthoKneeLib.segfile import read_seg_nrrd  # noqa: E402
+from OrthoKneeLib.synth.dataset import SynthConfig, read_case, synthesize  # noqa: E402
+from OrthoKneeLib.train import CachedCase, FinetuneConfig, _axis_map, _upsample_patch, cache_case, finetune  # noqa: E402
+from OrthoKneeLib.volumes import Case  # noqa: E402
+
+
+def _tiny_view(plane):
+    return ViewModelConfig(plane=plane, spacing=(2.0, 2.0, 4.0), patch=(32, 32, 8), window=(64, 64, 8), channels=(8, 16))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("pipeline")
+    synthesize(shared_data / "labels-spl-atlas", root / "cases",
+               SynthConfig(source="spl", n=3, seed=5, prevalence=0.5, val_fraction=0.0, work_spacing=1.5,
+                           contact_sheets=False))
+    bundle = create_bundle(root / "base", name="tiny", version="0.1.0")
+    bundle.metadata["features"]["timesteps"] = {"sagittal": [50, 200], "coronal": [100], "axial": [100]}
+    bundle.metadata["features"]["budget_per_block"] = 8
+    bundle.save_metadata()
+    torch.manual_seed(0)
+    for plane in ("sagittal", "coronal", "axial"):
+        bundle.set_view(plane, _tiny_view(plane), build_unet(_tiny_view(plane)).state_dict(), {"steps": 0})
+    bundle = Bundle.open(root / "base")
+    folders = sorted((root / "cases" / "cases").iterdir())
+    caches = [cache_case(bundle, f, root / "cache") for f in folders]
+    trained = finetune(bundle, caches[:2], root / "trained", FinetuneConfig(steps=25, patch_kji=(4, 32, 32)),
+                       validation_caches=caches[2:], device="cpu", log=lambda *_: None)
+    return {"root": root, "base": bundle, "trained": trained, "folders": folders, "caches": caches}
+
+
+# ------------------------------------------------------------------------------ geometry
+
+
+def _oriented(size, spacing, direction, origin):
+    image = sitk.Image(size, sitk.sitkFloat32)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    image.SetOrigin(origin)
+    return image
+
+
+def test_fusion_resampling_matches_itk_in_physical_space():
+    """A smooth field sampled by torch onto a differently oriented grid equals ITK's resampling."""
+    src = _oriented((30, 26, 12), (1.0, 1.2, 3.0), (0, 0, -1, 1, 0, 0, 0, -1, 0), (10.0, -20.0, 30.0))
+    dst = _oriented((40, 36, 10), (0.8, 0.8, 4.0), (1, 0, 0, 0, 0, 1, 0, -1, 0), (-25.0, -25.0, 20.0))
+    k, j, i = np.meshgrid(*[np.arange(s) for s in src.GetSize()[::-1]], indexing="ij")
+    field = np.sin(i / 5.0) + np.cos(j / 7.0) + 0.3 * k
+    src_img = sitk.GetImageFromArray(field.astype(np.float32))
+    src_img.CopyInformation(src)
+    expected = sitk.GetArrayFromImage(sitk.Resample(src_img, dst, sitk.Transform(), sitk.sitkLinear, 0.0))
+    got, coverage = resample_to_grid(torch.from_numpy(field.astype(np.float32))[None], grid_of(src), grid_of(dst))
+    inside = coverage[0].numpy() > 0.999
+    assert inside.mean() > 0.2 and (~inside).any()  # part of dst lies outside src: coverage says so
+    assert np.abs(got[0].numpy()[inside] - expected[inside]).max() < 1e-3
+
+
+def test_training_patches_upsample_exactly_like_whole_volumes(pipeline):
+    """What a head sees from a patch during training equals what it sees at prediction time."""
+    case = CachedCase(pipeline["caches"][0])
+    coarse = torch.randn(3, *case.fusion_grid.size[::-1])
+    whole, _ = resample_to_grid(coarse, case.fusion_grid, case.reference_grid)
+    from OrthoKneeLib.train import _patch_boxes
+
+    fbox, rbox, coords = _patch_boxes(case, (4, 16, 16), np.random.default_rng(3))
+    patch = tuple(s.stop - s.start for s in fbox)
+    up = _upsample_patch(coarse[(slice(None), *fbox)][None], coords, patch)[0]
+    assert up.shape[1:] == whole[(slice(None), *rbox)].shape[1:]
+    assert torch.allclose(up, whole[(slice(None), *rbox)], atol=1e-4)
+    scale, _ = _axis_map(case.fusion_grid, case.reference_grid)
+    assert np.all(scale < 1.0)  # the reference series is finer than the fusion grid in plane
+
+
+# ------------------------------------------------------------------------------ losses and heads
+
+
+def test_marginal_loss_ignores_structures_a_case_does_not_annotate():
+    labels = torch.zeros(1, 2, 4, 4, dtype=torch.long)
+    labels[..., :2] = 1  # class 1 annotated and present; class 2 not annotated (its voxels read 0)
+    predicts_2 = torch.zeros(1, 3, 2, 4, 4)
+    predicts_2[:, 1, ..., :2] = 8
+    predicts_2[:, 2, ..., 2:] = 8  # where the label says background, the net says class 2
+    predicts_0 = predicts_2.clone()
+    predicts_0[:, 2] = 0
+    predicts_0[:, 0, ..., 2:] = 8
+    not_annotated = torch.tensor([[True, True, False]])
+    annotated = torch.tensor([[True, True, True]])
+    free = marginal_seg_loss(predicts_2, labels, not_annotated)
+    assert abs(float(free) - float(marginal_seg_loss(predicts_0, labels, not_annotated))) < 1e-3
+    assert float(marginal_seg_loss(predicts_2, labels, annotated)) > float(free) + 1.0
+
+
+def test_attention_is_a_distribution_over_covered_cells_and_overlays_are_bounded():
+    config = HeadsConfig(view_channels={"sagittal": 6, "axial": 4}, n_findings=3)
+    head = FindingHead(config)
+    feats = {"sagittal": torch.randn(1, 6, 3, 5, 5), "axial": torch.randn(1, 4, 3, 5, 5)}
+    cover = {"sagittal": torch.ones(1, 1, 3, 5, 5), "axial": torch.ones(1, 1, 3, 5, 5)}
+    inside = torch.ones(1, 1, 3, 5, 5)
+    inside[..., 0, :, :] = 0
+    case_logits, logits, attention = head(feats, cover, torch.rand(1, 1, 3, 5, 5), inside)
+    assert case_logits.shape == (1, 3)
+    assert torch.allclose(attention.flatten(2).sum(-1), torch.ones(1, 3))
+    assert float(attention[..., 0, :, :].abs().sum()) == 0.0
+    overlay = FindingHead.overlay(logits, attention)
+    assert float(overlay.min()) >= 0 and float(overlay.max()) <= 1
+    # the case score is made of the cells: it equals the attention-weighted cell logits
+    assert torch.allclose(case_logits, (attention * logits).flatten(2).sum(-1))
+    # one view alone still works (fusion renormalizes over the views present)
+    alone, _, _ = head({"sagittal": feats["sagittal"]}, {"sagittal": cover["sagittal"]}, torch.rand(1, 1, 3, 5, 5), inside)
+    assert torch.isfinite(alone).all()
+
+
+# ------------------------------------------------------------------------------ finetune / evaluate
+
+
+def test_finetune_writes_a_new_bundle_version_with_verified_heads(pipeline):
+    trained, base = pipeline["trained"], pipeline["base"]
+    reopened = Bundle.open(trained.path)  # verifies every sha256
+    heads = reopened.metadata["heads"]
+    assert heads["kind"] == "diffusion-heads" and heads["parameters"] > 1000
+    assert reopened.metadata["version"] == "0.2.0" and reopened.metadata["parent"]["version"] == "0.1.0"
+    assert reopened.hash == base.hash  # same frozen backbone: every cached feature stays valid
+    training = heads["training"]
+    assert training["final_loss"] < training["first_loss"]
+    assert training["validation"] and 0 <= training["validation"][-1]["mean_dice"] <= 1
+    with pytest.raises(Exception, match="already holds a bundle with trained heads"):
+        finetune(base, pipeline["caches"][:1], trained.path, FinetuneConfig(steps=1), device="cpu")
+
+
+def test_label_fraction_uses_a_subset_of_cases(pipeline, tmp_path):
+    out = finetune(pipeline["base"], pipeline["caches"], tmp_path / "b", FinetuneConfig(steps=2, label_fraction=0.34),
+                   device="cpu", log=lambda *_: None)
+    assert out.metadata["heads"]["training"]["labelled_cases"] == 1
+    assert out.metadata["heads"]["training"]["cases"] == 3
+
+
+def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
+    folder = pipeline["root"] / "cases"
+    assert main(["evaluate", "--bundle", str(pipeline["trained"].path), "--cases", str(folder),
+                 "--cache", str(pipeline["root"] / "cache"), "--json", "--device", "cpu"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores) >= {"dice", "hd95", "auc"}
+    assert set(scores["dice"]) <= set(pipeline["base"].catalog.structure_keys) and "femur" in scores["dice"]
+    assert all(0 <= v <= 1 for v in scores["dice"].values())
+    assert all(v >= 0 for v in scores["hd95"].values())
+    assert scores["cases"] == 3
+    assert scores["warnings"]  # two of these cases trained the heads: the command says so
+
+
+def test_a_bundle_without_heads_cannot_predict(pipeline):
+    with pytest.raises(BundleError, match="no trained heads"):
+        Predictor(pipeline["base"])
+
+
+# ------------------------------------------------------------------------------ predictor
+
+
+@pytest.fixture(scope="module")
+def predictor(pipeline):
+    return Predictor(pipeline["trained"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def case(pipeline):
+    return read_case(pipeline["folders"][2]).case
+
+
+def test_prediction_is_on_the_reference_grid(predictor, case):
+    prediction = predictor.predict(case)
+    ref = case.reference.image
+    assert prediction.labelmap.shape == sitk.GetArrayViewFromImage(ref).shape
+    image = prediction.labelmap_image()
+    assert image.GetOrigin() == ref.GetOrigin() and image.GetDirection() == ref.GetDirection()
+    assert np.allclose(prediction.probabilities.astype(np.float32).sum(0), 1.0, atol=2e-2)
+    assert set(prediction.finding_probabilities) == set(predictor.bundle.catalog.finding_keys)
+    assert all(0 < p < 1 for p in prediction.finding_probabilities.values())
+    for overlay in prediction.overlays.values():
+        assert overlay.shape == prediction.labelmap.shape and overlay.min() >= 0 and overlay.max() <= 1
+    assert set(prediction.measurements["volume_ml"]) == set(predictor.bundle.catalog.structure_keys)
+    assert prediction.timings["total"] > 0 and not prediction.warnings
+
+
+def test_a_missing_view_still_runs_with_a_warning(predictor, case):
+    sagittal_only = Case(sagittal=case.views["sagittal"])
+    prediction = predictor.predict(sagittal_only)
+    assert prediction.labelmap.shape == sitk.GetArrayViewFromImage(case.reference.image).shape
+    assert any("no coronal series" in w for w in prediction.warnings)
+    assert any("no axial series" in w for w in prediction.warnings)
+    no_sagittal = Case(coronal=case.views["coronal"], axial=case.views["axial"])
+    prediction = predictor.predict(no_sagittal)
+    assert prediction.reference_plane == "coronal"
+    assert prediction.labelmap.shape == sitk.GetArrayViewFromImage(case.views["coronal"].image).shape
+
+
+def test_cancel_from_another_thread_stops_within_a_second(predictor, case):
+    token = CancelToken()
+    when = {}
+
+    def progress(done, total, message=""):
+        if message.startswith("features: coronal") and "cancelled" not in when:
+            threading.Timer(0.05, lambda: (when.setdefault("cancelled", time.perf_counter()), token.cancel())).start()
+
+    with pytest.raises(Cancelled):
+        predictor.predict(case, progress=progress, cancel=token)
+    assert time.perf_counter() - when["cancelled"] < 1.0
+
+
+def test_cuda_on_a_cuda_less_machine_is_a_clear_error(pipeline):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the CUDA-less path cannot be exercised here")
+    with pytest.raises(DeviceError, match="no usable CUDA"):
+        Predictor(pipeline["trained"], device="cuda")
+    assert Predictor(pipeline["trained"], device="auto").device.type == "cpu"  # auto falls back
+
+
+# ------------------------------------------------------------------------------ saving
+
+
+def test_save_writes_a_slicer_segmentation_overlays_and_findings(predictor, case, tmp_path):
+    prediction = predictor.predict(case)
+    written = prediction.save(tmp_path)
+    labels, segments = read_seg_nrrd(written["structures"])
+    assert np.array_equal(sitk.GetArrayFromImage(labels), prediction.labelmap)
+    catalog = predictor.bundle.catalog
+    assert [s.name for s in segments] == [s.name for s in catalog.structures]
+    assert [s.color for s in segments] == [s.color for s in catalog.structures]
+    assert segments[0].terminology == catalog.structures[0].terminology.slicer_string()
+    overlay = sitk.ReadImage(str(tmp_path / "overlays" / "joint_effusion.nrrd"))
+    assert overlay.GetSize() == labels.GetSize() and overlay.GetOrigin() == labels.GetOrigin()
+    summary = json.loads((tmp_path / "findings.json").read_text())
+    assert summary["findings"]["joint_effusion"]["probability"] == pytest.approx(
+        prediction.finding_probabilities["joint_effusion"], abs=1e-4)
+    assert summary["bundle"]["version"] == "0.2.0" and set(summary["input_sha256"]) == set(case.planes)
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_slicer_reads_the_segmentation_with_names_colors_and_terminology(predictor, case, tmp_path):
+    slicer = pytest.importorskip("slicer", reason="slicer-core is part of the test dependencies")
+    prediction = predictor.predict(case)
+    path = prediction.save(tmp_path)["structures"]
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    segmentation = node.GetSegmentation()
+    catalog = predictor.bundle.catalog
+    assert segmentation.GetNumberOfSegments() == len(catalog.structures)
+    for n, structure in enumerate(catalog.structures):
+        segment = segmentation.GetSegment(structure.key)
+        assert segment.GetName() == structure.name and segment.GetLabelValue() == structure.label
+        assert np.allclose(segment.GetColor(), np.array(structure.color) / 255, atol=1e-3)
+        assert segment.GetTerminology() == structure.terminology.slicer_string()
+
+
+def test_a_rerun_never_overwrites_an_edited_segmentation(predictor, case, tmp_path):
+    prediction = predictor.predict(case)
+    prediction.save(tmp_path)
+    prediction.save(tmp_path)  # untouched: refreshed in place
+    assert not (tmp_path / "structures-2.seg.nrrd").exists()
+    labels, segments = read_seg_nrrd(tmp_path / "structures.seg.nrrd")
+    edited = sitk.GetArrayFromImage(labels)
+    edited[edited.shape[0] // 2, :10, :10] = 3  # the user painted something
+    from OrthoKneeLib.segfile import Segment, write_seg_nrrd
+
+    out = sitk.GetImageFromArray(edited)
+    out.CopyInformation(labels)
+    write_seg_nrrd(out, [*segments, Segment("my_label", "Annotator's label", 12, (10, 20, 30))],
+                   tmp_path / "structures.seg.nrrd")
+    before = (tmp_path / "structures.seg.nrrd").read_bytes()
+    prediction.save(tmp_path)
+    assert (tmp_path / "structures.seg.nrrd").read_bytes() == before
+    assert (tmp_path / "structures-2.seg.nrrd").is_file()
+    assert any("was edited" in w for w in json.loads((tmp_path / "findings.json").read_text())["warnings"])
+
+
+def test_an_interrupted_save_leaves_no_half_file(predictor, case, tmp_path):
+    prediction = predictor.predict(case)
+    token = CancelToken()
+    calls = []
+    original = sitk.WriteImage
+
+    def write_then_cancel(*args, **kwargs):  # cancel arrives while the first overlay is written
+        calls.append(args[1])
+        if "overlays" in str(args[1]) or ".joint_effusion" in str(args[1]):
+            token.cancel()
+        return original(*args, **kwargs)
+
+    sitk.WriteImage = write_then_cancel
+    try:
+        with pytest.raises(Cancelled):
+            prediction.save(tmp_path, cancel=token)
+    finally:
+        sitk.WriteImage = original
+    assert calls  # the save did start
+    assert not list(tmp_path.rglob("*.tmp*"))
+    for f in tmp_path.rglob("*.nrrd"):
+        sitk.ReadImage(str(f))  # every file that exists is whole
+    assert not (tmp_path / "findings.json").exists()  # the summary is written last
