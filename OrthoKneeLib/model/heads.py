@@ -142,6 +142,7 @@ class HeadsConfig:
     finding_hidden: int = 24
     attention_hidden: int = 8
     finding_pool: tuple[int, int, int] = (3, 3, 1)  # i, j, k cells of the fusion grid
+    context_dilations: tuple[int, ...] = (1, 2, 4, 8)  # segmentation: 31 mm in-plane receptive field
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -150,6 +151,7 @@ class HeadsConfig:
     def from_json(cls, data: dict) -> "HeadsConfig":
         d = dict(data)
         d["finding_pool"] = tuple(d["finding_pool"])
+        d["context_dilations"] = tuple(d.get("context_dilations", (1, 2, 4, 8)))
         return cls(**d)
 
 
@@ -207,14 +209,27 @@ class InPlaneConv(nn.Module):
     """A 3x3 convolution within each slice, run as Conv2d over slices (oneDNN's fast path;
     a (1, 3, 3) Conv3d takes PyTorch's slow reference path on the CPU)."""
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, dilation: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv = nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, k, j, i = x.shape
         y = self.conv(x.transpose(1, 2).reshape(n * k, c, j, i))
         return y.view(n, k, -1, j, i).transpose(1, 2)
+
+
+def _context(cin: int, hidden: int, dilations: Sequence[int]) -> nn.Sequential:
+    """In-plane context: dilated 3x3 convolutions (receptive field 1 + 2 * sum(dilations) voxels).
+
+    The decoder features of a small backbone do not separate bone from surrounding tissue voxel
+    by voxel (their intensities overlap); the outline around a voxel does. Through-plane context
+    comes from the 3D backbone itself.
+    """
+    layers: list[nn.Module] = [Pointwise(cin, hidden), nn.LeakyReLU(0.1)]
+    for d in dilations:
+        layers += [InPlaneConv(hidden, hidden, d), nn.LeakyReLU(0.1)]
+    return nn.Sequential(*layers)
 
 
 def _block(cin: int, cout: int, kernel) -> nn.Sequential:
@@ -235,11 +250,10 @@ class SegmentationHead(nn.Module):
         super().__init__()
         c = config
         self.fusion = ViewFusion(c.view_channels, c.fused_channels)
-        # per-voxel: the decoder features already carry the UNet's spatial context, and 3x3x3
-        # convolutions here would triple the cost of a training step on the CPU
+        # in-plane dilated convolutions run as Conv2d (oneDNN); a 3x3x3 Conv3d on thin patches
+        # takes PyTorch's slow CPU path
         self.coarse = nn.Sequential(
-            _block(c.fused_channels + 1, c.seg_hidden, 1),
-            _block(c.seg_hidden, c.seg_hidden, 1),
+            _context(c.fused_channels + 1, c.seg_hidden, c.context_dilations),
             Pointwise(c.seg_hidden, c.n_classes),
         )
         self.refine = nn.Sequential(  # in-plane only: the reference series is thick-sliced
@@ -265,7 +279,7 @@ class FindingHead(nn.Module):
         c = config
         self.n = c.n_findings
         self.fusion = ViewFusion(c.view_channels, c.fused_channels)
-        self.trunk = nn.Sequential(_block(c.fused_channels + 1, c.finding_hidden, 1), _block(c.finding_hidden, c.finding_hidden, 1))
+        self.trunk = _context(c.fused_channels + 1, c.finding_hidden, (1, 2))
         self.cell_logits = Pointwise(c.finding_hidden, c.n_findings)
         a = c.attention_hidden
         self.attention_v = Pointwise(c.finding_hidden, c.n_findings * a)

@@ -37,7 +37,7 @@ B=Resources/Models/orthoknee-demo
 for run in "heads 1.0 heads-100" "heads 0.1 heads-10" "baseline 1.0 baseline-100" "baseline 0.1 baseline-10"; do
   set -- $run
   orthoknee finetune --bundle $B --cases $DATA/demo_train --out $DATA/bundles/$3 \
-    --model $1 --label-fraction $2 --steps 600 --validation-cases 0 --version 0.2.0 --device cpu
+    --model $1 --label-fraction $2 --steps 500 --validation-cases 0 --version 0.2.0 --device cpu
 done
 
 # 5. Held-out evaluation (the model card's tables: python bench/compare_models.py $DATA/bundles).

@@ -1,0 +1,464 @@
+"""OrthoKnee: knee MRI structures and findings in 3D Slicer.
+
+Follows Slicer's scripted-module template: ``OrthoKnee`` (module metadata), ``OrthoKneeWidget``
+(loads Resources/UI/OrthoKnee.ui, typed parameter node), ``OrthoKneeLogic`` and
+``OrthoKneeTest``. The widget stays thin: scene work is ``OrthoKneeLib.scene``, inference is
+``OrthoKneeLib.predict.Predictor``, run on a worker thread so the GUI stays responsive.
+
+Outside Slicer (tests, documentation tools) the Qt/Slicer imports are absent; the module then
+imports through the guarded path below and only its pure helpers are usable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+_HERE = Path(__file__).resolve().parent
+_REPO = _HERE.parent
+if str(_REPO) not in sys.path and (_REPO / "OrthoKneeLib").is_dir():
+    sys.path.insert(0, str(_REPO))  # the engine ships beside the module in the extension
+
+try:  # inside Slicer
+    import qt
+    import slicer
+    from slicer import vtkMRMLScalarVolumeNode
+    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget,
+    )
+    from slicer.util import VTKObservationMixin
+
+    SLICER_GUI = True
+except ImportError:  # guarded path: no Slicer application (tests check syntax, helpers and the .ui)
+    SLICER_GUI = False
+
+    class _Unavailable:
+        """Stand-in base: the classes below can be defined (not used) without Slicer."""
+
+    class ScriptedLoadableModule(_Unavailable): ...
+    class ScriptedLoadableModuleLogic(_Unavailable): ...
+    class ScriptedLoadableModuleTest(_Unavailable): ...
+    class ScriptedLoadableModuleWidget(_Unavailable): ...
+    class VTKObservationMixin: ...
+
+    vtkMRMLScalarVolumeNode = object
+
+    def parameterNodeWrapper(cls):  # noqa: D103 - stand-in decorator
+        return cls
+
+    def WithinRange(lo, hi):  # noqa: D103,N802 - stand-in
+        return None
+
+DEVICES = ("auto", "cuda", "cpu")
+REQUIREMENTS = _HERE / "Resources" / "requirements.txt"
+
+
+# ------------------------------------------------------------------------------- pure helpers
+
+
+def review_record(prediction_summary: dict, decisions: dict[str, dict]) -> dict:
+    """The exported review: each finding's probability, the reader's decision and note."""
+    findings = {}
+    for key, entry in prediction_summary.get("findings", {}).items():
+        d = decisions.get(key, {})
+        findings[key] = {"name": entry["name"], "probability": entry["probability"],
+                         "decision": d.get("decision"), "note": d.get("note", "")}
+    return {"case": prediction_summary.get("case"), "bundle": prediction_summary.get("bundle"),
+            "findings": findings, "warnings": prediction_summary.get("warnings", []),
+            "not_for_clinical_use": True}
+
+
+def review_html(review: dict, key_slices: dict[str, str] | None = None) -> str:
+    """A short HTML report: findings table and key-slice images (PNG paths relative to the report)."""
+    from html import escape
+
+    rows = "".join(
+        f"<tr><td>{escape(f['name'])}</td><td>{f['probability']:.2f}</td><td>{escape(f['decision'] or '-')}</td>"
+        f"<td>{escape(f['note'])}</td></tr>" for f in review["findings"].values())
+    images = "".join(f"<figure><img src='{escape(p)}' width='480'><figcaption>{escape(k)}</figcaption></figure>"
+                     for k, p in (key_slices or {}).items())
+    bundle = review.get("bundle") or {}
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>OrthoKnee review: {escape(str(review['case']))}"
+            f"</title></head><body><h1>OrthoKnee review: {escape(str(review['case']))}</h1>"
+            f"<p>Model {escape(str(bundle.get('name')))} {escape(str(bundle.get('version')))}. "
+            "Research demonstration, not for clinical use.</p>"
+            f"<table border='1'><tr><th>finding</th><th>probability</th><th>decision</th><th>note</th></tr>{rows}</table>"
+            f"{images}</body></html>")
+
+
+# ------------------------------------------------------------------------------- module
+
+
+class OrthoKnee(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "OrthoKnee"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["OrthoKnee developers"]
+        self.parent.helpText = (
+            "Segments 11 knee structures and scores 8 abnormalities (each with a probability overlay) from a "
+            "case's sagittal, coronal and axial MRI series, with features of per-view 3D diffusion models "
+            "(OrthoDiffusion). Research and demonstration only; not for clinical use.")
+        self.parent.acknowledgementText = (
+            "Method after OrthoDiffusion (arXiv 2602.20752). Built on 3D Slicer, MONAI, PyTorch and SimpleITK. "
+            "The demo model was trained on synthetic images rendered from public label maps (OAI ZIB, pymskt, "
+            "SPL knee atlas).")
+
+
+@parameterNodeWrapper
+class OrthoKneeParameterNode:
+    sagittal: vtkMRMLScalarVolumeNode
+    coronal: vtkMRMLScalarVolumeNode
+    axial: vtkMRMLScalarVolumeNode
+    bundlePath: str = ""
+    device: str = "auto"
+    threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+
+
+class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._timer = None
+        self._result = None
+        self._decisions: dict[str, dict] = {}
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/OrthoKnee.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = OrthoKneeLogic()
+        self.ui.deviceComboBox.addItems(list(DEVICES))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyOrCancel)
+        self.ui.segmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
+        self.ui.exportReviewButton.connect("clicked(bool)", self.onExportReview)
+        self.ui.exportCaseButton.connect("clicked(bool)", self.onExportCase)
+        self.ui.findingsTable.connect("cellClicked(int,int)", self.onFindingSelected)
+        self.ui.findingsTable.connect("cellChanged(int,int)", self.onFindingEdited)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onNodeAdded(self, caller, event) -> None:
+        qt.QTimer.singleShot(0, self.fillEmptyViews)  # the node's image arrives after the event
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        self.fillEmptyViews()
+
+    def fillEmptyViews(self) -> None:
+        """Fill empty view selectors from the loaded volumes by plane detection (each stays changeable)."""
+        if not self._parameterNode:
+            return
+        from OrthoKneeLib.scene import assign_views
+
+        found = assign_views(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+        for plane, node in found.items():
+            if getattr(self._parameterNode, plane) is None:
+                setattr(self._parameterNode, plane, node)
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk_modified_event(), self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk_modified_event(), self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        running = self._job is not None
+        has_view = p and (p.sagittal or p.coronal or p.axial)
+        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.enabled = bool(has_view) or running
+        self.ui.deviceWarningLabel.visible = bool(p) and self.logic.willRunOnCpu(p.device)
+
+    # --------------------------------------------------------------------- running
+    def onApplyOrCancel(self) -> None:
+        if self._job is not None:
+            self._job["cancel"].cancel()
+            self.ui.statusLabel.text = "Cancelling..."
+            return
+        if not self.logic.ensureDependencies():
+            return
+        p = self._parameterNode
+        try:
+            self._job = self.logic.start(p.sagittal, p.coronal, p.axial, p.bundlePath or None, p.device)
+        except Exception as exc:  # an OrthoKneeError names the file and what to do
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.ui.progressBar.value = 0
+        self._timer = qt.QTimer()
+        self._timer.timeout.connect(self._poll)
+        self._timer.start(200)
+        self._checkCanApply()
+
+    def _poll(self) -> None:
+        job = self._job
+        done, total, message = job["progress"]
+        self.ui.progressBar.maximum = max(total, 1)
+        self.ui.progressBar.value = done
+        self.ui.statusLabel.text = message
+        if job["thread"].is_alive():
+            return
+        self._timer.stop()
+        self._job = None
+        self._checkCanApply()
+        if job.get("error") is not None:
+            self.ui.statusLabel.text = str(job["error"])
+            if "cancelled" not in str(job["error"]):
+                slicer.util.errorDisplay(str(job["error"]))
+            return
+        p = self._parameterNode
+        self._result = self.logic.showPrediction(job["prediction"], reference=p.sagittal or p.coronal or p.axial,
+                                                 threshold=p.threshold, opacity=p.opacity)
+        self._decisions = {}
+        self._fillFindingsTable(job["prediction"])
+        self.ui.statusLabel.text = "; ".join(self._result["warnings"] + job["prediction"].warnings) or "Done."
+
+    def _fillFindingsTable(self, prediction) -> None:
+        table = self.ui.findingsTable
+        table.blockSignals(True)
+        table.setRowCount(0)
+        for row, (key, prob) in enumerate(sorted(prediction.finding_probabilities.items(), key=lambda kv: -kv[1])):
+            table.insertRow(row)
+            name = qt.QTableWidgetItem(prediction.catalog.finding(key).name)
+            name.setData(qt.Qt.UserRole, key)
+            table.setItem(row, 0, name)
+            table.setItem(row, 1, qt.QTableWidgetItem(f"{prob:.2f}"))
+            decision = qt.QTableWidgetItem("")
+            decision.setToolTip("Type accept or reject")
+            table.setItem(row, 2, decision)
+            table.setItem(row, 3, qt.QTableWidgetItem(""))
+        table.blockSignals(False)
+
+    def onFindingSelected(self, row: int, column: int) -> None:
+        key = self.ui.findingsTable.item(row, 0).data(qt.Qt.UserRole)
+        if self._result:
+            from OrthoKneeLib.scene import show_overlay
+
+            show_overlay(slicer.mrmlScene, self._result["reference"], self._result["overlays"][key],
+                         self._parameterNode.opacity)
+
+    def onFindingEdited(self, row: int, column: int) -> None:
+        key = self.ui.findingsTable.item(row, 0).data(qt.Qt.UserRole)
+        entry = self._decisions.setdefault(key, {})
+        text = self.ui.findingsTable.item(row, column).text().strip()
+        if column == 2:
+            entry["decision"] = {"accept": "accept", "a": "accept", "reject": "reject", "r": "reject"}.get(text.lower())
+        elif column == 3:
+            entry["note"] = text
+
+    def onOpenSegmentEditor(self) -> None:
+        if not self._result:
+            return
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(self._result["segmentation"])
+        editor.setSourceVolumeNode(self._result["reference"])
+
+    def onExportReview(self) -> None:
+        if not self._result:
+            return
+        folder = qt.QFileDialog.getExistingDirectory(None, "Export review to")
+        if folder:
+            paths = self.logic.exportReview(self._result, self._decisions, folder)
+            self.ui.statusLabel.text = f"Review written: {paths['json']}, {paths['html']}"
+
+    def onExportCase(self) -> None:
+        if not self._result:
+            return
+        folder = qt.QFileDialog.getExistingDirectory(None, "Export training case to")
+        if folder:
+            p = self._parameterNode
+            out = self.logic.exportCase(self._result, {"sagittal": p.sagittal, "coronal": p.coronal, "axial": p.axial},
+                                        self._decisions, folder)
+            self.ui.statusLabel.text = f"Training case written: {out}"
+
+
+def vtk_modified_event():
+    import vtk
+
+    return vtk.vtkCommand.ModifiedEvent
+
+
+class OrthoKneeLogic(ScriptedLoadableModuleLogic):
+    """Everything the widget does, callable from Python and from OrthoKneeTest."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._predictor = None
+        self._predictor_key = None
+
+    def getParameterNode(self):
+        return OrthoKneeParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def ensureDependencies(ask: bool = True) -> bool:
+        """torch and MONAI are imported on first use; if missing, offer to install them (Slicer's pip)."""
+        import importlib.util
+
+        if all(importlib.util.find_spec(m) is not None for m in ("torch", "monai")):
+            return True
+        if ask and not slicer.util.confirmOkCancelDisplay(
+                "OrthoKnee needs PyTorch and MONAI (about 1 GB with CUDA support). Install them now?"):
+            return False
+        requirements = [r for r in REQUIREMENTS.read_text().split() if r and not r.startswith("#")]
+        if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
+            slicer.packaging.pip_ensure(requirements)  # Slicer >= 5.8
+        else:
+            slicer.util.pip_install(" ".join(requirements))
+        return True
+
+    @staticmethod
+    def willRunOnCpu(device: str) -> bool:
+        try:
+            import torch
+        except ImportError:
+            return device != "cuda"
+        return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+    def predictor(self, bundle_path, device: str):
+        from OrthoKneeLib.predict import Predictor
+
+        key = (str(bundle_path), device)
+        if self._predictor is None or self._predictor_key != key:
+            self._predictor = Predictor(bundle_path, device=device)
+            self._predictor_key = key
+        return self._predictor
+
+    def start(self, sagittal, coronal, axial, bundle_path, device) -> dict:
+        """Run the Predictor on a worker thread; the returned job dict is polled by the GUI."""
+        from OrthoKneeLib.progress import CancelToken
+        from OrthoKneeLib.scene import case_from_nodes
+
+        case = case_from_nodes(sagittal, coronal, axial)  # read on the main thread (MRML is not thread-safe)
+        predictor = self.predictor(bundle_path, device)
+        job = {"cancel": CancelToken(), "progress": (0, 1, "Starting..."), "prediction": None, "error": None}
+
+        def work():
+            try:
+                job["prediction"] = predictor.predict(
+                    case, progress=lambda d, t, m="": job.__setitem__("progress", (d, t, m)), cancel=job["cancel"])
+            except Exception as exc:  # reported by the GUI thread
+                job["error"] = exc
+
+        job["thread"] = threading.Thread(target=work, name="OrthoKnee predict", daemon=True)
+        job["thread"].start()
+        return job
+
+    def run(self, sagittal, coronal=None, axial=None, bundle_path=None, device="auto", threshold=0.5, opacity=0.6):
+        """Blocking run (scripts, the self-test): predict and show."""
+        job = self.start(sagittal, coronal, axial, bundle_path, device)
+        job["thread"].join()
+        if job["error"] is not None:
+            raise job["error"]
+        return self.showPrediction(job["prediction"], sagittal or coronal or axial, threshold, opacity)
+
+    @staticmethod
+    def showPrediction(prediction, reference, threshold=0.5, opacity=0.6) -> dict:
+        from OrthoKneeLib.scene import add_prediction
+
+        result = add_prediction(slicer.mrmlScene, prediction, reference_node=reference, threshold=threshold,
+                                opacity=opacity)
+        result["prediction"] = prediction
+        return result
+
+    @staticmethod
+    def exportReview(result: dict, decisions: dict, folder) -> dict:
+        from OrthoKneeLib.io import atomic_path, write_json_atomic
+
+        folder = Path(folder)
+        review = review_record(result["prediction"].summary(), decisions)
+        json_path = write_json_atomic(review, folder / "review.json")
+        key_slices = {}
+        montage_path = folder / "key_slices.png"
+        try:
+            from OrthoKneeLib.montage import montage
+            from OrthoKneeLib.scene import case_from_nodes
+
+            montage(result["prediction"], case_from_nodes(result["reference"]), montage_path)
+            key_slices["reference view, structures and top finding"] = montage_path.name
+        except Exception:  # the report is still useful without the picture
+            pass
+        html_path = folder / "review.html"
+        with atomic_path(html_path) as tmp:
+            tmp.write_text(review_html(review, key_slices), encoding="utf-8")
+        return {"json": json_path, "html": html_path}
+
+    @staticmethod
+    def exportCase(result: dict, view_nodes: dict, decisions: dict, folder) -> Path:
+        from OrthoKneeLib.scene import export_training_case
+
+        review = review_record(result["prediction"].summary(), decisions)["findings"]
+        name = result["prediction"].case_name.replace(" ", "_")
+        return export_training_case(Path(folder) / name, result["segmentation"], view_nodes,
+                                    result["prediction"].catalog, review=review, case_id=name)
+
+
+class OrthoKneeTest(ScriptedLoadableModuleTest):
+    """Runs the whole flow on the shipped sample case inside Slicer."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_sample_case_end_to_end()
+
+    def test_sample_case_end_to_end(self):
+        import tempfile
+
+        from OrthoKneeLib.resources import SAMPLE_VIEWS, sample_case_dir
+        from OrthoKneeLib.scene import segmentation_edited
+
+        self.delayDisplay("Loading the sample case")
+        nodes = {p: slicer.util.loadVolume(str(sample_case_dir() / n)) for p, n in SAMPLE_VIEWS.items()}
+        logic = OrthoKneeLogic()
+        self.assertTrue(logic.ensureDependencies(ask=False))
+        self.delayDisplay("Predicting (about 30 s on a CPU)")
+        result = logic.run(nodes["sagittal"], nodes["coronal"], nodes["axial"], device="auto")
+        seg = result["segmentation"].GetSegmentation()
+        self.assertEqual(seg.GetNumberOfSegments(), 11)
+        self.assertEqual(seg.GetSegment("femur").GetName(), "Femur")
+        self.assertEqual(len(result["overlays"]), 8)
+        self.assertFalse(segmentation_edited(result["segmentation"], nodes["sagittal"]))
+        with tempfile.TemporaryDirectory() as folder:
+            paths = logic.exportReview(result, {}, folder)
+            self.assertTrue(json.loads(Path(paths["json"]).read_text())["not_for_clinical_use"])
+            out = logic.exportCase(result, nodes, {}, folder)
+            self.assertTrue((out / "case.json").is_file())
+        self.delayDisplay("OrthoKnee test passed")

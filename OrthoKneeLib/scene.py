@@ -1,0 +1,365 @@
+"""MRML glue: volume nodes <-> Case, Prediction -> segmentation + overlay nodes, edits -> training cases.
+
+Needs Slicer's Python (the application, or ``slicer-core`` from PyPI with a host such as
+trame-slicer's ``SlicerApp``); everything here works on a plain ``vtkMRMLScene`` so it is
+tested headless against real MRML. The widget only calls these functions.
+
+Geometry: SimpleITK images are LPS, MRML is RAS. The only LPS->RAS conversion of the engine
+is :func:`OrthoKneeLib.volumes.ijk_to_ras`; :func:`image_from_node` is its inverse. Geometry is
+compared physically, never matrix to matrix (Slicer reorders a left-handed volume's slices).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .volumes import Case, Volume, VolumeSource, detect_plane, ijk_to_ras
+
+if TYPE_CHECKING:
+    from .labels import Catalog
+    from .predict import Prediction
+
+__all__ = [
+    "PREDICTION_ATTRIBUTE", "volume_node_from_image", "image_from_node", "assign_views", "case_from_nodes",
+    "probability_color_table", "add_prediction", "segmentation_labelmap", "segmentation_edited",
+    "show_overlay", "export_training_case", "set_segment_mask",
+]
+
+PREDICTION_ATTRIBUTE = "OrthoKnee.LabelmapSha256"  # what the node held when OrthoKnee made it
+CASE_ATTRIBUTE = "OrthoKnee.Case"
+
+
+def _slicer():
+    import slicer
+
+    return slicer
+
+
+def _vtk_matrix(array: np.ndarray):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def _numpy_matrix(m) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _image_data(array_kji: np.ndarray):
+    """vtkImageData holding a copy of ``array_kji`` (x = i fastest, as VTK and SimpleITK agree)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    array_kji = np.ascontiguousarray(array_kji)
+    data = vtk.vtkImageData()
+    data.SetDimensions(array_kji.shape[2], array_kji.shape[1], array_kji.shape[0])
+    scalars = numpy_support.numpy_to_vtk(array_kji.ravel(), deep=True)
+    data.GetPointData().SetScalars(scalars)
+    return data
+
+
+def _array_of(node) -> np.ndarray:
+    from vtk.util import numpy_support
+
+    data = node.GetImageData()
+    i, j, k = data.GetDimensions()
+    return numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(k, j, i).copy()
+
+
+def volume_node_from_image(scene, image: sitk.Image, name: str, node_class: str = "vtkMRMLScalarVolumeNode"):
+    """A volume node showing ``image`` where it is in the patient (LPS -> RAS here, once)."""
+    node = scene.AddNewNodeByClass(node_class, name)
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras(image)))
+    node.SetAndObserveImageData(_image_data(sitk.GetArrayFromImage(image)))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def image_from_node(node) -> sitk.Image:
+    """The node's voxels as a SimpleITK image in LPS (the inverse of :func:`volume_node_from_image`)."""
+    import vtk
+
+    if node is None or node.GetImageData() is None:
+        raise InputError(None, f"volume node {getattr(node, 'GetName', lambda: '?')()} holds no image.",
+                         "Load a series into it first.")
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    ijk_to_ras_m = _numpy_matrix(m)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras_m
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    image = sitk.GetImageFromArray(_array_of(node))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(d) for d in direction.ravel()))
+    image.SetOrigin(tuple(float(o) for o in lps[:3, 3]))
+    return image
+
+
+def assign_views(nodes: Iterable) -> dict[str, object]:
+    """Plane detection over loaded volume nodes: the first node of each plane fills its selector."""
+    out: dict[str, object] = {}
+    for node in nodes:
+        if node is None or node.GetImageData() is None or node.IsA("vtkMRMLLabelMapVolumeNode"):
+            continue
+        plane = detect_plane(image_from_node(node))
+        if plane in ("sagittal", "coronal", "axial") and plane not in out:
+            out[plane] = node
+    return out
+
+
+def case_from_nodes(sagittal=None, coronal=None, axial=None, name: str | None = None) -> Case:
+    views = {}
+    for plane, node in (("sagittal", sagittal), ("coronal", coronal), ("axial", axial)):
+        if node is not None:
+            source = VolumeSource(path=f"scene:{node.GetName()}", description=node.GetName())
+            views[plane] = Volume(image_from_node(node), source)
+    return Case(**views, name=name or (sagittal or coronal or axial).GetName())
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+def probability_color_table(scene, threshold: float = 0.5, name: str = "OrthoKnee probability"):
+    """A 256-entry color table for [0, 1] probabilities: transparent below ``threshold``, then
+    yellow to red. One table per threshold, reused across findings."""
+    slicer = _slicer()
+    full_name = f"{name} {threshold:.2f}"
+    existing = scene.GetFirstNodeByName(full_name)
+    if existing is not None:
+        return existing
+    table = slicer.vtkMRMLColorTableNode()
+    table.SetName(full_name)
+    table.SetTypeToUser()
+    table.SetNumberOfColors(256)
+    for n in range(256):
+        v = n / 255.0
+        if v < threshold:
+            table.SetColor(n, f"p{n}", 0.0, 0.0, 0.0, 0.0)
+        else:
+            u = (v - threshold) / max(1 - threshold, 1e-6)
+            table.SetColor(n, f"p{n}", 1.0, 1.0 - u, 0.0, 1.0)
+    table.SetAttribute("OrthoKnee.Threshold", f"{threshold:g}")
+    scene.AddNode(table)
+    return table
+
+
+def _labelmap_hash(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def segmentation_labelmap(segmentation_node, reference_node) -> np.ndarray:
+    """The segmentation as one labelmap on ``reference_node``'s grid (segment label values kept)."""
+    slicer = _slicer()
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "orthoknee-export")
+    try:
+        ids = segmentation_node.GetSegmentation().GetSegmentIDs()
+        import vtk
+
+        id_list = vtk.vtkStringArray()
+        for segment_id in ids:
+            id_list.InsertNextValue(segment_id)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, id_list, labelmap, reference_node)
+        if not ok:
+            raise RuntimeError("Slicer could not export the segmentation to a labelmap")
+        array = _array_of(labelmap)
+        # Slicer numbers exported labels 1..n in segment order; map them back to label values
+        out = np.zeros_like(array, dtype=np.uint8)
+        segmentation = segmentation_node.GetSegmentation()
+        for n, segment_id in enumerate(ids, start=1):
+            out[array == n] = segmentation.GetSegment(segment_id).GetLabelValue() or n
+        return out
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def segmentation_edited(segmentation_node, reference_node) -> bool:
+    """True when the node no longer holds what OrthoKnee put in it (or was not made by OrthoKnee)."""
+    recorded = segmentation_node.GetAttribute(PREDICTION_ATTRIBUTE)
+    if not recorded:
+        return True
+    return _labelmap_hash(segmentation_labelmap(segmentation_node, reference_node)) != recorded
+
+
+def _result_name(scene, base: str, reference_node) -> tuple[str, object | None]:
+    """(name, node to replace or None): an unedited earlier result is replaced, an edited one kept."""
+    existing = scene.GetFirstNodeByName(base)
+    if existing is None:
+        return base, None
+    if existing.IsA("vtkMRMLSegmentationNode") and not segmentation_edited(existing, reference_node):
+        return base, existing
+    n = 2
+    while scene.GetFirstNodeByName(f"{base} ({n})") is not None:
+        n += 1
+    return f"{base} ({n})", None
+
+
+def set_segment_mask(segmentation_node, segment_id: str, mask_kji: np.ndarray, reference_node) -> None:
+    """Replace a segment's voxels by ``mask_kji`` (on ``reference_node``'s grid), as Segment Editor
+    effects do (``SetBinaryLabelmapToSegment``, replace mode)."""
+    slicer = _slicer()
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "orthoknee-mask")
+    try:
+        labelmap.CopyOrientation(reference_node)
+        labelmap.SetAndObserveImageData(_image_data((np.asarray(mask_kji) > 0).astype(np.uint8)))
+        oriented = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                oriented, segmentation_node, segment_id,
+                slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, oriented.GetExtent()):
+            raise RuntimeError(f"Slicer could not set the voxels of segment {segment_id}")
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def _import_structures(scene, segmentation, reference_node, prediction: "Prediction") -> None:
+    """One segment per catalog structure, ID = structure key (a stable handle for the widget, the
+    review and the export), with name, color and terminology; absent structures stay empty."""
+    catalog = prediction.catalog
+    seg = segmentation.GetSegmentation()
+    for structure in catalog.structures:
+        seg.AddEmptySegment(structure.key, structure.name)
+        mask = prediction.labelmap == structure.label
+        if mask.any():
+            set_segment_mask(segmentation, structure.key, mask, reference_node)
+    for index, structure in enumerate(catalog.structures):
+        segment = seg.GetSegment(structure.key)
+        segment.SetName(structure.name)
+        segment.SetColor(*(c / 255.0 for c in structure.color))
+        segment.SetLabelValue(structure.label)
+        if structure.terminology:
+            segment.SetTerminology(structure.terminology.slicer_string())
+        seg.SetSegmentIndex(structure.key, index)
+
+
+def add_prediction(scene, prediction: "Prediction", reference_node=None, threshold: float = 0.5,
+                   opacity: float = 0.6, surfaces: bool = True) -> dict:
+    """Segmentation node (one named, colored, terminology-tagged segment per structure) and one
+    overlay volume per finding. Returns {"segmentation": node, "overlays": {key: node},
+    "reference": node, "warnings": [...]}. A segmentation the user edited is never replaced."""
+    warnings = []
+    if reference_node is None:
+        reference_node = volume_node_from_image(scene, prediction.reference_grid.image(
+            np.zeros(prediction.labelmap.shape, np.float32)), f"{prediction.case_name} reference")
+    base = f"{prediction.case_name} structures"
+    name, replace = _result_name(scene, base, reference_node)
+    if name != base:
+        warnings.append(f"'{base}' was edited; the new result is '{name}' and the edited one was kept.")
+    if replace is not None:
+        scene.RemoveNode(replace)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    _import_structures(scene, segmentation, reference_node, prediction)
+    segmentation.SetAttribute(PREDICTION_ATTRIBUTE, _labelmap_hash(segmentation_labelmap(segmentation, reference_node)))
+    segmentation.SetAttribute(CASE_ATTRIBUTE, json.dumps(prediction.summary()))
+    segmentation.GetDisplayNode().SetVisibility(True)
+    if surfaces:  # for the 3D view; costs seconds, so a caller without one can skip it
+        segmentation.CreateClosedSurfaceRepresentation()
+    table = probability_color_table(scene, threshold)
+    overlays = {}
+    for key, values in prediction.overlays.items():
+        finding = prediction.catalog.finding(key)
+        node = volume_node_from_image(scene, prediction.overlay_image(key), f"{prediction.case_name} {finding.name}")
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID(table.GetID())
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        display.SetApplyThreshold(True)
+        display.SetLowerThreshold(threshold)
+        display.SetUpperThreshold(1.0)
+        node.SetAttribute("OrthoKnee.Finding", key)
+        node.SetAttribute("OrthoKnee.Probability", f"{prediction.finding_probabilities[key]:.6f}")
+        overlays[key] = node
+    top = prediction.top_finding()
+    if top:
+        show_overlay(scene, reference_node, overlays[top], opacity)
+    return {"segmentation": segmentation, "overlays": overlays, "reference": reference_node, "warnings": warnings}
+
+
+def show_overlay(scene, background_node, overlay_node, opacity: float = 0.6) -> None:
+    """Reference volume as background, the overlay as foreground at ``opacity``, in every slice view."""
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    if composites.GetNumberOfItems() == 0:  # a bare scene: make one so the setting is kept
+        composites.AddItem(scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode"))
+    for n in range(composites.GetNumberOfItems()):
+        composite = composites.GetItemAsObject(n)
+        composite.SetBackgroundVolumeID(background_node.GetID() if background_node else None)
+        composite.SetForegroundVolumeID(overlay_node.GetID() if overlay_node else None)
+        composite.SetForegroundOpacity(opacity)
+
+
+# ---------------------------------------------------------------------------------- export
+
+
+def export_training_case(folder: str | os.PathLike, segmentation_node, view_nodes: dict, catalog: "Catalog",
+                         review: dict | None = None, case_id: str | None = None) -> Path:
+    """Write the edited segmentation and its views in the training-case layout (synth/dataset.py).
+
+    Labels are written on every view's own grid (``<view>_labels.nrrd``) and the reference
+    grid (``labels.nrrd``); segments the catalog does not know keep their label values and are
+    listed under ``extra_labels``. Findings come from the review: accepted -> 1, rejected -> 0,
+    not reviewed -> null (unknown, ignored by training).
+    """
+    from .io import write_image_atomic, write_json_atomic
+    from .synth.dataset import CASE_LAYOUT
+
+    folder = Path(folder)
+    reference_plane = next(p for p in ("sagittal", "coronal", "axial") if view_nodes.get(p) is not None)
+    reference_node = view_nodes[reference_plane]
+    labels = segmentation_labelmap(segmentation_node, reference_node)
+    reference_image = image_from_node(reference_node)
+    labels_image = sitk.GetImageFromArray(labels)
+    labels_image.CopyInformation(reference_image)
+    folder.mkdir(parents=True, exist_ok=True)
+    for plane, node in view_nodes.items():
+        if node is None:
+            continue
+        image = image_from_node(node)
+        write_image_atomic(image, folder / f"{plane}.nrrd")
+        on_view = sitk.Resample(labels_image, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        write_image_atomic(on_view, folder / f"{plane}_labels.nrrd")
+    write_image_atomic(labels_image, folder / "labels.nrrd")
+    seg = segmentation_node.GetSegmentation()
+    known = {s.label: s.key for s in catalog.structures}
+    annotated, extra = [], {}
+    for n in range(seg.GetNumberOfSegments()):
+        segment = seg.GetNthSegment(n)
+        value = segment.GetLabelValue()
+        if value in known and segment.GetName() == catalog.structure(known[value]).name:
+            annotated.append(known[value])
+        else:
+            extra[str(value)] = segment.GetName()
+    review = review or {}
+    findings = {}
+    for f in catalog.findings:
+        decision = (review.get(f.key) or {}).get("decision")
+        findings[f.key] = {"present": 1 if decision == "accept" else 0 if decision == "reject" else None,
+                           "voxels": 0, "real": True}
+    meta = {
+        "layout": CASE_LAYOUT,
+        "case_id": case_id or folder.name,
+        "source": "slicer",
+        "subject": case_id or folder.name,
+        "split": "train",
+        "synthetic": False,
+        "annotated": annotated,
+        "extra_labels": extra,
+        "findings": findings,
+        "review": review,
+    }
+    write_json_atomic(meta, folder / "case.json")  # last: marks the case complete
+    return folder
