@@ -26,6 +26,16 @@ def test_demo_bundle_is_complete_and_small():
         assert training["final_loss"] < 0.5 * training["first_loss"]  # it did learn to denoise
 
 
+def test_predicting_with_the_headless_demo_bundle_says_how_to_train_heads():
+    from OrthoKneeLib.bundle import BundleError
+    from OrthoKneeLib.predict import Predictor
+
+    if Bundle.open(demo_bundle_dir()).metadata.get("heads"):
+        pytest.skip("the demo bundle has heads: covered by the end-to-end test")
+    with pytest.raises(BundleError, match="orthoknee finetune"):
+        Predictor(device="cpu")
+
+
 def test_demo_backbone_gives_full_size_features_on_the_sample():
     bundle = Bundle.open(demo_bundle_dir())
     config = bundle.view_config("sagittal")
@@ -51,6 +61,9 @@ def test_predict_on_the_real_sample_puts_the_bones_where_they_are(tmp_path, caps
     from OrthoKneeLib.cli import main
     from OrthoKneeLib.segfile import read_seg_nrrd
 
+    if not Bundle.open(demo_bundle_dir()).metadata.get("heads"):
+        pytest.skip("the shipped demo bundle has pretrained backbones but no trained heads yet "
+                    "(issue 6: the heads trained so far do not segment; see the model card)")
     folder = sample_case_dir()
     args = ["predict", *(str(folder / SAMPLE_VIEWS[p]) for p in ("sagittal", "coronal", "axial")),
             "--out", str(tmp_path), "--device", "cpu", "--json"]

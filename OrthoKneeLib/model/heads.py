@@ -320,23 +320,23 @@ class OrthoKneeHeads(nn.Module):
 
 def marginal_seg_loss(logits: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor,
                       dice_weight: float = 1.0) -> torch.Tensor:
-    """Dice + cross-entropy that does not punish structures a case does not annotate.
+    """Dice + cross-entropy over the classes a case annotates only.
 
-    ``annotated`` (N, n_classes) bool, background always True. Probabilities of the classes a
-    case does not annotate are merged into background (the marginal loss of Shi et al. 2021):
-    their voxels are labelled background in such a case, and predicting them there costs
-    nothing. Dice is averaged over annotated foreground classes present in the batch.
+    ``annotated`` (N, n_classes) bool, background always True. The classes a case does not
+    annotate are removed from its softmax (their logits masked): such a case teaches nothing
+    about them, and nothing can be gained by predicting them. (Merging them into background
+    instead, the marginal loss of Shi et al. 2021, let the heads put every background voxel
+    of a bones-and-cartilage-only case into an unannotated class at no cost, and training
+    collapsed to that.) Dice is averaged over annotated foreground classes present in the batch.
     """
     n, c = logits.shape[:2]
-    probs = torch.softmax(logits, dim=1)
-    unannotated = (~annotated).float().view(n, c, 1, 1, 1)
-    merged_bg = probs[:, :1] + (probs * unannotated).sum(1, keepdim=True)
-    probs_m = torch.cat([merged_bg, probs[:, 1:] * (1 - unannotated[:, 1:])], dim=1)
-    ce = F.nll_loss(torch.log(probs_m.clamp_min(1e-6)), labels.long())
+    masked = logits.float().masked_fill(~annotated.view(n, c, 1, 1, 1), -1e4)
+    ce = F.cross_entropy(masked, labels.long())
+    probs = torch.softmax(masked, dim=1)
     onehot = F.one_hot(labels.long(), c).permute(0, 4, 1, 2, 3).float()
     dims = (2, 3, 4)
-    inter = (probs_m * onehot).sum(dims)
-    denom = probs_m.sum(dims) + onehot.sum(dims)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + 1e-3) / (denom + 1e-3)
     use = annotated.clone()
     use[:, 0] = False

@@ -46,6 +46,8 @@ for name in heads-100 heads-10 baseline-100 baseline-10; do
     > $DATA/bundles/$name.eval.json
 done
 
-# 6. Ship the 100 % heads as the demo bundle (backbones are byte-identical to 0.1.0's).
+# 6. Ship the 100 % heads as the demo bundle once they meet the model card's targets
+#    (backbones are byte-identical to 0.1.0's). Not done yet: see orthoknee-demo/README.md.
+exit 0
 cp $DATA/bundles/heads-100/weights/heads.pt $B/weights/heads.pt
 cp $DATA/bundles/heads-100/metadata.json $B/metadata.json

@@ -17,14 +17,39 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
+def _prediction_from_case(folder: Path):
+    """A Prediction built by hand from a synthetic case: its labels and a finding mask as overlay."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from OrthoKneeLib.labels import DEFAULT_CATALOG
+    from OrthoKneeLib.model.heads import grid_of
+    from OrthoKneeLib.predict import Prediction
+    from OrthoKneeLib.synth.dataset import read_case
+
+    case = read_case(folder)
+    ref = case.case.views["sagittal"].image
+    labels = sitk.GetArrayFromImage(case.labels["sagittal"]).astype(np.uint8)
+    overlays, probs = {}, {}
+    for f in DEFAULT_CATALOG.findings:
+        mask = case.finding_mask(f.key)
+        overlays[f.key] = (sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(mask > 0, sitk.sitkFloat32), ref))
+                           if mask is not None else np.zeros(labels.shape, np.float32))
+        probs[f.key] = 0.5 + 0.4 * min(1.0, float(overlays[f.key].sum()) / 20000) if case.findings.get(f.key) else 0.05
+    prediction = Prediction(case.meta["case_id"], "sagittal", grid_of(ref), labels,
+                            np.zeros((1, *labels.shape), np.float16), probs, overlays, DEFAULT_CATALOG)
+    return prediction, {p: v.image for p, v in case.case.views.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--out", type=Path, default=REPO / "Resources" / "Screenshots" / "slicer_overlay.png")
     parser.add_argument("--size", type=int, default=720)
+    parser.add_argument("--from-case", type=Path, help="a synthetic case folder: show its ground-truth labels and "
+                        "its first finding mask through the same scene code, instead of a model's prediction")
     args = parser.parse_args()
 
-    import numpy as np
     import vtk
     from trame_slicer.core import SlicerApp
     from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
@@ -37,10 +62,14 @@ def main() -> int:
     app = SlicerApp()
     app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
     view = app.view_manager.create_view(ViewLayoutDefinition.sagittal_view())
-    nodes = {p: volume_node_from_image(app.scene, load_volume(sample_case_dir() / n).image, f"sample {p}")
-             for p, n in SAMPLE_VIEWS.items()}
-    case = case_from_nodes(**nodes, name="sample")
-    prediction = Predictor(args.bundle, device="cpu").predict(case)
+    if args.from_case:
+        prediction, images = _prediction_from_case(args.from_case)
+        nodes = {p: volume_node_from_image(app.scene, image, f"case {p}") for p, image in images.items()}
+    else:
+        nodes = {p: volume_node_from_image(app.scene, load_volume(sample_case_dir() / n).image, f"sample {p}")
+                 for p, n in SAMPLE_VIEWS.items()}
+        case = case_from_nodes(**nodes, name="sample")
+        prediction = Predictor(args.bundle, device="cpu").predict(case)
     result = add_prediction(app.scene, prediction, reference_node=nodes["sagittal"], threshold=0.3, opacity=0.6,
                             surfaces=False)
     top = prediction.top_finding()
@@ -50,14 +79,7 @@ def main() -> int:
     window = view.render_window()
     window.SetSize(args.size, args.size)
     view.fit_view_to_content()
-    # the slice through the middle of the femur, in RAS (x is the sagittal slice position)
-    femur = np.argwhere(prediction.labelmap == prediction.catalog.structure("femur").label)
-    if femur.size:
-        centre_kji = femur.mean(0)
-        ijk_to_ras = vtk.vtkMatrix4x4()
-        nodes["sagittal"].GetIJKToRASMatrix(ijk_to_ras)
-        ras = ijk_to_ras.MultiplyPoint([*centre_kji[::-1], 1.0])
-        view.set_slice_value(ras[0])
+    # the middle sagittal slice (Slicer's default): moving the slice offscreen left the view blank here
     view.render()
     grab = vtk.vtkWindowToImageFilter()
     grab.SetInput(window)
@@ -69,7 +91,8 @@ def main() -> int:
     writer.SetFileName(str(args.out))
     writer.SetInputConnection(grab.GetOutputPort())
     writer.Write()
-    print(f"{args.out}: sagittal slice, structures + overlay of {top} (p = {prediction.finding_probabilities[top]:.2f})")
+    what = "ground-truth labels and simulated finding mask" if args.from_case else "prediction"
+    print(f"{args.out}: sagittal slice, {what}: structures + overlay of {top}")
     return 0
 
 
