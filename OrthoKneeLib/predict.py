@@ -137,7 +137,7 @@ def fusion_inputs(bundle: Bundle, case: Case, device="cpu", progress: ProgressFn
         if plane == ref_plane:
             fusion_grid = grid_of(resampled)
             fusion_image = normalized[None]
-        feats, used = _extract_with_fallback(bundle, plane, normalized * 2.0 - 1.0, dev, cancel, warnings)
+        feats, _device_used = _extract_with_fallback(bundle, plane, normalized * 2.0 - 1.0, dev, cancel, warnings)
         view_features[plane] = (feats, grid_of(resampled))
         timings[f"features_{plane}"] = time.perf_counter() - t
         done += 1
