@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, BundleError, file_sha256
 from .progress import CancelToken, ProgressFn, no_progress
 from .volumes import Case, normalize_intensity, resample_to_spacing
 
@@ -198,8 +198,7 @@ def run_heads(heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | N
     case-level finding probabilities (F,), overlays on the reference grid (F, k, j, i)."""
     import torch
 
-    from .model.heads import FindingHead, pooled_grid, resample_to_grid
-    from .train import pooled
+    from .model.heads import FindingHead, pooled, pooled_grid, resample_to_grid
 
     planes = [p for p in inputs.features if p in heads.segmentation.fusion.planes]
     with torch.inference_mode():
@@ -343,15 +342,9 @@ class Prediction:
             written[f"overlay:{key}"] = write_image_atomic(self.overlay_image(key), folder / "overlays" / f"{key}.nrrd")
         summary = self.summary()
         summary["files"] = {k: str(p.relative_to(folder)) for k, p in written.items()}
-        summary["structures_sha256"] = _sha256(seg_path)
+        summary["structures_sha256"] = file_sha256(seg_path)
         written["findings"] = write_json_atomic(summary, folder / "findings.json")
         return written
-
-
-def _sha256(path: Path) -> str:
-    from .bundle import file_sha256
-
-    return file_sha256(path)
 
 
 def _free_segmentation_path(folder: Path, warnings: list[str]) -> Path:
@@ -368,7 +361,7 @@ def _free_segmentation_path(folder: Path, warnings: list[str]) -> Path:
             recorded = json.loads(summary.read_text()).get("structures_sha256")
         except ValueError:
             recorded = None
-    if recorded and recorded == _sha256(target):
+    if recorded and recorded == file_sha256(target):
         return target  # our own earlier output, untouched: safe to refresh
     n = 2
     while (folder / f"structures-{n}.seg.nrrd").exists():

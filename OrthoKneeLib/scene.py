@@ -230,14 +230,12 @@ def _import_structures(scene, segmentation, reference_node, prediction: "Predict
     review and the export), with name, color and terminology; absent structures stay empty."""
     catalog = prediction.catalog
     seg = segmentation.GetSegmentation()
-    for structure in catalog.structures:
+    for index, structure in enumerate(catalog.structures):
         seg.AddEmptySegment(structure.key, structure.name)
         mask = prediction.labelmap == structure.label
         if mask.any():
             set_segment_mask(segmentation, structure.key, mask, reference_node)
-    for index, structure in enumerate(catalog.structures):
         segment = seg.GetSegment(structure.key)
-        segment.SetName(structure.name)
         segment.SetColor(*(c / 255.0 for c in structure.color))
         segment.SetLabelValue(structure.label)
         if structure.terminology:

@@ -26,7 +26,7 @@ from .io import atomic_path, write_json_atomic
 from .labels import Catalog
 from .progress import CancelToken, ProgressFn, no_progress
 
-__all__ = ["find_cases", "cache_case", "CachedCase", "FinetuneConfig", "finetune", "pooled"]
+__all__ = ["find_cases", "cache_case", "CachedCase", "FinetuneConfig", "finetune"]
 
 CACHE_LAYOUT = 1
 
@@ -52,16 +52,6 @@ def find_cases(folders: Sequence[str | os.PathLike], split: str | None = None) -
     return out
 
 
-def pooled(array, factor_kji: Sequence[int]):
-    """Average pooling with ``ceil_mode`` (cells at the border average what they hold)."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.as_tensor(array, dtype=torch.float32)
-    n = F.avg_pool3d(t[None], factor_kji, factor_kji, ceil_mode=True, count_include_pad=False)[0]
-    return n
-
-
 def _cache_key(bundle: Bundle, case_folder: Path) -> str:
     h = hashlib.sha256()
     h.update(bundle.hash.encode())
@@ -77,7 +67,7 @@ def _cache_key(bundle: Bundle, case_folder: Path) -> str:
 def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str | os.PathLike,
                pool_kji: Sequence[int] = (1, 3, 3), device="cpu", cancel: CancelToken | None = None) -> Path:
     """Compute (or find) the cached head inputs of one training case; returns its cache folder."""
-    from .model.heads import pooled_grid
+    from .model.heads import pooled, pooled_grid
     from .predict import fusion_inputs
     from .synth.dataset import read_case
     from .volumes import resample_like
@@ -154,16 +144,14 @@ class CachedCase:
         self.fusion_grid = Grid(**{k: tuple(v) for k, v in self.meta["fusion_grid"].items()})
         self.reference_grid = Grid(**{k: tuple(v) for k, v in self.meta["reference_grid"].items()})
         self.pooled_grid = Grid(**{k: tuple(v) for k, v in self.meta["pooled_grid"].items()})
-        self.pooled_features = {p: self._load(f"pooled_features_{p}", mmap=False) for p in self.planes}
-        self.pooled_coverage = {p: self._load(f"pooled_coverage_{p}", mmap=False) for p in self.planes}
-        self.pooled_image = self._load("pooled_image", mmap=False)
-        self.pooled_masks = self._load("pooled_finding_masks", mmap=False)
+        self.pooled_features = {p: self.array(f"pooled_features_{p}", mmap=False) for p in self.planes}
+        self.pooled_coverage = {p: self.array(f"pooled_coverage_{p}", mmap=False) for p in self.planes}
+        self.pooled_image = self.array("pooled_image", mmap=False)
+        self.pooled_masks = self.array("pooled_finding_masks", mmap=False)
 
-    def _load(self, name: str, mmap: bool = True) -> np.ndarray:
+    def array(self, name: str, mmap: bool = True) -> np.ndarray:
+        """A cached array, memory-mapped unless ``mmap`` is False."""
         return np.load(self.folder / f"{name}.npy", mmap_mode="r" if mmap else None)
-
-    def array(self, name: str) -> np.ndarray:
-        return self._load(name)
 
     @property
     def case_id(self) -> str:
@@ -239,7 +227,7 @@ def labelled_subset(cases: list, fraction: float, seed: int) -> list:
 def _patch_boxes(case: CachedCase, patch_kji, rng) -> tuple[tuple[slice, ...], tuple[slice, ...], np.ndarray]:
     """A fusion-grid patch (foreground-biased) and the reference-grid voxels inside it.
 
-    Returns (fusion slices, reference slices, fusion-index coordinates (k, j, i, 3 as i, j, k) of
+    Returns (fusion slices, reference slices, and per axis k, j, i the fusion-index coordinates of
     the reference voxels relative to the patch start).
     """
     labels = case.array("labels_fusion")

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "Grid", "grid_of", "resample_to_grid", "pooled_grid", "HeadsConfig", "ViewFusion", "SegmentationHead",
+    "Grid", "grid_of", "resample_to_grid", "pooled_grid", "pooled", "HeadsConfig", "ViewFusion", "SegmentationHead",
     "FindingHead", "OrthoKneeHeads", "marginal_seg_loss",
 ]
 
@@ -79,6 +79,13 @@ def pooled_grid(grid: Grid, factor_ijk: Sequence[int]) -> Grid:
     origin = np.asarray(grid.origin) + d @ (np.asarray(grid.spacing) * (factor - 1) / 2)
     size = tuple(int(np.ceil(s / f)) for s, f in zip(grid.size, factor_ijk))
     return Grid(tuple(origin), tuple(spacing), grid.direction, size)
+
+
+def pooled(array, factor_kji: Sequence[int]) -> torch.Tensor:
+    """Average pooling with ``ceil_mode`` (cells at the border average what they hold): the values
+    on :func:`pooled_grid`."""
+    t = torch.as_tensor(array, dtype=torch.float32)
+    return F.avg_pool3d(t[None], factor_kji, factor_kji, ceil_mode=True, count_include_pad=False)[0]
 
 
 def _sampling_grid(src: Grid, dst: Grid, device=None) -> torch.Tensor:
@@ -232,15 +239,10 @@ def _context(cin: int, hidden: int, dilations: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _block(cin: int, cout: int, kernel) -> nn.Sequential:
-    # No normalization layer on purpose: the heads train on patches and run on whole volumes
-    # (or slabs); GroupNorm/InstanceNorm statistics would differ between the two.
-    if kernel == 1:
-        return nn.Sequential(Pointwise(cin, cout), nn.LeakyReLU(0.1))
-    if kernel == (1, 3, 3):
-        return nn.Sequential(InPlaneConv(cin, cout), nn.LeakyReLU(0.1))
-    padding = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
-    return nn.Sequential(nn.Conv3d(cin, cout, kernel, padding=padding), nn.LeakyReLU(0.1))
+def _inplane_block(cin: int, cout: int) -> nn.Sequential:
+    # No normalization layer anywhere in the heads, on purpose: they train on patches and run on
+    # whole volumes (or slabs); GroupNorm/InstanceNorm statistics would differ between the two.
+    return nn.Sequential(InPlaneConv(cin, cout), nn.LeakyReLU(0.1))
 
 
 class SegmentationHead(nn.Module):
@@ -257,8 +259,8 @@ class SegmentationHead(nn.Module):
             Pointwise(c.seg_hidden, c.n_classes),
         )
         self.refine = nn.Sequential(  # in-plane only: the reference series is thick-sliced
-            _block(c.n_classes + 1, c.refine_hidden, (1, 3, 3)),
-            _block(c.refine_hidden, c.refine_hidden, (1, 3, 3)),
+            _inplane_block(c.n_classes + 1, c.refine_hidden),
+            _inplane_block(c.refine_hidden, c.refine_hidden),
             InPlaneConv(c.refine_hidden, c.n_classes),
         )
 
