@@ -282,7 +282,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         bar(n + 1, len(train) + len(val), c.name)
     config = FinetuneConfig(steps=args.steps, label_fraction=args.label_fraction, seed=args.seed,
                             learning_rate=args.lr, model=args.model, validate_every=args.validate_every,
-                            validation_cases=args.validation_cases)
+                            validation_cases=args.validation_cases, from_scratch=args.from_scratch,
+                            views=tuple(args.views) if args.views else None)
     out = finetune(bundle, train_c[: len(train)], args.out, config, validation_caches=train_c[len(train):],
                    version=args.version, device=args.device, progress=TextProgress("finetune", unit="step"),
                    command="orthoknee " + " ".join(shlex.quote(str(a)) for a in args.argv))
@@ -439,9 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="heads", choices=["heads", "baseline"],
                    help="heads on diffusion features, or the supervised MONAI UNet baseline")
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-cases", type=int, help="use at most this many training cases")
+    p.add_argument("--views", nargs="+", choices=["sagittal", "coronal", "axial"],
+                   help="the backbone views the heads fuse (default: all the cases have)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="fresh heads even when --bundle has trained ones (default: continue from them)")
     p.add_argument("--validate-every", type=int, default=100, metavar="STEPS")
     p.add_argument("--validation-cases", type=int, default=4)
     p.add_argument("--version", help="version of the new bundle (default: next minor)")

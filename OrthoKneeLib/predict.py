@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -101,8 +101,9 @@ def _extract_with_fallback(bundle: Bundle, plane: str, view_kji: np.ndarray, dev
 
 def fusion_inputs(bundle: Bundle, case: Case, device="cpu", progress: ProgressFn = no_progress,
                   cancel: CancelToken | None = None, warnings: list[str] | None = None,
-                  steps: tuple[int, int] = (0, 1)) -> FusionInputs:
-    """Stages 1-2 for every view of ``case`` the bundle has a backbone for."""
+                  steps: tuple[int, int] = (0, 1), use: Sequence[str] | None = None) -> FusionInputs:
+    """Stages 1-2 for every view of ``case`` the bundle has a backbone for (and, when ``use``
+    is given, the heads fuse: a view they ignore is not worth a backbone pass)."""
     import torch
 
     from .model.features import array_hash
@@ -110,12 +111,16 @@ def fusion_inputs(bundle: Bundle, case: Case, device="cpu", progress: ProgressFn
 
     warnings = warnings if warnings is not None else []
     dev = torch.device(device) if not isinstance(device, torch.device) else device
-    planes = [p for p in case.planes if p in bundle.planes]
+    planes = [p for p in case.planes if p in bundle.planes and (use is None or p in use)]
     for p in case.planes:
         if p not in bundle.planes:
             warnings.append(f"the bundle has no {p} backbone; the {p} series was not used.")
+        elif use is not None and p not in use:
+            warnings.append(f"this bundle's heads do not use the {p} view; the {p} series was not used.")
     if not planes:
-        raise BundleError(bundle.path, f"has no backbone for any view of this case ({', '.join(case.planes)}).")
+        needed = ", ".join(use) if use is not None else ", ".join(bundle.planes)
+        raise BundleError(bundle.path, f"its heads need the {needed} series, and this case has only "
+                          f"{', '.join(case.planes)}.", f"Load the {needed} series of this case.")
     ref_plane = case.reference_plane
     ref_image = case.reference.image
     timings: dict[str, float] = {}
@@ -395,11 +400,12 @@ class Predictor:
 
         t0 = time.perf_counter()
         warnings = list(case.warnings)
-        for p in ("sagittal", "coronal", "axial"):
+        used = self.heads.segmentation.fusion.planes if self.kind == "diffusion-heads" else ("sagittal", "coronal", "axial")
+        for p in used:
             if p not in case.views:
                 warnings.append(f"no {p} series: the result uses {', '.join(case.planes)} only and may be less accurate.")
         catalog = self.bundle.catalog
-        n_steps = len(case.planes) + 3
+        n_steps = len([p for p in case.planes if p in used]) + 3
         if self.kind == "supervised-baseline":
             image = sitk.GetArrayFromImage(normalize_intensity(case.reference.image))[None]
             probs = run_baseline(self.heads, image, device=self.device)
@@ -407,9 +413,10 @@ class Predictor:
             timings = {}
             hashes = {p: array_hash(sitk.GetArrayViewFromImage(v.image)) for p, v in case.views.items()}
             ref_grid = grid_of(case.reference.image)
+            views_used = [case.reference_plane]
         else:
             inputs = fusion_inputs(self.bundle, case, device=self.device, progress=progress, cancel=cancel,
-                                   warnings=warnings, steps=(0, n_steps))
+                                   warnings=warnings, steps=(0, n_steps), use=used)
             progress(n_steps - 2, n_steps, "heads")
             t = time.perf_counter()
             try:
@@ -424,6 +431,7 @@ class Predictor:
             overlays = {f.key: out["overlays"][n] for n, f in enumerate(catalog.findings)}
             hashes = inputs.input_hashes
             ref_grid = inputs.reference_grid
+            views_used = list(inputs.features)
         if cancel:
             cancel.raise_if_cancelled()
         progress(n_steps - 1, n_steps, "measurements")
@@ -431,7 +439,7 @@ class Predictor:
         prediction = Prediction(
             case_name=case.name, reference_plane=case.reference_plane, reference_grid=ref_grid, labelmap=labelmap,
             probabilities=probs.astype(np.float16), finding_probabilities=findings, overlays=overlays, catalog=catalog,
-            warnings=warnings, input_hashes=hashes, views=list(case.planes), device=str(self.device),
+            warnings=warnings, input_hashes=hashes, views=views_used, device=str(self.device),
             bundle={"name": self.bundle.metadata.get("name"), "version": self.bundle.metadata.get("version"),
                     "heads": self.kind, "path": str(self.bundle.path)},
         )

@@ -199,17 +199,22 @@ def _axis_map(fusion, reference) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class FinetuneConfig:
     steps: int = 600
-    patch_kji: tuple[int, int, int] = (8, 64, 64)  # fusion-grid voxels of a segmentation patch
-    learning_rate: float = 3e-3
+    patch_kji: tuple[int, int, int] = (8, 128, 128)  # fusion-grid voxels (1 x 1 x 3 mm) of a segmentation patch
+    learning_rate: float = 1e-3
+    clip_grad_norm: float = 1.0
     weight_decay: float = 1e-4
     label_fraction: float = 1.0
     seed: int = 0
     view_dropout: float = 0.2
     finding_weight: float = 1.0
     cell_weight: float = 0.5
+    finding_every: int = 2  # steps between finding-head updates (segmentation trains every step)
     validate_every: int = 100
     validation_cases: int = 6
+    checkpoint_every: int = 100  # steps; a stopped run resumes from ``<out>.checkpoint.pt``
     model: str = "heads"  # or "baseline": a supervised MONAI UNet on the reference series
+    from_scratch: bool = False  # False: start from the bundle's heads of the same kind, if it has them
+    views: tuple[str, ...] | None = None  # backbone views the heads fuse (None: every view of the cases)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -346,6 +351,9 @@ def finetune(
 ) -> Bundle:
     """Train the heads (or the supervised baseline) on cached cases; write a new bundle at ``out``.
 
+    Every ``config.checkpoint_every`` steps the run is saved to ``<out>.checkpoint.pt``; the same
+    command started again (same config, cases and backbone) resumes there.
+
     The backbone is frozen: its weights are copied unchanged, so the new bundle's feature
     cache key (and every cached feature) stays valid.
     """
@@ -362,23 +370,54 @@ def finetune(
         raise InputError(None, "no training cases were given.", "Give `orthoknee synth` outputs with a train split.")
     cases = labelled_subset(cases_all, config.label_fraction, config.seed)
     val_cases = [CachedCase(c) for c in validation_caches][: config.validation_cases]
-    view_channels = {p: int(cases[0].pooled_features[p].shape[0]) for p in cases[0].planes}
+    view_channels = {p: int(cases[0].pooled_features[p].shape[0]) for p in cases[0].planes
+                     if config.views is None or p in config.views}
+    if not view_channels:
+        raise InputError(None, f"the cases have none of the views {list(config.views or [])} (they have "
+                         f"{', '.join(cases[0].planes)}).", "Choose --views among the cases' views.")
     baseline = config.model == "baseline"
+    kind = "supervised-baseline" if baseline else "diffusion-heads"
+    existing = bundle.metadata.get("heads") or {}
+    start_from = None if config.from_scratch or existing.get("kind") != kind else existing
     if baseline:
         model = build_baseline(len(catalog.structures) + 1).to(dev)
         heads_config = None
     else:
-        heads_config = HeadsConfig(view_channels=view_channels, n_classes=len(catalog.structures) + 1,
-                                   n_findings=len(catalog.findings))
+        heads_config = (HeadsConfig.from_json(start_from["config"]) if start_from else
+                        HeadsConfig(view_channels=view_channels, n_classes=len(catalog.structures) + 1,
+                                    n_findings=len(catalog.findings)))
         model = OrthoKneeHeads(heads_config).to(dev)
+    if start_from:  # the annotator's loop: corrections refine the heads the bundle already has
+        bundle.load_into(model, start_from["weights"], "heads")
+        log(f"continuing from the heads of {bundle.path} ({bundle.metadata.get('version')})")
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps,
                                                    pct_start=0.1)
-    history, losses = [], []
+    history, losses, first_step, elapsed_before = [], [], 0, 0.0
+    checkpoint = Path(str(out).rstrip("/\\") + ".checkpoint.pt")
+    fingerprint = {"config": config.to_json(), "cases": [c.case_id for c in cases], "bundle": bundle.hash}
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=dev, weights_only=False)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            first_step, losses, history = state["step"], state["losses"], state["history"]
+            elapsed_before = state["elapsed"]
+            log(f"resuming from {checkpoint} at step {first_step}")
+        else:
+            log(f"ignoring {checkpoint}: it belongs to another run (config, cases or backbone differ)")
     start = time.perf_counter()
+
+    def save_checkpoint(step_done: int) -> None:
+        with atomic_path(checkpoint) as tmp:
+            torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "step": step_done, "losses": losses, "history": history,
+                        "elapsed": elapsed_before + time.perf_counter() - start}, tmp)
+
     model.train()
-    for step in range(config.steps):
+    for step in range(first_step, config.steps):
         if cancel:
             cancel.raise_if_cancelled()
         rng = np.random.default_rng([config.seed, step])
@@ -387,7 +426,8 @@ def finetune(
             x, y, annotated = _baseline_batch(case, config, rng, dev, catalog)
             loss = marginal_seg_loss(model(x), y, annotated)
         else:
-            planes = [p for p in case.planes if p == "sagittal" or rng.random() >= config.view_dropout]
+            usable = [p for p in case.planes if p in model.segmentation.fusion.planes]
+            planes = [p for p in usable if p == usable[0] or rng.random() >= config.view_dropout]
             if rng.random() < config.view_dropout / 2 and len(planes) > 1:
                 planes = planes[1:]  # sometimes without the reference view's own features
             feats, cover, image_f, labels_f, image_r, labels_r, coords, patch, annotated = _seg_batch(
@@ -395,9 +435,16 @@ def finetune(
             coarse = model.segmentation.coarse_logits(feats, cover, image_f)
             refined = model.segmentation.refined_logits(_upsample_patch(coarse, coords, patch), image_r)
             loss = marginal_seg_loss(refined, labels_r, annotated) + 0.5 * marginal_seg_loss(coarse, labels_f, annotated)
-            loss = loss + _finding_loss(model, case, planes, catalog, config, dev)
+            if step % config.finding_every == 0:  # a whole pooled case: ~40 % of a step's cost
+                loss = loss + _finding_loss(model, case, planes, catalog, config, dev)
         optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training diverged at step {step + 1} (loss {float(loss)}): "
+                                     f"lower the learning rate (--lr, now {config.learning_rate:g})")
         loss.backward()
+        # no normalization layers in the heads (see ContextUNet): clipping keeps a rare large
+        # gradient (a patch full of a rare class) from throwing the weights off
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
@@ -406,7 +453,6 @@ def finetune(
             from .evaluate import evaluate_cached
 
             model.eval()
-            kind = "supervised-baseline" if baseline else "diffusion-heads"
             scores = evaluate_cached(kind, model, val_cases, catalog, device=dev, with_hd95=False)
             model.train()
             entry = {"step": step + 1, "loss": float(np.mean(losses[-config.validate_every:])),
@@ -414,13 +460,15 @@ def finetune(
             history.append(entry)
             log(f"step {step + 1}: loss {entry['loss']:.3f}  validation mean Dice {entry['mean_dice']:.3f}"
                 + (f"  mean AUC {entry['mean_auc']:.3f}" if entry["mean_auc"] is not None else ""))
-    seconds = time.perf_counter() - start
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save_checkpoint(step + 1)
+    seconds = elapsed_before + time.perf_counter() - start
     model.eval()
     out_bundle = _derived_bundle(bundle, out, version)
     relative = "weights/heads.pt"
     digest = out_bundle.save_weights(relative, model.state_dict())
     out_bundle.metadata["heads"] = {
-        "kind": "supervised-baseline" if baseline else "diffusion-heads",
+        "kind": kind,
         "config": heads_config.to_json() if heads_config else {"patch_kji": list(config.patch_kji)},
         "weights": relative,
         "sha256": digest,
@@ -434,12 +482,15 @@ def finetune(
             "labelled_cases": len(cases),
             "subjects": sorted({c.meta["subject"] for c in cases}),
             "sources": sorted({c.meta["source"] for c in cases}),
+            "started_from": None if not start_from else {"version": bundle.metadata.get("version"),
+                                                         "sha256": start_from.get("sha256")},
             "first_loss": float(np.mean(losses[:20])),
             "final_loss": float(np.mean(losses[-20:])),
             "validation": history,
         },
     }
     out_bundle.save_metadata()
+    checkpoint.unlink(missing_ok=True)
     return out_bundle
 
 

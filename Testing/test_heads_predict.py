@@ -170,6 +170,45 @@ def test_label_fraction_uses_a_subset_of_cases(pipeline, tmp_path):
     assert out.metadata["heads"]["training"]["cases"] == 3
 
 
+def _heads_state(bundle):
+    return bundle.load_state(bundle.metadata["heads"]["weights"], "heads")
+
+
+def test_a_stopped_finetune_resumes_to_the_same_heads(pipeline, tmp_path):
+    """Long CPU runs are stopped and restarted: the rerun resumes from the checkpoint and ends
+    with the weights an uninterrupted run gets."""
+    config = FinetuneConfig(steps=6, checkpoint_every=2, patch_kji=(4, 24, 24), validation_cases=0)
+    straight = finetune(pipeline["base"], pipeline["caches"][:2], tmp_path / "straight", config, device="cpu",
+                        log=lambda *_: None)
+    token = CancelToken()
+    with pytest.raises(Cancelled):
+        finetune(pipeline["base"], pipeline["caches"][:2], tmp_path / "stopped", config, device="cpu",
+                 log=lambda *_: None, cancel=token, progress=lambda done, total, msg: done == 3 and token.cancel())
+    checkpoint = tmp_path / "stopped.checkpoint.pt"
+    assert checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["step"] == 2
+    messages = []
+    resumed = finetune(pipeline["base"], pipeline["caches"][:2], tmp_path / "stopped", config, device="cpu",
+                       log=messages.append)
+    assert any("resuming" in m and "step 2" in m for m in messages)
+    assert not checkpoint.exists()  # a finished run leaves only the bundle
+    a, b = _heads_state(straight), _heads_state(resumed)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_finetune_continues_from_the_bundle_heads_unless_told_otherwise(pipeline, tmp_path):
+    """The annotator's loop refines the heads a bundle has; --from-scratch starts over."""
+    trained = pipeline["trained"]
+    config = FinetuneConfig(steps=1, learning_rate=1e-7, patch_kji=(4, 24, 24), validation_cases=0)
+    refined = finetune(trained, pipeline["caches"][:1], tmp_path / "refined", config, device="cpu", log=lambda *_: None)
+    assert refined.metadata["heads"]["training"]["started_from"]["sha256"] == trained.metadata["heads"]["sha256"]
+    before, after = _heads_state(trained), _heads_state(refined)
+    assert all(torch.allclose(before[k], after[k], atol=1e-4) for k in before)
+    config.from_scratch = True
+    fresh = finetune(trained, pipeline["caches"][:1], tmp_path / "fresh", config, device="cpu", log=lambda *_: None)
+    assert fresh.metadata["heads"]["training"]["started_from"] is None
+    assert not all(torch.allclose(before[k], v, atol=1e-4) for k, v in _heads_state(fresh).items())
+
+
 def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
     folder = pipeline["root"] / "cases"
     assert main(["evaluate", "--bundle", str(pipeline["trained"].path), "--cases", str(folder),
@@ -230,6 +269,23 @@ def test_a_missing_view_still_runs_with_a_warning(predictor, case):
     prediction = predictor.predict(no_sagittal)
     assert prediction.reference_plane == "coronal"
     assert prediction.labelmap.shape == sitk.GetArrayViewFromImage(case.views["coronal"].image).shape
+
+
+def test_heads_that_fuse_one_view_skip_the_other_backbones(pipeline, case, tmp_path):
+    """Heads trained on the sagittal features alone: the Predictor runs only that backbone and
+    says the other series were not used; a case without a sagittal series is a clear error."""
+    single = finetune(pipeline["base"], pipeline["caches"][:2], tmp_path / "sag",
+                      FinetuneConfig(steps=2, patch_kji=(4, 24, 24), validation_cases=0, views=("sagittal",)),
+                      device="cpu", log=lambda *_: None)
+    assert list(single.metadata["heads"]["config"]["view_channels"]) == ["sagittal"]
+    predictor = Predictor(single, device="cpu")
+    result = predictor.predict(case)
+    assert result.views == ["sagittal"]
+    assert "features_sagittal" in result.timings and "features_coronal" not in result.timings
+    assert any("do not use the coronal view" in w for w in result.warnings)
+    without = Case(coronal=case.views["coronal"], axial=case.views["axial"])
+    with pytest.raises(BundleError, match="need the sagittal series"):
+        predictor.predict(without)
 
 
 def test_cancel_from_another_thread_stops_within_a_second(predictor, case):

@@ -144,12 +144,12 @@ class HeadsConfig:
     n_classes: int = 12  # background + 11 structures
     n_findings: int = 8
     fused_channels: int = 24
-    seg_hidden: int = 32
+    seg_widths: tuple[int, ...] = (32, 48, 64)  # per level of the segmentation U: 1, 2, 4 mm in plane
     refine_hidden: int = 16
-    finding_hidden: int = 24
+    finding_hidden: int = 32
     attention_hidden: int = 8
     finding_pool: tuple[int, int, int] = (3, 3, 1)  # i, j, k cells of the fusion grid
-    context_dilations: tuple[int, ...] = (1, 2, 4, 8)  # segmentation: 31 mm in-plane receptive field
+    context_dilations: tuple[int, ...] = (1, 2, 4, 8)  # at the coarsest level: ~130 mm in-plane receptive field
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -157,8 +157,13 @@ class HeadsConfig:
     @classmethod
     def from_json(cls, data: dict) -> "HeadsConfig":
         d = dict(data)
-        d["finding_pool"] = tuple(d["finding_pool"])
-        d["context_dilations"] = tuple(d.get("context_dilations", (1, 2, 4, 8)))
+        for key in ("finding_pool", "context_dilations", "seg_widths"):
+            if key in d:
+                d[key] = tuple(d[key])
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"heads config has unknown fields {sorted(unknown)}: the bundle was written by another "
+                             "version of OrthoKnee")
         return cls(**d)
 
 
@@ -226,23 +231,77 @@ class InPlaneConv(nn.Module):
         return y.view(n, k, -1, j, i).transpose(1, 2)
 
 
-def _context(cin: int, hidden: int, dilations: Sequence[int]) -> nn.Sequential:
-    """In-plane context: dilated 3x3 convolutions (receptive field 1 + 2 * sum(dilations) voxels).
+class ThroughPlaneConv(nn.Module):
+    """A 3-tap convolution across slices, run as a (3, 1) Conv2d over (slices, in-plane voxels):
+    the oneDNN fast path again, where a (3, 1, 1) Conv3d would take the slow one."""
 
-    The decoder features of a small backbone do not separate bone from surrounding tissue voxel
-    by voxel (their intensities overlap); the outline around a voxel does. Through-plane context
-    comes from the 3D backbone itself.
-    """
-    layers: list[nn.Module] = [Pointwise(cin, hidden), nn.LeakyReLU(0.1)]
-    for d in dilations:
-        layers += [InPlaneConv(hidden, hidden, d), nn.LeakyReLU(0.1)]
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, (3, 1), padding=(1, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, k, j, i = x.shape
+        return self.conv(x.reshape(n, c, k, j * i)).view(n, -1, k, j, i)
+
+
+def _act() -> nn.Module:
+    return nn.LeakyReLU(0.1)
+
+
+def _pool_inplane(x: torch.Tensor) -> torch.Tensor:
+    n, c, k, j, i = x.shape
+    y = F.avg_pool2d(x.transpose(1, 2).reshape(n * k, c, j, i), 2, ceil_mode=True)
+    return y.view(n, k, c, *y.shape[-2:]).transpose(1, 2)
+
+
+def _upsample_inplane(x: torch.Tensor, size_ji: tuple[int, int]) -> torch.Tensor:
+    n, c, k, j, i = x.shape
+    y = F.interpolate(x.transpose(1, 2).reshape(n * k, c, j, i), size=size_ji, mode="bilinear", align_corners=False)
+    return y.view(n, k, c, *size_ji).transpose(1, 2)
+
+
+def _context(cin: int, hidden: int, dilations: Sequence[int]) -> nn.Sequential:
+    """Pointwise projection, then dilated in-plane 3x3 convolutions with a through-plane tap after
+    each pair (in-plane receptive field 1 + 2 * sum(dilations) voxels)."""
+    layers: list[nn.Module] = [Pointwise(cin, hidden), _act()]
+    for n, d in enumerate(dilations):
+        layers += [InPlaneConv(hidden, hidden, d), _act()]
+        if n % 2 == 1:
+            layers += [ThroughPlaneConv(hidden, hidden), _act()]
     return nn.Sequential(*layers)
 
 
+class ContextUNet(nn.Module):
+    """A small U on the fusion grid: in-plane pooling twice (1 -> 2 -> 4 mm), dilated context at
+    the coarsest level, skips back up.
+
+    Bone marrow, air and muscle overlap in intensity across contrasts and a small backbone's
+    features do not separate them voxel by voxel: what tells the inside of a femur from air is
+    the outline 3-6 cm away. A stack of dilated convolutions at 1 mm reached 31 mm and plateaued
+    at a femur Dice of 0.25; this U sees ~13 cm in plane. No normalization layers, on purpose:
+    the heads train on patches and run on whole volumes, where per-sample statistics differ.
+    """
+
+    def __init__(self, cin: int, cout: int, widths: Sequence[int], dilations: Sequence[int]) -> None:
+        super().__init__()
+        w0, w1, w2 = widths
+        self.enc0 = nn.Sequential(Pointwise(cin, w0), _act(), InPlaneConv(w0, w0), _act())
+        self.enc1 = nn.Sequential(InPlaneConv(w0, w1), _act(), InPlaneConv(w1, w1), _act(),
+                                  ThroughPlaneConv(w1, w1), _act())
+        self.enc2 = _context(w1, w2, dilations)
+        self.dec1 = nn.Sequential(Pointwise(w2 + w1, w1), _act(), InPlaneConv(w1, w1), _act())
+        self.dec0 = nn.Sequential(Pointwise(w1 + w0, w0), _act(), InPlaneConv(w0, w0), _act(), Pointwise(w0, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = self.enc0(x)
+        x1 = self.enc1(_pool_inplane(x0))
+        x2 = self.enc2(_pool_inplane(x1))
+        y1 = self.dec1(torch.cat([_upsample_inplane(x2, x1.shape[-2:]), x1], dim=1))
+        return self.dec0(torch.cat([_upsample_inplane(y1, x0.shape[-2:]), x0], dim=1))
+
+
 def _inplane_block(cin: int, cout: int) -> nn.Sequential:
-    # No normalization layer anywhere in the heads, on purpose: they train on patches and run on
-    # whole volumes (or slabs); GroupNorm/InstanceNorm statistics would differ between the two.
-    return nn.Sequential(InPlaneConv(cin, cout), nn.LeakyReLU(0.1))
+    return nn.Sequential(InPlaneConv(cin, cout), _act())
 
 
 class SegmentationHead(nn.Module):
@@ -252,12 +311,7 @@ class SegmentationHead(nn.Module):
         super().__init__()
         c = config
         self.fusion = ViewFusion(c.view_channels, c.fused_channels)
-        # in-plane dilated convolutions run as Conv2d (oneDNN); a 3x3x3 Conv3d on thin patches
-        # takes PyTorch's slow CPU path
-        self.coarse = nn.Sequential(
-            _context(c.fused_channels + 1, c.seg_hidden, c.context_dilations),
-            Pointwise(c.seg_hidden, c.n_classes),
-        )
+        self.coarse = ContextUNet(c.fused_channels + 1, c.n_classes, c.seg_widths, c.context_dilations)
         self.refine = nn.Sequential(  # in-plane only: the reference series is thick-sliced
             _inplane_block(c.n_classes + 1, c.refine_hidden),
             _inplane_block(c.refine_hidden, c.refine_hidden),
@@ -281,7 +335,7 @@ class FindingHead(nn.Module):
         c = config
         self.n = c.n_findings
         self.fusion = ViewFusion(c.view_channels, c.fused_channels)
-        self.trunk = _context(c.fused_channels + 1, c.finding_hidden, (1, 2))
+        self.trunk = _context(c.fused_channels + 1, c.finding_hidden, (1, 2, 4, 8))  # 3-mm cells: ~9 cm
         self.cell_logits = Pointwise(c.finding_hidden, c.n_findings)
         a = c.attention_hidden
         self.attention_v = Pointwise(c.finding_hidden, c.n_findings * a)
@@ -312,12 +366,28 @@ class FindingHead(nn.Module):
         return torch.sigmoid(logits) * (attention / peak)
 
 
+def _init_weights(module: nn.Module) -> None:
+    """He initialization for LeakyReLU on every convolution.
+
+    Without normalization layers, PyTorch's default initialization (uniform, gain 1/sqrt(3))
+    shrinks the signal about threefold per layer: through the U the spatial variation of the
+    logits at initialization was 0.007 of the input's, so training first learnt the biases and
+    the patch borders (position) and only slowly the image. He initialization keeps it ~1.
+    """
+    for m in module.modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(m, (nn.Conv2d, Pointwise)) and weight is not None:
+            nn.init.kaiming_normal_(weight, a=0.1, mode="fan_in", nonlinearity="leaky_relu")
+            nn.init.zeros_(m.bias)
+
+
 class OrthoKneeHeads(nn.Module):
     def __init__(self, config: HeadsConfig) -> None:
         super().__init__()
         self.config = config
         self.segmentation = SegmentationHead(config)
         self.findings = FindingHead(config)
+        _init_weights(self)
 
 
 def marginal_seg_loss(logits: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor,
@@ -350,13 +420,14 @@ def marginal_seg_loss(logits: torch.Tensor, labels: torch.Tensor, annotated: tor
 def build_baseline(n_classes: int = 12):
     """The supervised comparison: a MONAI UNet trained end to end on the reference series.
 
-    Anisotropic strides (in-plane first) because the reference series is thick-sliced; about
-    the heads' trainable size times ten, since it has no frozen backbone to lean on.
+    Anisotropic strides (in-plane first) because the reference series is thick-sliced. Three
+    downsamplings and 160-voxel patches (~10 cm at 0.6 mm) give it the in-plane context the
+    heads' U has; with two levels and 96-voxel patches it could not tell marrow from air.
     """
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=3, in_channels=1, out_channels=n_classes, channels=(16, 32, 64),
-                strides=((1, 2, 2), (2, 2, 2)), num_res_units=1)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=n_classes, channels=(16, 32, 64, 128),
+                strides=((1, 2, 2), (1, 2, 2), (2, 2, 2)), num_res_units=1)
 
 
-BASELINE_PATCH_KJI = (8, 96, 96)
+BASELINE_PATCH_KJI = (8, 160, 160)
