@@ -1,6 +1,6 @@
 """Head fine-tuning on cached features: wall time for N cases against the 60-second budget.
 
-    python bench/finetune_speed.py --cache DIR [--cases 10] [--steps 20] [--from-scratch] [--threads N]
+    python bench/finetune_speed.py --cache DIR [--bundle B] [--cases 10] [--steps N] [--from-scratch] [--threads N]
 
 The annotator's loop: an annotator corrected N cases and fine-tunes the bundle's heads on them.
 Uses the first N complete entries of a feature cache (made by `orthoknee finetune` or
