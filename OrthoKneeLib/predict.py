@@ -396,11 +396,11 @@ class Predictor:
         import torch
 
         from .model.features import array_hash
-        from .model.heads import grid_of
+        from .model.heads import VIEW_ORDER, grid_of
 
         t0 = time.perf_counter()
         warnings = list(case.warnings)
-        used = self.heads.segmentation.fusion.planes if self.kind == "diffusion-heads" else ("sagittal", "coronal", "axial")
+        used = self.heads.segmentation.fusion.planes if self.kind == "diffusion-heads" else VIEW_ORDER
         for p in used:
             if p not in case.views:
                 warnings.append(f"no {p} series: the result uses {', '.join(case.planes)} only and may be less accurate.")

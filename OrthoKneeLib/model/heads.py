@@ -217,6 +217,13 @@ class Pointwise(nn.Module):
         return y.view(n, -1, *x.shape[2:])
 
 
+def _per_slice(x: torch.Tensor, op) -> torch.Tensor:
+    """Apply a 2D operation to every slice of (N, C, k, j, i): slices become the batch."""
+    n, c, k, j, i = x.shape
+    y = op(x.transpose(1, 2).reshape(n * k, c, j, i))
+    return y.view(n, k, *y.shape[1:]).transpose(1, 2)
+
+
 class InPlaneConv(nn.Module):
     """A 3x3 convolution within each slice, run as Conv2d over slices (oneDNN's fast path;
     a (1, 3, 3) Conv3d takes PyTorch's slow reference path on the CPU)."""
@@ -226,9 +233,7 @@ class InPlaneConv(nn.Module):
         self.conv = nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, k, j, i = x.shape
-        y = self.conv(x.transpose(1, 2).reshape(n * k, c, j, i))
-        return y.view(n, k, -1, j, i).transpose(1, 2)
+        return _per_slice(x, self.conv)
 
 
 class ThroughPlaneConv(nn.Module):
@@ -249,15 +254,11 @@ def _act() -> nn.Module:
 
 
 def _pool_inplane(x: torch.Tensor) -> torch.Tensor:
-    n, c, k, j, i = x.shape
-    y = F.avg_pool2d(x.transpose(1, 2).reshape(n * k, c, j, i), 2, ceil_mode=True)
-    return y.view(n, k, c, *y.shape[-2:]).transpose(1, 2)
+    return _per_slice(x, lambda s: F.avg_pool2d(s, 2, ceil_mode=True))
 
 
 def _upsample_inplane(x: torch.Tensor, size_ji: tuple[int, int]) -> torch.Tensor:
-    n, c, k, j, i = x.shape
-    y = F.interpolate(x.transpose(1, 2).reshape(n * k, c, j, i), size=size_ji, mode="bilinear", align_corners=False)
-    return y.view(n, k, c, *size_ji).transpose(1, 2)
+    return _per_slice(x, lambda s: F.interpolate(s, size=size_ji, mode="bilinear", align_corners=False))
 
 
 def _context(cin: int, hidden: int, dilations: Sequence[int]) -> nn.Sequential:
