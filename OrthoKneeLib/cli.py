@@ -278,7 +278,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     bar = TextProgress("features", unit="case")
     train_c = []
     for n, c in enumerate(train + val):
-        train_c.append(cache_case(bundle, c, cache, device=device))
+        train_c.append(cache_case(bundle, c, cache, device=device, views=args.views or None))
         bar(n + 1, len(train) + len(val), c.name)
     config = FinetuneConfig(steps=args.steps, label_fraction=args.label_fraction, seed=args.seed,
                             learning_rate=args.lr, model=args.model, validate_every=args.validate_every,
@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (existing complete cases are kept)")
     p.add_argument("--n", type=int, required=True, help="number of cases")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--contrast", default="mixed", choices=["mixed", "dess", "pdfs", "t2"])
+    p.add_argument("--contrast", default="mixed", choices=["mixed", "dess", "pdfs", "t2", "random"],
+                   help="tissue contrast; mixed draws DESS, random (SynthSeg-like), PD fat-sat and T2")
     p.add_argument("--prevalence", type=float, default=0.35, help="probability of each simulated finding")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of *subjects* held out")
     p.add_argument("--work-spacing", type=float, default=0.9, metavar="MM", help="rendering grid spacing")

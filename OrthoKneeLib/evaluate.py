@@ -145,9 +145,10 @@ def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_roo
 
     dev = select_device(device)
     kind, model = load_heads(bundle, device=dev)
+    views = list(model.segmentation.fusion.planes) if kind == "diffusion-heads" else None
     cases = []
     for n, folder in enumerate(case_folders):
-        cases.append(CachedCase(cache_case(bundle, folder, cache_root, device=dev, cancel=cancel)))
+        cases.append(CachedCase(cache_case(bundle, folder, cache_root, device=dev, cancel=cancel, views=views)))
         progress(n + 1, 2 * len(case_folders), f"features {Path(folder).name}")
     scores = evaluate_cached(kind, model, cases, bundle.catalog, device=dev, with_hd95=with_hd95, cancel=cancel,
                              progress=lambda d, t, m: progress(len(case_folders) + d, 2 * len(case_folders), m))

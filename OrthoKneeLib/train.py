@@ -52,10 +52,12 @@ def find_cases(folders: Sequence[str | os.PathLike], split: str | None = None) -
     return out
 
 
-def _cache_key(bundle: Bundle, case_folder: Path) -> str:
+def _cache_key(bundle: Bundle, case_folder: Path, views: Sequence[str] | None = None) -> str:
     h = hashlib.sha256()
     h.update(bundle.hash.encode())
     h.update(str(CACHE_LAYOUT).encode())
+    if views is not None:  # a subset of the views is a different entry (None keeps older keys valid)
+        h.update(("views:" + ",".join(sorted(views))).encode())
     for name in ("case.json", "sagittal.nrrd", "coronal.nrrd", "axial.nrrd"):
         f = case_folder / name
         if f.is_file():
@@ -65,20 +67,27 @@ def _cache_key(bundle: Bundle, case_folder: Path) -> str:
 
 
 def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str | os.PathLike,
-               pool_kji: Sequence[int] = (1, 3, 3), device="cpu", cancel: CancelToken | None = None) -> Path:
-    """Compute (or find) the cached head inputs of one training case; returns its cache folder."""
+               pool_kji: Sequence[int] = (1, 3, 3), device="cpu", cancel: CancelToken | None = None,
+               views: Sequence[str] | None = None) -> Path:
+    """Compute (or find) the cached head inputs of one training case; returns its cache folder.
+
+    ``views`` limits the backbone passes to the views the heads fuse: each view costs a
+    backbone pass and ~150 MB of cache per case, wasted when the heads ignore it.
+    """
     from .model.heads import pooled, pooled_grid
     from .predict import fusion_inputs
     from .synth.dataset import read_case
     from .volumes import resample_like
 
     case_folder = Path(case_folder)
-    out = Path(cache_root) / f"{case_folder.name}-{_cache_key(bundle, case_folder)}"
+    if views is not None and set(bundle.planes) <= set(views):
+        views = None  # every view: the same entry as when none are named
+    out = Path(cache_root) / f"{case_folder.name}-{_cache_key(bundle, case_folder, views)}"
     if (out / "meta.json").is_file():
         return out
     sc = read_case(case_folder)
     warnings: list[str] = []
-    fi = fusion_inputs(bundle, sc.case, device=device, cancel=cancel, warnings=warnings)
+    fi = fusion_inputs(bundle, sc.case, device=device, cancel=cancel, warnings=warnings, use=views)
     ref_plane = sc.case.reference_plane
     out.mkdir(parents=True, exist_ok=True)
 

@@ -136,7 +136,7 @@ def test_attention_is_a_distribution_over_covered_cells_and_overlays_are_bounded
     case_logits, logits, attention = head(feats, cover, torch.rand(1, 1, 3, 5, 5), inside)
     assert case_logits.shape == (1, 3)
     assert torch.allclose(attention.flatten(2).sum(-1), torch.ones(1, 3))
-    assert float(attention[..., 0, :, :].abs().sum()) == 0.0
+    assert float(attention[..., 0, :, :].detach().abs().sum()) == 0.0
     overlay = FindingHead.overlay(logits, attention)
     assert float(overlay.min()) >= 0 and float(overlay.max()) <= 1
     # the case score is made of the cells: it equals the attention-weighted cell logits
@@ -288,6 +288,18 @@ def test_heads_that_fuse_one_view_skip_the_other_backbones(pipeline, case, tmp_p
         predictor.predict(without)
 
 
+def test_cache_of_a_view_subset_holds_only_those_views_and_matches_the_full_cache(pipeline, tmp_path):
+    """Caching only the sagittal features (what one-view heads need) is its own cache entry,
+    with the same sagittal features as the full entry; naming every view is the full entry."""
+    folder, full = pipeline["folders"][0], CachedCase(pipeline["caches"][0])
+    subset = CachedCase(cache_case(pipeline["base"], folder, tmp_path, views=["sagittal"]))
+    assert subset.planes == ["sagittal"] and full.planes == ["sagittal", "coronal", "axial"]
+    np.testing.assert_array_equal(subset.array("features_sagittal"), full.array("features_sagittal"))
+    np.testing.assert_array_equal(subset.array("labels_fusion"), full.array("labels_fusion"))
+    every = cache_case(pipeline["base"], folder, pipeline["root"] / "cache", views=["axial", "coronal", "sagittal"])
+    assert every == pipeline["caches"][0]
+
+
 def test_cancel_from_another_thread_stops_within_a_second(predictor, case):
     token = CancelToken()
     when = {}
@@ -322,6 +334,7 @@ def test_save_writes_a_slicer_segmentation_overlays_and_findings(predictor, case
     assert segments[0].terminology == catalog.structures[0].terminology.slicer_string()
     overlay = sitk.ReadImage(str(tmp_path / "overlays" / "joint_effusion.nrrd"))
     assert overlay.GetSize() == labels.GetSize() and overlay.GetOrigin() == labels.GetOrigin()
+    assert np.abs(sitk.GetArrayFromImage(overlay) - prediction.overlays["joint_effusion"]).max() <= 5e-4 + 1e-7
     summary = json.loads((tmp_path / "findings.json").read_text())
     assert summary["findings"]["joint_effusion"]["probability"] == pytest.approx(
         prediction.finding_probabilities["joint_effusion"], abs=1e-4)

@@ -34,7 +34,7 @@ from ..volumes import Case, load_volume
 from .acquire import acquire_views
 from .anatomy import build_knee, working_grid
 from .findings import simulate_findings
-from .render import CONTRASTS, render_intensity
+from .render import CONTRAST_MIX, CONTRASTS, render_intensity
 from .sheet import contact_sheet
 from .sources import SOURCES, SourceMap, load_source_maps
 
@@ -49,7 +49,7 @@ class SynthConfig:
     source: str
     n: int
     seed: int = 0
-    contrast: str = "mixed"  # dess | pdfs | t2 | mixed
+    contrast: str = "mixed"  # dess | pdfs | t2 | random | mixed (CONTRAST_MIX)
     prevalence: float = 0.35
     val_fraction: float = 0.2
     work_spacing: float = 0.9
@@ -78,7 +78,11 @@ def split_subjects(subjects: list[str], val_fraction: float, seed: int) -> dict[
 def render_case(smap: SourceMap, grid: sitk.Image, config: SynthConfig, index: int) -> dict:
     """Everything one case holds, in memory (written by :func:`write_case`)."""
     rng = np.random.default_rng([config.seed, index])
-    contrast = config.contrast if config.contrast != "mixed" else str(rng.choice(sorted(CONTRASTS)))
+    if config.contrast == "mixed":
+        names = sorted(CONTRAST_MIX)
+        contrast = str(rng.choice(names, p=[CONTRAST_MIX[n] for n in names]))
+    else:
+        contrast = config.contrast
     knee = build_knee(smap, grid, rng, deform=config.deform)
     findings = simulate_findings(knee, rng, config.prevalence_of())
     intensity, render_params = render_intensity(knee.tissue, contrast, rng, knee.spacing)
