@@ -1,15 +1,16 @@
 """The model card's comparison tables, from `orthoknee evaluate --json` outputs.
 
-    python bench/compare_models.py DIR
+    python bench/compare_models.py DIR [--prefix P]
 
-DIR holds heads-100.eval.json, heads-10.eval.json, baseline-100.eval.json and
-baseline-10.eval.json (see Resources/Models/make_demo_bundle.sh). Prints Markdown: Dice and
+DIR holds <P>heads-100.eval.json, <P>heads-10.eval.json, <P>baseline-100.eval.json and
+<P>baseline-10.eval.json (see Resources/Models/make_demo_bundle.sh; P is empty or "v2-"). Prints Markdown: Dice and
 HD95 per structure for every model, the Dice lost going from 100 % to 10 % of the labels,
 and AUC per finding.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,9 +24,14 @@ def _f(v, fmt="{:.3f}"):
 
 
 def main() -> int:
-    folder = Path(sys.argv[1])
-    scores = {name: json.loads((folder / f"{name}.eval.json").read_text()) for name, _ in RUNS
-              if (folder / f"{name}.eval.json").is_file()}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--prefix", default="", help="file name prefix of the runs, e.g. v2-")
+    args = parser.parse_args()
+    scores = {name: json.loads((args.folder / f"{args.prefix}{name}.eval.json").read_text()) for name, _ in RUNS
+              if (args.folder / f"{args.prefix}{name}.eval.json").is_file()}
+    if not scores:
+        parser.error(f"no {args.prefix}<run>.eval.json in {args.folder}")
     structures = list(next(iter(scores.values()))["dice"])
     print("| structure | " + " | ".join(f"Dice {label}" for name, label in RUNS if name in scores)
           + " | HD95 mm heads 100 % | HD95 mm UNet 100 % |")

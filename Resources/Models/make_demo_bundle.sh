@@ -7,24 +7,30 @@ DATA=${DATA:-/work/data}
 SHARED=${SHARED:-../shared/data}
 export ORTHOKNEE_CACHE=$DATA/cache
 
-# 1. Synthetic training cases from the real label maps (OAI: 35 subjects; SPL atlas; pymskt).
+# 1. Synthetic cases from the real label maps for the backbones' pretraining (OAI: 35 subjects).
+#    Rendered with the renderer of commit e15996b (DESS, PD fat-sat, T2 only); today's renderer
+#    draws other contrasts, so rerunning this step makes other images than the backbones saw.
 orthoknee synth --labels $SHARED/labels-oai --source oai --out $DATA/synth_oai_bench --n 100 --seed 123
-orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $DATA/synth_spl --n 30 --seed 12 --no-sheets
-orthoknee synth --labels $SHARED/labels-pymskt --source pymskt --out $DATA/synth_pymskt --n 24 --seed 11 --no-sheets
 
 # 2. Backbones (0.1.0): see the pretrain command in orthoknee-demo/README.md (recorded in metadata.json).
 
-# 3. Which cases train and which test (subject-disjoint):
-#    train = first 20 OAI cases of split 'train' + first 12 SPL cases (the only subject with ACL/PCL labels);
+# 3. Cases for the heads (0.2.0), rendered with the contrast mix of OrthoKneeLib/synth/render.py
+#    (DESS measured on the real sample, SynthSeg-like random contrasts, PD fat-sat, T2), and
+#    which train and which test (subject-disjoint):
+#    train = first 40 OAI cases of split 'train' + 12 SPL cases (the only subject with ACL/PCL labels);
 #    test  = first 12 OAI cases of split 'validation' (subjects never trained on)
-#            + first 8 pymskt cases (a subject never trained on, with menisci).
-python3 - "$DATA" <<'PY'
+#            + 8 pymskt cases (a subject never trained on, with menisci).
+V2=$DATA/v2
+orthoknee synth --labels $SHARED/labels-oai --source oai --out $V2/synth_oai --n 64 --seed 123 --workers 2 --no-sheets
+orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V2/synth_spl --n 12 --seed 12 --workers 2 --no-sheets
+orthoknee synth --labels $SHARED/labels-pymskt --source pymskt --out $V2/synth_pymskt --n 8 --seed 11 --workers 2 --no-sheets
+python3 - "$V2" <<'PY'
 import os, sys
 from OrthoKneeLib.train import find_cases
 data = sys.argv[1]
-train = find_cases([f"{data}/synth_oai_bench"], "train")[:20] + find_cases([f"{data}/synth_spl"])[:12]
-test = find_cases([f"{data}/synth_oai_bench"], "validation")[:12] + find_cases([f"{data}/synth_pymskt"])[:8]
-for folder, cases in (("demo_train", train), ("demo_test", test)):
+train = find_cases([f"{data}/synth_oai"], "train")[:40] + find_cases([f"{data}/synth_spl"])
+test = find_cases([f"{data}/synth_oai"], "validation")[:12] + find_cases([f"{data}/synth_pymskt"])
+for folder, cases in (("train", train), ("test", test)):
     os.makedirs(f"{data}/{folder}/cases", exist_ok=True)
     for c in cases:
         link = f"{data}/{folder}/cases/{c.name}"
@@ -32,32 +38,31 @@ for folder, cases in (("demo_train", train), ("demo_test", test)):
             os.symlink(c, link)
 PY
 
-# 4. Heads on frozen features and the supervised baseline, on the same 32 cases. Runs checkpoint
-#    every 100 steps: the same command started again resumes. Validation Dice/AUC on 4 held-out
-#    cases is printed every 200/250 steps (monitoring only: nothing is selected on it).
-#    The heads fuse the sagittal features only (see README.md, "Why one view").
-#    The 10 % runs (--label-fraction 0.1, same steps for both models) have not been run yet.
+# 4. Heads on frozen sagittal features (see README.md, "Why one view"); only that backbone is
+#    run and cached. The run checkpoints every 100 steps: the same command started again
+#    resumes. Validation Dice/AUC on 4 held-out cases every 200 steps (monitoring only).
 B=Resources/Models/orthoknee-demo
-[ -f $DATA/bundles/heads-100/weights/heads.pt ] ||
-  orthoknee finetune --bundle $B --cases $DATA/demo_train --validation $DATA/demo_test --validation-cases 4 \
-    --validate-every 200 --out $DATA/bundles/heads-100 --views sagittal --steps 800 --from-scratch \
+[ -f $DATA/bundles/v2-heads-100/weights/heads.pt ] ||
+  orthoknee finetune --bundle $B --cases $V2/train --validation $V2/test --validation-cases 4 \
+    --validate-every 200 --out $DATA/bundles/v2-heads-100 --views sagittal --steps 1000 --from-scratch \
     --version 0.2.0 --device cpu
-[ -f $DATA/bundles/baseline-100/weights/heads.pt ] ||
-  orthoknee finetune --bundle $B --cases $DATA/demo_train --validation $DATA/demo_test --validation-cases 4 \
-    --validate-every 250 --out $DATA/bundles/baseline-100 --model baseline --steps 1000 \
-    --version 0.2.0 --device cpu
+#    Shipped: the step-500 checkpoint of this run, not its final weights. It was copied from
+#    $DATA/bundles/v2-heads-100.checkpoint.pt while the run went on (the checkpoint's "model"
+#    state dict into a copy of the finished bundle, sha256 updated, training.checkpoint_step =
+#    500): from step ~600 on, the heads kept improving on held-out synthetic cases but lost the
+#    tibia on the real DESS sample. That choice was made by looking at the one real case.
 
-# 5. Held-out evaluation (the model card's tables: python bench/compare_models.py $DATA/bundles).
-for name in heads-100 heads-10 baseline-100 baseline-10; do
+# 5. Held-out evaluation (the model card's tables: python bench/compare_models.py $DATA/bundles --prefix v2-).
+for name in v2-heads-100 v2-heads-100-s500 v2-heads-10 v2-baseline-100 v2-baseline-10; do
   [ -f $DATA/bundles/$name/weights/heads.pt ] || continue
-  orthoknee evaluate --bundle $DATA/bundles/$name --cases $DATA/demo_test --json --per-case --device cpu \
+  orthoknee evaluate --bundle $DATA/bundles/$name --cases $V2/test --json --per-case --device cpu \
     > $DATA/bundles/$name.eval.json
 done
 
-# 6. Ship the 100 % heads in the demo bundle (backbones stay byte-identical to 0.1.0's), with
+# 6. Ship the 100 % heads (step-500 checkpoint) in the demo bundle (backbones stay byte-identical to 0.1.0's), with
 #    the held-out scores in metadata["metrics"].
-cp $DATA/bundles/heads-100/weights/heads.pt $B/weights/heads.pt
-python3 - "$DATA/bundles/heads-100/metadata.json" "$DATA/bundles/heads-100.eval.json" "$B/metadata.json" <<'PY'
+cp $DATA/bundles/v2-heads-100-s500/weights/heads.pt $B/weights/heads.pt
+python3 - "$DATA/bundles/v2-heads-100-s500/metadata.json" "$DATA/bundles/v2-heads-100-s500.eval.json" "$B/metadata.json" <<'PY'
 import json, sys
 metadata, scores = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 metadata["metrics"] = {"held_out": {k: scores[k] for k in ("dice", "hd95", "auc", "finding_counts", "mean_dice",
