@@ -474,6 +474,7 @@ def finetune(
     seconds = elapsed_before + time.perf_counter() - start
     model.eval()
     out_bundle = _derived_bundle(bundle, out, version)
+    n_avg = max(1, min(20, len(losses) // 4))  # a short run's first and last steps must not overlap
     relative = "weights/heads.pt"
     digest = out_bundle.save_weights(relative, model.state_dict())
     out_bundle.metadata["heads"] = {
@@ -493,8 +494,9 @@ def finetune(
             "sources": sorted({c.meta["source"] for c in cases}),
             "started_from": None if not start_from else {"version": bundle.metadata.get("version"),
                                                          "sha256": start_from.get("sha256")},
-            "first_loss": float(np.mean(losses[:20])),
-            "final_loss": float(np.mean(losses[-20:])),
+            "first_loss": float(np.mean(losses[:n_avg])),  # over the first / last n_avg steps
+            "final_loss": float(np.mean(losses[-n_avg:])),
+            "loss_average_steps": n_avg,
             "validation": history,
         },
     }

@@ -137,7 +137,7 @@ def test_attention_is_a_distribution_over_covered_cells_and_overlays_are_bounded
     assert case_logits.shape == (1, 3)
     assert torch.allclose(attention.flatten(2).sum(-1), torch.ones(1, 3))
     assert float(attention[..., 0, :, :].detach().abs().sum()) == 0.0
-    overlay = FindingHead.overlay(logits, attention)
+    overlay = FindingHead.overlay(logits, attention).detach()
     assert float(overlay.min()) >= 0 and float(overlay.max()) <= 1
     # the case score is made of the cells: it equals the attention-weighted cell logits
     assert torch.allclose(case_logits, (attention * logits).flatten(2).sum(-1))
