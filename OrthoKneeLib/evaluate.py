@@ -140,12 +140,12 @@ def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_roo
                     with_hd95: bool = True) -> dict:
     """Cache (if needed) and score every case folder; warns about subjects the heads trained on."""
     from .model.device import select_device
-    from .predict import load_heads
+    from .predict import load_heads, views_fused
     from .train import CachedCase, cache_case
 
     dev = select_device(device)
     kind, model = load_heads(bundle, device=dev)
-    views = list(model.segmentation.fusion.planes) if kind == "diffusion-heads" else None
+    views = views_fused(kind, model)
     cases = []
     for n, folder in enumerate(case_folders):
         cases.append(CachedCase(cache_case(bundle, folder, cache_root, device=dev, cancel=cancel, views=views)))

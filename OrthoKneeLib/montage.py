@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import atomic_path
+from .predict import OVERLAY_DISPLAY_THRESHOLD
 from .synth.sheet import outline_slice
 from .volumes import Case, resample_like
 
@@ -22,9 +23,9 @@ __all__ = ["montage"]
 _BONES = ("femur", "tibia", "patella")  # the slice shown in each view goes through their centre
 
 
-def _heat(rgb: np.ndarray, overlay: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def _heat(rgb: np.ndarray, overlay: np.ndarray, threshold: float = OVERLAY_DISPLAY_THRESHOLD) -> np.ndarray:
     """Blend a red-to-yellow map of ``overlay`` (0..1) over ``rgb`` where it exceeds ``threshold``
-    (0.5, the Slicer module's default display threshold: the montage shows what a reader sees)."""
+    (by default the Slicer module's display threshold: the montage shows what a reader sees)."""
     out = rgb.astype(np.float32)
     v = np.clip(overlay, 0, 1)
     color = np.stack([np.full_like(v, 255), 255 * v, np.zeros_like(v)], axis=-1)

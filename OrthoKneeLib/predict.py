@@ -191,6 +191,19 @@ def load_heads(bundle: Bundle, device="cpu"):
     return kind, module.to(device).eval()
 
 
+# Overlays are shown where they exceed this (the Slicer module's default, the montage's): a
+# finding head's flat low-level map would otherwise cover the whole image.
+OVERLAY_DISPLAY_THRESHOLD = 0.5
+
+
+def views_fused(kind: str, heads) -> tuple[str, ...]:
+    """The backbone views a bundle's heads read (the baseline reads no features: every view is
+    equal to it). A view outside them is not worth a backbone pass or a cache entry."""
+    from .model.heads import VIEW_ORDER
+
+    return tuple(heads.segmentation.fusion.planes) if kind == "diffusion-heads" else VIEW_ORDER
+
+
 def _t(array: np.ndarray, device):
     import torch
 
@@ -302,8 +315,12 @@ class Prediction:
         label = self.catalog.structure(structure_key).label
         return self.reference_grid.image(self.probabilities[label].astype(np.float32))
 
-    def overlay_image(self, finding_key: str) -> sitk.Image:
-        return self.reference_grid.image(self.overlays[finding_key].astype(np.float32))
+    def overlay_image(self, finding_key: str, decimals: int | None = None) -> sitk.Image:
+        """The finding's overlay on the reference grid, optionally rounded to ``decimals``."""
+        overlay = self.overlays[finding_key]
+        if decimals is not None:
+            overlay = np.round(overlay, decimals)
+        return self.reference_grid.image(overlay.astype(np.float32))
 
     def top_finding(self) -> str | None:
         if not self.finding_probabilities:
@@ -346,8 +363,8 @@ class Prediction:
                 cancel.raise_if_cancelled()
             # rounded to 1e-3 (invisible on a probability map): gzip then packs the smooth map
             # 5x smaller and 4x faster than the full float noise of its low bits
-            overlay = self.reference_grid.image(np.round(self.overlays[key], 3).astype(np.float32))
-            written[f"overlay:{key}"] = write_image_atomic(overlay, folder / "overlays" / f"{key}.nrrd")
+            written[f"overlay:{key}"] = write_image_atomic(self.overlay_image(key, decimals=3),
+                                                           folder / "overlays" / f"{key}.nrrd")
         summary = self.summary()
         summary["files"] = {k: str(p.relative_to(folder)) for k, p in written.items()}
         summary["structures_sha256"] = file_sha256(seg_path)
@@ -399,11 +416,11 @@ class Predictor:
         import torch
 
         from .model.features import array_hash
-        from .model.heads import VIEW_ORDER, grid_of
+        from .model.heads import grid_of
 
         t0 = time.perf_counter()
         warnings = list(case.warnings)
-        used = self.heads.segmentation.fusion.planes if self.kind == "diffusion-heads" else VIEW_ORDER
+        used = views_fused(self.kind, self.heads)
         for p in used:
             if p not in case.views:
                 warnings.append(f"no {p} series: the result uses {', '.join(case.planes)} only and may be less accurate.")

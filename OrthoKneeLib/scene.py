@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .predict import OVERLAY_DISPLAY_THRESHOLD
 from .volumes import Case, Volume, VolumeSource, detect_plane, ijk_to_ras
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def case_from_nodes(sagittal=None, coronal=None, axial=None, name: str | None = 
 # ---------------------------------------------------------------------------------- results
 
 
-def probability_color_table(scene, threshold: float = 0.5, name: str = "OrthoKnee probability"):
+def probability_color_table(scene, threshold: float = OVERLAY_DISPLAY_THRESHOLD, name: str = "OrthoKnee probability"):
     """A 256-entry color table for [0, 1] probabilities: transparent below ``threshold``, then
     yellow to red. One table per threshold, reused across findings."""
     slicer = _slicer()
@@ -243,7 +244,7 @@ def _import_structures(scene, segmentation, reference_node, prediction: "Predict
         seg.SetSegmentIndex(structure.key, index)
 
 
-def add_prediction(scene, prediction: "Prediction", reference_node=None, threshold: float = 0.5,
+def add_prediction(scene, prediction: "Prediction", reference_node=None, threshold: float = OVERLAY_DISPLAY_THRESHOLD,
                    opacity: float = 0.6, surfaces: bool = True) -> dict:
     """Segmentation node (one named, colored, terminology-tagged segment per structure) and one
     overlay volume per finding. Returns {"segmentation": node, "overlays": {key: node},

@@ -70,7 +70,7 @@ def main() -> int:
                  for p, n in SAMPLE_VIEWS.items()}
         case = case_from_nodes(**nodes, name="sample")
         prediction = Predictor(args.bundle, device="cpu").predict(case)
-    result = add_prediction(app.scene, prediction, reference_node=nodes["sagittal"], threshold=0.5, opacity=0.6,
+    result = add_prediction(app.scene, prediction, reference_node=nodes["sagittal"], opacity=0.6,
                             surfaces=False)
     top = prediction.top_finding()
     view.set_background_volume_id(nodes["sagittal"].GetID())
