@@ -55,13 +55,17 @@ class TextProgress:
         self.stream = stream or sys.stderr
         self.start = time.perf_counter()
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._first_done: int | None = None  # a resumed job starts counting mid-way
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
         elapsed = time.perf_counter() - self.start
+        if self._first_done is None:
+            self._first_done = max(done - 1, 0)
+        counted = done - self._first_done  # items done since this bar started
         frac = done / total if total else 1.0
         bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
-        rate = f"{elapsed / done:.1f} s/{self.unit}" if done else ""
-        eta = f"ETA {elapsed / done * (total - done):.0f} s" if done and done < total else f"{elapsed:.0f} s"
+        rate = f"{elapsed / counted:.1f} s/{self.unit}" if counted > 0 else ""
+        eta = f"ETA {elapsed / counted * (total - done):.0f} s" if counted > 0 and done < total else f"{elapsed:.0f} s"
         line = f"{self.label} [{bar}] {done}/{total} {rate} {eta} {message}".rstrip()
         if self._tty:
             self.stream.write("\r" + line + ("\n" if done >= total else ""))

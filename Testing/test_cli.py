@@ -1,5 +1,6 @@
 """The `orthoknee` command's stable JSON interfaces and its error handling."""
 
+import io
 import json
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from OrthoKneeLib.cli import main
+from OrthoKneeLib.progress import TextProgress
 from OrthoKneeLib.resources import SAMPLE_VIEWS
 
 
@@ -97,3 +99,15 @@ def test_console_script_is_installed():
     result = subprocess.run([exe, "catalog", "--json"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["findings"]) == 8
+
+
+def test_progress_rate_of_a_resumed_job():
+    """A run resumed at step 500 reports its own pace, not 10 s spread over 501 steps."""
+    stream = io.StringIO()
+    bar = TextProgress("finetune", stream=stream, unit="step")
+    bar.start -= 10.0  # the first step after the resume took 10 s
+    bar(501, 1000, "loss 1.0")
+    assert "501/1000 10.0 s/step ETA 4990 s loss 1.0" in stream.getvalue()
+    bar.start -= 10.0
+    bar(502, 1000)
+    assert "502/1000 10.0 s/step ETA 4980 s" in stream.getvalue().splitlines()[-1]

@@ -52,14 +52,44 @@ B=Resources/Models/orthoknee-demo
 #    500): from step ~600 on, the heads kept improving on held-out synthetic cases but lost the
 #    tibia on the real DESS sample. That choice was made by looking at the one real case.
 
-# 5. Held-out evaluation (the model card's tables: python bench/compare_models.py $DATA/bundles --prefix v2-).
-for name in v2-heads-100 v2-heads-100-s500 v2-heads-10 v2-baseline-100 v2-baseline-10; do
+# 5. The 10 %-label comparison at equal budget: heads and the supervised MONAI UNet baseline,
+#    each 1000 steps from scratch on the same 52 cases (all labels, or the labels of 5 of them).
+#    v3-heads-100 is step 4's command again (same seed, same cases; it reproduces v2-heads-100).
+for run in "v3-heads-100 heads 1.0" "v3-heads-10 heads 0.1" "v3-baseline-100 baseline 1.0" "v3-baseline-10 baseline 0.1"; do
+  set -- $run
+  [ -f $DATA/bundles/$1/weights/heads.pt ] ||
+    orthoknee finetune --bundle $B --cases $V2/train --validation $V2/test --validation-cases 4 \
+      --validate-every 200 --out $DATA/bundles/$1 --views sagittal --steps 1000 --from-scratch \
+      --model $2 --label-fraction $3 --device cpu
+done
+
+# 6. A second held-out set where every simulated finding has positives and negatives (the first
+#    has one collateral-ligament injury and no lateral meniscal tear): prevalence 0.5, the same
+#    held-out OAI subjects (seed 123's validation split: 13 cases) + 16 pymskt cases = 29.
+V3=$DATA/v3
+orthoknee synth --labels $SHARED/labels-oai --source oai --out $V3/synth_oai_p50 --n 64 --seed 123 --prevalence 0.5 --workers 2 --no-sheets
+orthoknee synth --labels $SHARED/labels-pymskt --source pymskt --out $V3/synth_pymskt_p50 --n 16 --seed 21 --prevalence 0.5 --workers 2 --no-sheets
+python3 - "$V3" <<'PY'
+import os, sys
+from OrthoKneeLib.train import find_cases
+data = sys.argv[1]
+os.makedirs(f"{data}/test_findings/cases", exist_ok=True)
+for c in find_cases([f"{data}/synth_oai_p50"], "validation") + find_cases([f"{data}/synth_pymskt_p50"]):
+    if not os.path.islink(f"{data}/test_findings/cases/{c.name}"):
+        os.symlink(c, f"{data}/test_findings/cases/{c.name}")
+PY
+
+# 7. Held-out evaluation (the model card's tables: python bench/compare_models.py $DATA/bundles --prefix v3-,
+#    and with --suffix .findings-test for the second set).
+for name in v2-heads-100-s500 v3-heads-100 v3-heads-10 v3-baseline-100 v3-baseline-10; do
   [ -f $DATA/bundles/$name/weights/heads.pt ] || continue
   orthoknee evaluate --bundle $DATA/bundles/$name --cases $V2/test --json --per-case --device cpu \
     > $DATA/bundles/$name.eval.json
+  orthoknee evaluate --bundle $DATA/bundles/$name --cases $V3/test_findings --json --per-case --device cpu \
+    > $DATA/bundles/$name.findings-test.eval.json
 done
 
-# 6. Ship the 100 % heads (step-500 checkpoint) in the demo bundle (backbones stay byte-identical to 0.1.0's), with
+# 8. Ship the 100 % heads (step-500 checkpoint) in the demo bundle (backbones stay byte-identical to 0.1.0's), with
 #    the held-out scores in metadata["metrics"].
 cp $DATA/bundles/v2-heads-100-s500/weights/heads.pt $B/weights/heads.pt
 python3 - "$DATA/bundles/v2-heads-100-s500/metadata.json" "$DATA/bundles/v2-heads-100-s500.eval.json" "$B/metadata.json" <<'PY'
