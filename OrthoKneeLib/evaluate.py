@@ -106,11 +106,12 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
                     row["hd95"][s.key] = h
         if finding_probs is not None:
             values, known = case.finding_targets(catalog)
-            row["findings"] = {}
+            row["findings"], row["finding_truth"] = {}, {}
             for f, p, v, k in zip(catalog.findings, finding_probs, values, known):
                 row["findings"][f.key] = float(p)
-                if k:
+                if k:  # kept per case so that intervals over cases can be computed from the JSON
                     finding_scores[f.key].append((float(p), int(v)))
+                    row["finding_truth"][f.key] = int(v)
         per_case.append(row)
         progress(n + 1, len(cases), case.case_id)
     dice_mean = {k: float(np.mean(v)) for k, v in per_dice.items() if v}

@@ -197,11 +197,9 @@ OVERLAY_DISPLAY_THRESHOLD = 0.5
 
 
 def views_fused(kind: str, heads) -> tuple[str, ...]:
-    """The backbone views a bundle's heads read (the baseline reads no features: every view is
-    equal to it). A view outside them is not worth a backbone pass or a cache entry."""
-    from .model.heads import VIEW_ORDER
-
-    return tuple(heads.segmentation.fusion.planes) if kind == "diffusion-heads" else VIEW_ORDER
+    """The backbone views a bundle's heads read; none for the baseline, which reads the
+    reference image only. A view outside them is not worth a backbone pass or a cache entry."""
+    return tuple(heads.segmentation.fusion.planes) if kind == "diffusion-heads" else ()
 
 
 def _t(array: np.ndarray, device):

@@ -72,7 +72,10 @@ def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str |
     """Compute (or find) the cached head inputs of one training case; returns its cache folder.
 
     ``views`` limits the backbone passes to the views the heads fuse: each view costs a
-    backbone pass and ~150 MB of cache per case, wasted when the heads ignore it.
+    backbone pass and ~150 MB of cache per case, wasted when the heads ignore it. Empty
+    ``views`` (the supervised baseline, which reads only the reference image and labels that
+    every entry holds) takes any entry the case already has, else the cheapest: the reference
+    view's alone.
     """
     from .model.heads import pooled, pooled_grid
     from .predict import fusion_inputs
@@ -80,6 +83,12 @@ def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str |
     from .volumes import resample_like
 
     case_folder = Path(case_folder)
+    if views is not None and not views:
+        for candidate in (None, *((p,) for p in bundle.planes)):
+            found = Path(cache_root) / f"{case_folder.name}-{_cache_key(bundle, case_folder, candidate)}"
+            if (found / "meta.json").is_file():
+                return found
+        views = (read_case(case_folder).case.reference_plane,)
     if views is not None and set(bundle.planes) <= set(views):
         views = None  # every view: the same entry as when none are named
     out = Path(cache_root) / f"{case_folder.name}-{_cache_key(bundle, case_folder, views)}"

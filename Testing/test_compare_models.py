@@ -51,7 +51,7 @@ def test_table_from_the_command_line(tmp_path):
     _write(tmp_path, heads10=0.7, baseline10=0.3)
     out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--prefix", "v9-", "--bootstrap", "200"],
                          capture_output=True, text=True, check=True).stdout
-    assert "| femur | 0.800 | 0.700 | 0.800 | 0.325 |" in out and "| effusion | 0.500 | 0.500 | 6 (1) |" in out
+    assert "| femur | 0.800 | 0.700 | 0.800 | 0.325 |" in out and "| effusion | 0.500 (0.00-1.00) | 0.500 (0.00-1.00) | 6 (1) |" in out
     assert "- heads: mean Dice 0.750 (100 %) -> 0.650 (10 %), lost 0.100 (13 % of" in out
 
 
@@ -61,3 +61,15 @@ def test_needs_per_case_scores(tmp_path):
     del scores["heads-10"]["per_case"]
     with pytest.raises(SystemExit, match="--per-case"):
         compare_models.paired_loss_comparison(scores, resamples=10)
+
+
+def test_auc_interval():
+    # Hanley & McNeil at A = 0.5, 10 + 10 cases: SE^2 = (0.25 + 9/12 + 9/12) / 100
+    lo, hi = compare_models.auc_interval(0.5, 10, 10)
+    assert hi - 0.5 == pytest.approx(1.96 * 0.0175**0.5) and lo == pytest.approx(1 - hi)
+    narrow = compare_models.auc_interval(0.5, 100, 100)
+    assert narrow[1] - narrow[0] < (hi - lo) / 3  # ten times the cases, about a third of the width
+    assert compare_models.auc_interval(0.95, 5, 5)[1] == 1.0
+    perfect = compare_models.auc_interval(1.0, 5, 5)
+    assert perfect[1] == 1.0 and 0.8 < perfect[0] < 0.95  # not a zero-width interval at the edge
+    assert compare_models.auc_interval(0.0, 1, 19) == (0.0, 1.0)  # one positive case says nothing

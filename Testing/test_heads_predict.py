@@ -212,14 +212,40 @@ def test_finetune_continues_from_the_bundle_heads_unless_told_otherwise(pipeline
 def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
     folder = pipeline["root"] / "cases"
     assert main(["evaluate", "--bundle", str(pipeline["trained"].path), "--cases", str(folder),
-                 "--cache", str(pipeline["root"] / "cache"), "--json", "--device", "cpu"]) == 0
+                 "--cache", str(pipeline["root"] / "cache"), "--json", "--per-case", "--device", "cpu"]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert set(scores) >= {"dice", "hd95", "auc"}
+    assert set(scores) >= {"dice", "hd95", "auc", "per_case"}
+    assert scores["finding_counts"]
+    for key, counts in scores["finding_counts"].items():  # per-case truth adds up to the counts
+        truth = [row["finding_truth"][key] for row in scores["per_case"] if key in row["finding_truth"]]
+        assert (len(truth), sum(truth)) == (counts["cases"], counts["positive"])
     assert set(scores["dice"]) <= set(pipeline["base"].catalog.structure_keys) and "femur" in scores["dice"]
     assert all(0 <= v <= 1 for v in scores["dice"].values())
     assert all(v >= 0 for v in scores["hd95"].values())
     assert scores["cases"] == 3
     assert scores["warnings"]  # two of these cases trained the heads: the command says so
+
+
+def test_the_baseline_runs_no_backbone_it_does_not_read(pipeline, tmp_path):
+    """The supervised baseline reads the reference image only: evaluating it reuses whatever
+    cache entry a case has, and a case without one gets the reference view's entry alone."""
+    from OrthoKneeLib.evaluate import evaluate_bundle
+
+    config = FinetuneConfig(steps=2, model="baseline", validation_cases=0)
+    baseline = finetune(pipeline["base"], pipeline["caches"][:1], tmp_path / "baseline", config, device="cpu",
+                        log=lambda *_: None)
+    shared = pipeline["root"] / "cache"
+    entries = set(shared.iterdir())
+    scores = evaluate_bundle(baseline, pipeline["folders"], shared, device="cpu", with_hd95=False)
+    assert set(shared.iterdir()) == entries and scores["cases"] == 3 and "femur" in scores["dice"]
+    fresh = tmp_path / "fresh-cache"
+    evaluate_bundle(baseline, pipeline["folders"][:1], fresh, device="cpu", with_hd95=False)
+    (entry,) = fresh.iterdir()
+    assert json.loads((entry / "meta.json").read_text())["planes"] == ["sagittal"]
+    sagittal_only = Case(sagittal=read_case(pipeline["folders"][0]).case.views["sagittal"])
+    prediction = Predictor(baseline, device="cpu").predict(sagittal_only)
+    assert prediction.labelmap.shape == sitk.GetArrayFromImage(sagittal_only.reference.image).shape
+    assert not [w for w in prediction.warnings if "series" in w]  # no view is "missing" to it
 
 
 def test_a_bundle_without_heads_cannot_predict(pipeline):

@@ -7,7 +7,7 @@ DIR holds <P>heads-100<S>.eval.json, <P>heads-10<S>.eval.json, <P>baseline-100<S
 or ".findings-test"). Prints Markdown: Dice and
 HD95 per structure for every model, the Dice lost going from 100 % to 10 % of the labels
 (with a paired bootstrap over cases of the difference between the two models' losses; needs
-`--per-case` outputs), and AUC per finding.
+`--per-case` outputs), and AUC per finding with an approximate 95 % interval.
 """
 
 from __future__ import annotations
@@ -25,6 +25,32 @@ RUNS = [("heads-100", "diffusion heads, 100 %"), ("heads-10", "diffusion heads, 
 
 def _f(v, fmt="{:.3f}"):
     return fmt.format(v) if v is not None else "-"
+
+
+def auc_interval(auc: float, positive: int, negative: int) -> tuple[float, float]:
+    """Approximate 95 % interval of an AUC from its value and class sizes (Hanley & McNeil 1982).
+
+    The eval JSONs hold the AUC and the counts, so the interval needs nothing else; with a few
+    dozen cases it shows which AUCs are distinguishable from chance (0.5) at all. At 0 or 1 the
+    formula has no width, so it is taken half a case pair inside; with fewer than two cases of
+    a class it says nothing, and the interval is all of [0, 1].
+    """
+    if positive < 2 or negative < 2:
+        return 0.0, 1.0
+    half_pair = 0.5 / (positive * negative)
+    auc = min(max(auc, half_pair), 1 - half_pair)
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (positive - 1) * (q1 - auc**2) + (negative - 1) * (q2 - auc**2)) / (positive * negative)
+    half = 1.96 * max(var, 0.0) ** 0.5
+    return max(auc - half, 0.0), min(auc + half, 1.0)
+
+
+def _auc_cell(scores: dict, key: str) -> str:
+    auc, counts = scores.get("auc", {}).get(key), scores.get("finding_counts", {}).get(key)
+    if auc is None or not counts:
+        return "-"
+    lo, hi = auc_interval(auc, counts["positive"], counts["cases"] - counts["positive"])
+    return f"{auc:.3f} ({lo:.2f}-{hi:.2f})"
 
 
 def per_case_dice(scores: dict) -> dict[str, dict[str, float]]:
@@ -96,12 +122,11 @@ def main() -> int:
     if all(name in scores for name, _ in RUNS):
         print(paired_loss_comparison(scores, args.bootstrap))
     print()
-    print("| finding | AUC heads 100 % | AUC heads 10 % | test cases (positive) |")
+    print("| finding | AUC heads 100 % (95 % interval) | AUC heads 10 % (95 % interval) | test cases (positive) |")
     print("|---|---|---|---|")
     h100, h10 = scores.get("heads-100", {}), scores.get("heads-10", {})
     for key, counts in h100.get("finding_counts", {}).items():
-        print(f"| {key} | {_f(h100['auc'].get(key))} | {_f(h10.get('auc', {}).get(key))} | "
-              f"{counts['cases']} ({counts['positive']}) |")
+        print(f"| {key} | {_auc_cell(h100, key)} | {_auc_cell(h10, key)} | {counts['cases']} ({counts['positive']}) |")
     n = next(iter(scores.values()))["cases"]
     print(f"\n{n} held-out cases; Dice and HD95 are means over the cases that annotate the structure.")
     return 0

@@ -62,6 +62,15 @@ for run in "v3-heads-100 heads 1.0" "v3-heads-10 heads 0.1" "v3-baseline-100 bas
       --validate-every 200 --out $DATA/bundles/$1 --views sagittal --steps 1000 --from-scratch \
       --model $2 --label-fraction $3 --device cpu
 done
+#    The baseline is cheaper per step (0.77 s against 1.3-1.5 s for the heads on an idle CPU), so it
+#    also gets about the heads' wall time: 2000 steps (its own OneCycle schedule over 2000 steps).
+for run in "v3w-baseline-100 1.0" "v3w-baseline-10 0.1"; do
+  set -- $run
+  [ -f $DATA/bundles/$1/weights/heads.pt ] ||
+    orthoknee finetune --bundle $B --cases $V2/train --validation $V2/test --validation-cases 4 \
+      --validate-every 400 --out $DATA/bundles/$1 --views sagittal --steps 2000 --from-scratch \
+      --model baseline --label-fraction $2 --device cpu
+done
 
 # 6. A second held-out set where every simulated finding has positives and negatives (the first
 #    has one collateral-ligament injury and no lateral meniscal tear): prevalence 0.5, the same
@@ -80,13 +89,18 @@ for c in find_cases([f"{data}/synth_oai_p50"], "validation") + find_cases([f"{da
 PY
 
 # 7. Held-out evaluation (the model card's tables: python bench/compare_models.py $DATA/bundles --prefix v3-,
-#    and with --suffix .findings-test for the second set).
-for name in v2-heads-100-s500 v3-heads-100 v3-heads-10 v3-baseline-100 v3-baseline-10; do
+#    and with --suffix .findings-test for the second set; the equal-wall-time table with --prefix v3w-,
+#    after the links below put the heads' scores beside the 2000-step baselines).
+for name in v2-heads-100-s500 v3-heads-100 v3-heads-10 v3-baseline-100 v3-baseline-10 v3w-baseline-100 v3w-baseline-10; do
   [ -f $DATA/bundles/$name/weights/heads.pt ] || continue
   orthoknee evaluate --bundle $DATA/bundles/$name --cases $V2/test --json --per-case --device cpu \
     > $DATA/bundles/$name.eval.json
   orthoknee evaluate --bundle $DATA/bundles/$name --cases $V3/test_findings --json --per-case --device cpu \
     > $DATA/bundles/$name.findings-test.eval.json
+done
+for run in heads-100 heads-10; do
+  ln -sf v3-$run.eval.json $DATA/bundles/v3w-$run.eval.json
+  ln -sf v3-$run.findings-test.eval.json $DATA/bundles/v3w-$run.findings-test.eval.json
 done
 
 # 8. Ship the 100 % heads (step-500 checkpoint) in the demo bundle (backbones stay byte-identical to 0.1.0's), with
