@@ -1,5 +1,10 @@
 """Evaluating a bundle on labelled cases: Dice and HD95 per structure, AUC per finding.
 
+Two more AUCs per finding say whether the finding maps point at the lesion: ``cell_auc`` (the
+head's per-cell probability) and ``overlay_auc`` (the overlay a reader sees: probability times
+relative attention), over the 3-mm cells of every case that knows the finding, lesion cells
+(from the simulated lesion masks) against all others.
+
 Scores are computed on the reference series' own grid (where a reader sees the result),
 only for the structures a case annotates and the findings whose presence it knows. The
 heads run on the same cached inputs the Predictor would compute (train.cache_case uses the
@@ -59,13 +64,46 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing_ijk: Sequence[float]) -> f
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
-    """Area under the ROC curve (ties count half); None without both classes."""
-    s, y = np.asarray(scores, float), np.asarray(labels, int)
-    pos, neg = s[y == 1], s[y == 0]
-    if pos.size == 0 or neg.size == 0:
+    """Area under the ROC curve (ties count half); None without both classes.
+
+    By ranks (Mann-Whitney), so millions of lesion-map cells cost a sort, not a pairwise table.
+    """
+    s, y = np.asarray(scores, float).ravel(), np.asarray(labels).ravel().astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
         return None
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (pos.size * neg.size))
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based; tied values share their mean rank
+    rank_sum = float(average_rank[inverse][y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+class _LesionCells:
+    """Per finding, every covered cell of the cases that know the finding: its map value, and
+    whether the (simulated) lesion mask covers it. AUC over them says whether a map points at
+    the lesion, which the case-level AUC cannot."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.values: dict[str, dict[str, list[np.ndarray]]] = {"cell_auc": {k: [] for k in keys},
+                                                               "overlay_auc": {k: [] for k in keys}}
+        self.lesion: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+
+    def add(self, key: str, cells: np.ndarray, overlay: np.ndarray, mask: np.ndarray, inside: np.ndarray) -> None:
+        self.values["cell_auc"][key].append(cells[inside])
+        self.values["overlay_auc"][key].append(overlay[inside])
+        self.lesion[key].append(mask[inside] >= 0.5)
+
+    def aucs(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {name: {} for name in self.values}
+        for key, parts in self.lesion.items():
+            if not parts:
+                continue
+            lesion = np.concatenate(parts)
+            for name, values in self.values.items():
+                a = roc_auc(np.concatenate(values[key]), lesion)
+                if a is not None:
+                    out[name][key] = a
+        return out
 
 
 def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", with_hd95: bool = True,
@@ -76,6 +114,7 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
     per_dice: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
     per_hd: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
     finding_scores: dict[str, list[tuple[float, int]]] = {f.key: [] for f in catalog.findings}
+    lesion_cells = _LesionCells(catalog.finding_keys)
     per_case = []
     for n, case in enumerate(cases):
         if cancel:
@@ -112,6 +151,13 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
                 if k:  # kept per case so that intervals over cases can be computed from the JSON
                     finding_scores[f.key].append((float(p), int(v)))
                     row["finding_truth"][f.key] = int(v)
+            masks = case.pooled_masks
+            if masks.shape[1:] == result["cell_probabilities"].shape[1:]:  # cached on the heads' cell grid
+                inside = result["cells_inside"]
+                for index, (f, k) in enumerate(zip(catalog.findings, known)):
+                    if k:
+                        lesion_cells.add(f.key, result["cell_probabilities"][index], result["overlay_cells"][index],
+                                         masks[index], inside)
         per_case.append(row)
         progress(n + 1, len(cases), case.case_id)
     dice_mean = {k: float(np.mean(v)) for k, v in per_dice.items() if v}
@@ -128,6 +174,7 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         "dice": dice_mean,
         "hd95": hd_mean,
         "auc": auc,
+        **lesion_cells.aucs(),
         "finding_counts": counts,
         "mean_dice": float(np.mean(list(dice_mean.values()))) if dice_mean else None,
         "mean_auc": float(np.mean(list(auc.values()))) if auc else None,
@@ -163,7 +210,8 @@ def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_roo
 
 
 def format_table(scores: dict, catalog: Catalog) -> str:
-    """A plain-text table: structure | Dice | HD95, then finding | AUC | cases (positive)."""
+    """A plain-text table: structure | Dice | HD95, then finding | AUC | cases (positive) | cell
+    and overlay AUC against the lesion masks."""
     lines = [f"{'structure':<24} {'Dice':>6} {'HD95 mm':>8}"]
     for s in catalog.structures:
         d, h = scores["dice"].get(s.key), scores["hd95"].get(s.key)
@@ -174,14 +222,17 @@ def format_table(scores: dict, catalog: Catalog) -> str:
         lines.append(f"{'mean':<24} {scores['mean_dice']:6.3f}")
     if scores["auc"] or scores.get("finding_counts"):
         lines.append("")
-        lines.append(f"{'finding':<28} {'AUC':>6} {'cases (positive)':>18}")
+        lines.append(f"{'finding':<28} {'AUC':>6} {'cases (positive)':>18} {'cell AUC':>9} {'overlay AUC':>12}")
+        nan = float("nan")
         for f in catalog.findings:
             a = scores["auc"].get(f.key)
             c = scores.get("finding_counts", {}).get(f.key)
             if a is None and c is None:
                 continue
-            lines.append(f"{f.key:<28} {a if a is not None else float('nan'):6.3f} "
-                         f"{(str(c['cases']) + ' (' + str(c['positive']) + ')') if c else '-':>18}")
+            lines.append(f"{f.key:<28} {a if a is not None else nan:6.3f} "
+                         f"{(str(c['cases']) + ' (' + str(c['positive']) + ')') if c else '-':>18} "
+                         f"{scores.get('cell_auc', {}).get(f.key, nan):9.3f} "
+                         f"{scores.get('overlay_auc', {}).get(f.key, nan):12.3f}")
     for w in scores.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)

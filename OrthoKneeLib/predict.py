@@ -211,7 +211,8 @@ def _t(array: np.ndarray, device):
 def run_heads(heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | None = None,
               slab: int = 8) -> dict:
     """Both heads on whole inputs. Returns reference-grid probabilities (C, k, j, i) float32,
-    case-level finding probabilities (F,), overlays on the reference grid (F, k, j, i)."""
+    case-level finding probabilities (F,), overlays on the reference grid (F, k, j, i), and on
+    the finding head's pooled cells: per-cell probabilities, overlays and which cells a view saw."""
     import torch
 
     from .model.heads import FindingHead, pooled, pooled_grid, resample_to_grid
@@ -245,6 +246,10 @@ def run_heads(heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | N
         "probabilities": probs.numpy(),
         "finding_probabilities": torch.sigmoid(case_logits[0].float()).cpu().numpy(),
         "overlays": overlays.clamp(0, 1).numpy(),
+        # the same maps on the heads' own cells, for scoring them against lesion masks
+        "cell_probabilities": torch.sigmoid(cell_logits[0].float()).cpu().numpy(),
+        "overlay_cells": overlay_cells.numpy(),
+        "cells_inside": (inside[0, 0] > 0.5).cpu().numpy(),
     }
 
 

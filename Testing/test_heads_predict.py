@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch", reason="torch is an engine dependency")
 
 from OrthoKneeLib.bundle import Bundle, BundleError, create_bundle  # noqa: E402
 from OrthoKneeLib.cli import main  # noqa: E402
+from OrthoKneeLib.evaluate import roc_auc  # noqa: E402
 from OrthoKneeLib.model.device import DeviceError  # noqa: E402
 from OrthoKneeLib.model.diffusion import ViewModelConfig, build_unet  # noqa: E402
 from OrthoKneeLib.model.heads import (  # noqa: E402
@@ -27,7 +28,9 @@ from OrthoKneeLib.predict import Predictor  # noqa: E402
 from OrthoKneeLib.progress import Cancelled, CancelToken  # noqa: E402
 from OrthoKneeLib.segfile import read_seg_nrrd  # noqa: E402
 from OrthoKneeLib.synth.dataset import SynthConfig, read_case, synthesize  # noqa: E402
-from OrthoKneeLib.train import CachedCase, FinetuneConfig, _axis_map, _upsample_patch, cache_case, finetune  # noqa: E402
+from OrthoKneeLib.train import (  # noqa: E402
+    CachedCase, FinetuneConfig, _axis_map, _upsample_patch, balanced_cell_loss, cache_case, finetune,
+)
 from OrthoKneeLib.volumes import Case, resample_to_spacing  # noqa: E402
 
 
@@ -140,10 +143,60 @@ def test_attention_is_a_distribution_over_covered_cells_and_overlays_are_bounded
     overlay = FindingHead.overlay(logits, attention).detach()
     assert float(overlay.min()) >= 0 and float(overlay.max()) <= 1
     # the case score is made of the cells: it equals the attention-weighted cell logits
-    assert torch.allclose(case_logits, (attention * logits).flatten(2).sum(-1))
+    assert torch.allclose(case_logits, (attention * logits).flatten(2).sum(-1).detach())
     # one view alone still works (fusion renormalizes over the views present)
     alone, _, _ = head({"sagittal": feats["sagittal"]}, {"sagittal": cover["sagittal"]}, torch.rand(1, 1, 3, 5, 5), inside)
     assert torch.isfinite(alone).all()
+
+
+def test_the_case_score_trains_the_attention_and_nothing_under_it():
+    config = HeadsConfig(view_channels={"sagittal": 6}, n_findings=3)
+    head = FindingHead(config)
+    feats, cover = {"sagittal": torch.randn(1, 6, 3, 5, 5)}, {"sagittal": torch.ones(1, 1, 3, 5, 5)}
+    case_logits, logits, _ = head(feats, cover, torch.rand(1, 1, 3, 5, 5), torch.ones(1, 1, 3, 5, 5))
+    case_logits.sum().backward()
+    assert head.attention_w.grad is not None and float(head.attention_w.grad.abs().sum()) > 0
+    assert float(head.attention_v.weight.grad.abs().sum()) > 0
+    under = [*head.trunk.parameters(), *head.cell_logits.parameters(), *head.fusion.parameters()]
+    assert all(p.grad is None for p in under)
+    # the cells are trained by their own loss, which does reach the trunk
+    logits.sum().backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in head.trunk.parameters())
+
+
+def test_attention_starts_from_the_cell_logits_unless_the_bundle_predates_it():
+    config = HeadsConfig(view_channels={"sagittal": 6}, n_findings=2)
+    head = FindingHead(config)
+    with torch.no_grad():
+        head.attention_w.zero_()  # no gate: attention is the softmax of the cells' logits
+    feats, cover = {"sagittal": torch.randn(1, 6, 3, 5, 5)}, {"sagittal": torch.ones(1, 1, 3, 5, 5)}
+    inside = torch.ones(1, 1, 3, 5, 5)
+    _, logits, attention = head(feats, cover, torch.rand(1, 1, 3, 5, 5), inside)
+    assert torch.allclose(attention.flatten(2), torch.softmax(logits.detach().flatten(2), dim=-1), atol=1e-6)
+    old = HeadsConfig.from_json({k: v for k, v in config.to_json().items() if k != "attention_reads_logits"})
+    assert old.attention_reads_logits is False  # heads trained without it keep their behaviour
+    head_old = FindingHead(old)
+    head_old.load_state_dict(head.state_dict())  # same weights, no new parameters
+    _, _, flat = head_old(feats, cover, torch.rand(1, 1, 3, 5, 5), inside)
+    assert torch.allclose(flat, torch.full_like(flat, 1 / 75))
+
+
+def test_the_cell_loss_weighs_a_small_lesion_as_much_as_the_rest_of_the_knee():
+    logits = torch.zeros(1, 2, 3, 10, 10)  # finding 0: one lesion cell of 300; finding 1: absent
+    masks = torch.zeros_like(logits)
+    masks[0, 0, 1, 4, 4] = 1
+    inside = torch.ones(1, 1, 3, 10, 10)
+    base = balanced_cell_loss(logits, masks, inside)
+    assert torch.allclose(base, torch.tensor([[2 * np.log(2), np.log(2)]], dtype=torch.float32), atol=1e-5)
+    found = logits.clone()
+    found[0, 0, 1, 4, 4] = 10.0  # the one lesion cell right: about half the loss is gone
+    assert float(base[0, 0] - balanced_cell_loss(found, masks, inside)[0, 0]) > 0.6
+    # cells no view saw count for nothing
+    unseen = inside.clone()
+    unseen[..., 0, :, :] = 0
+    wrong_there = logits.clone()
+    wrong_there[..., 0, :, :] = 10.0
+    assert torch.allclose(balanced_cell_loss(wrong_there, masks, unseen), balanced_cell_loss(logits, masks, unseen))
 
 
 # ------------------------------------------------------------------------------ finetune / evaluate
@@ -224,6 +277,34 @@ def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
     assert all(v >= 0 for v in scores["hd95"].values())
     assert scores["cases"] == 3
     assert scores["warnings"]  # two of these cases trained the heads: the command says so
+    # the finding maps scored against the lesion masks, for every finding with a lesion
+    with_lesion = {k for k, c in scores["finding_counts"].items() if c["positive"]}
+    assert with_lesion and set(scores["cell_auc"]) == set(scores["overlay_auc"])
+    assert set(scores["cell_auc"]) <= with_lesion and set(scores["cell_auc"])
+    assert all(0 <= v <= 1 for v in [*scores["cell_auc"].values(), *scores["overlay_auc"].values()])
+
+
+def test_evaluate_reports_progress_case_by_case(pipeline):
+    from OrthoKneeLib.evaluate import evaluate_cached
+    from OrthoKneeLib.predict import load_heads
+
+    kind, heads = load_heads(pipeline["trained"])
+    cases = [CachedCase(c) for c in pipeline["caches"]]
+    seen = []
+    evaluate_cached(kind, heads, cases, pipeline["trained"].catalog, with_hd95=False,
+                    progress=lambda done, total, message: seen.append((done, total, message)))
+    assert seen == [(n + 1, len(cases), c.case_id) for n, c in enumerate(cases)]
+
+
+def test_roc_auc_by_ranks_matches_the_pairwise_definition():
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.random(300), 1)  # many ties
+    labels = rng.random(300) < 0.3
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (pos.size * neg.size)
+    assert roc_auc(scores, labels) == pytest.approx(pairwise, abs=1e-12)
+    assert roc_auc([0.1, 0.9], [0, 1]) == 1.0 and roc_auc([0.9, 0.1], [0, 1]) == 0.0
+    assert roc_auc([0.5, 0.5], [0, 1]) == 0.5 and roc_auc([0.2, 0.3], [1, 1]) is None
 
 
 def test_the_baseline_runs_no_backbone_it_does_not_read(pipeline, tmp_path):
