@@ -115,3 +115,40 @@ metadata["metrics"] = {"held_out": {k: scores[k] for k in ("dice", "hd95", "auc"
 json.dump(metadata, open(sys.argv[3], "w"), indent=2)
 PY
 python3 -c "from OrthoKneeLib.bundle import Bundle; Bundle.open('$B', verify=True)"  # verifies every sha256
+
+# 9. Three times as many renders of the same training subjects (OAI 160 cases with seed 123, whose
+#    first 64 are step 3's and whose subject split is the same; SPL 36): all 163 training cases,
+#    step 4's command otherwise (the model card's "More renders" table). Trained with the code of
+#    commit 6e6c99e, before step 10's change to the finding head; the segmentation head is the same.
+V4=$DATA/v4
+orthoknee synth --labels $SHARED/labels-oai --source oai --out $V4/synth_oai --n 160 --seed 123 --workers 2 --no-sheets
+orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V4/synth_spl --n 36 --seed 12 --workers 2 --no-sheets
+python3 - "$V4" <<'PY'
+import os, sys
+from OrthoKneeLib.train import find_cases
+data = sys.argv[1]
+os.makedirs(f"{data}/train/cases", exist_ok=True)
+for c in find_cases([f"{data}/synth_oai"], "train") + find_cases([f"{data}/synth_spl"]):
+    if not os.path.islink(f"{data}/train/cases/{c.name}"):
+        os.symlink(c, f"{data}/train/cases/{c.name}")
+PY
+[ -f $DATA/bundles/v4-heads-100/weights/heads.pt ] ||
+  orthoknee finetune --bundle $B --cases $V4/train --validation $V2/test --validation-cases 4 \
+    --validate-every 200 --out $DATA/bundles/v4-heads-100 --views sagittal --steps 1000 --from-scratch --device cpu
+
+# 10. The finding head as commit 88f4d4c trains it (case loss into the attention only; balanced
+#     lesion-cell loss; each head clipped on its own; attention reading the cells' logits): step 4's
+#     command and data again (the model card's "Finding head" table). v5-heads-100 was the same
+#     command run while attention did not yet read the logits (its heads config lacks
+#     attention_reads_logits, so it loads without it); today the command trains v6-heads-100.
+for name in v5-heads-100 v6-heads-100; do
+  [ -f $DATA/bundles/$name/weights/heads.pt ] ||
+    orthoknee finetune --bundle $B --cases $V2/train --validation $V2/test --validation-cases 4 \
+      --validate-every 200 --out $DATA/bundles/$name --views sagittal --steps 1000 --from-scratch --device cpu
+done
+for name in v3-heads-100 v4-heads-100 v5-heads-100 v6-heads-100; do
+  orthoknee evaluate --bundle $DATA/bundles/$name --cases $V2/test --json --per-case --device cpu \
+    > $DATA/bundles/$name.s9.eval.json
+  orthoknee evaluate --bundle $DATA/bundles/$name --cases $V3/test_findings --json --per-case --device cpu \
+    > $DATA/bundles/$name.findings-test.s9.eval.json
+done
