@@ -314,7 +314,7 @@ def balanced_cell_loss(cell_logits, masks, inside):
     """Per finding (N, F): mean cross-entropy over the lesion's cells plus mean over all others.
 
     A lesion is a few dozen of ~100 000 cells (a torn ACL ~12): weighted by count, or even
-    20-fold, the lesion cells were too few to matter and the cells learnt a constant. Balanced,
+    21-fold, the lesion cells were too few to matter and the cells learnt a near-constant. Balanced,
     the lesion weighs as much as the rest of the knee. A case without the finding (or with the
     finding but no mask) has the negative term alone. Cells no view saw are left out.
     """
