@@ -152,3 +152,5 @@ for name in v3-heads-100 v4-heads-100 v5-heads-100 v6-heads-100; do
   orthoknee evaluate --bundle $DATA/bundles/$name --cases $V3/test_findings --json --per-case --device cpu \
     > $DATA/bundles/$name.findings-test.s9.eval.json
 done
+#     Why the maps do not yet make a case score (the card's "Reading"):
+python bench/finding_maps.py --bundle $DATA/bundles/v6-heads-100 --cases $V3/test_findings
