@@ -7,6 +7,21 @@ DATA=${DATA:-/work/data}
 SHARED=${SHARED:-../shared/data}
 export ORTHOKNEE_CACHE=$DATA/cache
 
+# link_cases DIR SPLIT FIRST SYNTH_OUT: symlink into DIR/cases the first FIRST cases (0: all) of
+# split SPLIT (train, validation or all) of an `orthoknee synth` output; existing links are kept.
+link_cases() {
+  python3 - "$@" <<'PY'
+import os, sys
+from OrthoKneeLib.train import find_cases
+folder, split, first, synth = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+cases = find_cases([synth], split)
+os.makedirs(f"{folder}/cases", exist_ok=True)
+for c in cases[:first] if first else cases:
+    if not os.path.islink(f"{folder}/cases/{c.name}"):
+        os.symlink(c, f"{folder}/cases/{c.name}")
+PY
+}
+
 # 1. Synthetic cases from the real label maps for the backbones' pretraining (OAI: 35 subjects).
 #    Rendered with the renderer of commit e15996b (DESS, PD fat-sat, T2 only); today's renderer
 #    draws other contrasts, so rerunning this step makes other images than the backbones saw.
@@ -24,19 +39,10 @@ V2=$DATA/v2
 orthoknee synth --labels $SHARED/labels-oai --source oai --out $V2/synth_oai --n 64 --seed 123 --workers 2 --no-sheets
 orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V2/synth_spl --n 12 --seed 12 --workers 2 --no-sheets
 orthoknee synth --labels $SHARED/labels-pymskt --source pymskt --out $V2/synth_pymskt --n 8 --seed 11 --workers 2 --no-sheets
-python3 - "$V2" <<'PY'
-import os, sys
-from OrthoKneeLib.train import find_cases
-data = sys.argv[1]
-train = find_cases([f"{data}/synth_oai"], "train")[:40] + find_cases([f"{data}/synth_spl"])
-test = find_cases([f"{data}/synth_oai"], "validation")[:12] + find_cases([f"{data}/synth_pymskt"])
-for folder, cases in (("train", train), ("test", test)):
-    os.makedirs(f"{data}/{folder}/cases", exist_ok=True)
-    for c in cases:
-        link = f"{data}/{folder}/cases/{c.name}"
-        if not os.path.islink(link):
-            os.symlink(c, link)
-PY
+link_cases $V2/train train 40 $V2/synth_oai
+link_cases $V2/train all 0 $V2/synth_spl
+link_cases $V2/test validation 12 $V2/synth_oai
+link_cases $V2/test all 0 $V2/synth_pymskt
 
 # 4. Heads on frozen sagittal features (see README.md, "Why one view"); only that backbone is
 #    run and cached. The run checkpoints every 100 steps: the same command started again
@@ -78,15 +84,8 @@ done
 V3=$DATA/v3
 orthoknee synth --labels $SHARED/labels-oai --source oai --out $V3/synth_oai_p50 --n 64 --seed 123 --prevalence 0.5 --workers 2 --no-sheets
 orthoknee synth --labels $SHARED/labels-pymskt --source pymskt --out $V3/synth_pymskt_p50 --n 16 --seed 21 --prevalence 0.5 --workers 2 --no-sheets
-python3 - "$V3" <<'PY'
-import os, sys
-from OrthoKneeLib.train import find_cases
-data = sys.argv[1]
-os.makedirs(f"{data}/test_findings/cases", exist_ok=True)
-for c in find_cases([f"{data}/synth_oai_p50"], "validation") + find_cases([f"{data}/synth_pymskt_p50"]):
-    if not os.path.islink(f"{data}/test_findings/cases/{c.name}"):
-        os.symlink(c, f"{data}/test_findings/cases/{c.name}")
-PY
+link_cases $V3/test_findings validation 0 $V3/synth_oai_p50
+link_cases $V3/test_findings all 0 $V3/synth_pymskt_p50
 
 # 7. Held-out evaluation (the model card's tables: python bench/compare_models.py $DATA/bundles --prefix v3-,
 #    and with --suffix .findings-test for the second set; the equal-wall-time table with --prefix v3w-,
@@ -123,15 +122,8 @@ python3 -c "from OrthoKneeLib.bundle import Bundle; Bundle.open('$B', verify=Tru
 V4=$DATA/v4
 orthoknee synth --labels $SHARED/labels-oai --source oai --out $V4/synth_oai --n 160 --seed 123 --workers 2 --no-sheets
 orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V4/synth_spl --n 36 --seed 12 --workers 2 --no-sheets
-python3 - "$V4" <<'PY'
-import os, sys
-from OrthoKneeLib.train import find_cases
-data = sys.argv[1]
-os.makedirs(f"{data}/train/cases", exist_ok=True)
-for c in find_cases([f"{data}/synth_oai"], "train") + find_cases([f"{data}/synth_spl"]):
-    if not os.path.islink(f"{data}/train/cases/{c.name}"):
-        os.symlink(c, f"{data}/train/cases/{c.name}")
-PY
+link_cases $V4/train train 0 $V4/synth_oai
+link_cases $V4/train all 0 $V4/synth_spl
 [ -f $DATA/bundles/v4-heads-100/weights/heads.pt ] ||
   orthoknee finetune --bundle $B --cases $V4/train --validation $V2/test --validation-cases 4 \
     --validate-every 200 --out $DATA/bundles/v4-heads-100 --views sagittal --steps 1000 --from-scratch --device cpu
