@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from .labels import Catalog
 from .progress import CancelToken, ProgressFn, no_progress
 
-__all__ = ["dice", "hd95", "roc_auc", "evaluate_cached", "evaluate_bundle", "format_table"]
+__all__ = ["dice", "hd95", "roc_auc", "evaluate_cached", "evaluate_bundle", "dice_by_contrast", "format_table"]
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
@@ -129,7 +129,8 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         truth = np.asarray(case.array("labels_reference"))
         spacing = case.reference_grid.spacing
         annotated = set(case.meta["annotated"])
-        row = {"case_id": case.case_id, "subject": case.meta.get("subject"), "dice": {}, "hd95": {}}
+        row = {"case_id": case.case_id, "subject": case.meta.get("subject"), "contrast": case.contrast,
+               "dice": {}, "hd95": {}}
         for s in catalog.structures:
             if s.key not in annotated:
                 continue
@@ -179,8 +180,31 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         "mean_dice": float(np.mean(list(dice_mean.values()))) if dice_mean else None,
         "mean_auc": float(np.mean(list(auc.values()))) if auc else None,
         "cases": len(cases),
+        "by_contrast": dice_by_contrast(per_case),
         "per_case": per_case,
     }
+
+
+def dice_by_contrast(per_case: Sequence[dict]) -> dict[str, dict]:
+    """contrast -> {"cases", "dice" (structure -> mean), "mean_dice"} over the per-case rows of
+    synthetic cases; empty when no case has a contrast (real cases).
+
+    The heads' Dice depends on the render's contrast far more than on the subject (held-out
+    femur 0.92 on DESS renders, 0.64 on T2-like ones, and the same on training cases), and a
+    mean over a test set hides that behind its contrast mix.
+    """
+    groups: dict[str, list[dict]] = {}
+    for row in per_case:
+        if row.get("contrast"):
+            groups.setdefault(row["contrast"], []).append(row)
+    out = {}
+    for contrast in sorted(groups):
+        rows = groups[contrast]
+        keys = sorted({k for r in rows for k in r["dice"]})
+        means = {k: float(np.mean([r["dice"][k] for r in rows if k in r["dice"]])) for k in keys}
+        out[contrast] = {"cases": len(rows), "dice": means,
+                         "mean_dice": float(np.mean(list(means.values()))) if means else None}
+    return out
 
 
 def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_root: str | os.PathLike,
@@ -233,6 +257,18 @@ def format_table(scores: dict, catalog: Catalog) -> str:
                          f"{(str(c['cases']) + ' (' + str(c['positive']) + ')') if c else '-':>18} "
                          f"{scores.get('cell_auc', {}).get(f.key, nan):9.3f} "
                          f"{scores.get('overlay_auc', {}).get(f.key, nan):12.3f}")
+    by_contrast = scores.get("by_contrast") or {}
+    if by_contrast:
+        lines.append("")
+        lines.append(f"{'Dice by contrast':<24}" + "".join(f" {c + ' (' + str(g['cases']) + ')':>12}"
+                                                         for c, g in by_contrast.items()))
+        for s in catalog.structures:
+            if not any(s.key in g["dice"] for g in by_contrast.values()):
+                continue
+            lines.append(f"{s.key:<24}" + "".join(f" {g['dice'].get(s.key, float('nan')):12.3f}"
+                                                  for g in by_contrast.values()))
+        lines.append(f"{'mean':<24}" + "".join(f" {g['mean_dice'] if g['mean_dice'] is not None else float('nan'):12.3f}"
+                                              for g in by_contrast.values()))
     for w in scores.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)

@@ -134,6 +134,7 @@ def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str |
         "subject": sc.meta.get("subject"),
         "split": sc.meta.get("split"),
         "source": sc.meta.get("source"),
+        "contrast": (sc.meta.get("contrast") or {}).get("contrast"),
         "planes": list(fi.features),
         "reference_plane": ref_plane,
         "annotated": list(sc.annotated),
@@ -174,6 +175,21 @@ class CachedCase:
     @property
     def case_id(self) -> str:
         return self.meta["case_id"]
+
+    @property
+    def contrast(self) -> str | None:
+        """The synthetic render's contrast ("dess", "t2", ...); None for a real case.
+
+        Scores differ by contrast far more than by subject, so evaluation reports them per
+        contrast. Entries cached before the field existed read it from the case folder.
+        """
+        if "contrast" in self.meta:
+            return self.meta["contrast"]
+        folder = self.meta.get("case_folder")
+        case_json = Path(folder) / "case.json" if folder else None
+        if case_json is None or not case_json.is_file():
+            return None
+        return (json.loads(case_json.read_text()).get("contrast") or {}).get("contrast")
 
     def annotated_mask(self, catalog: Catalog) -> np.ndarray:
         """(n_classes,) bool: background and the structures this case annotates."""

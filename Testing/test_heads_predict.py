@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch", reason="torch is an engine dependency")
 from OrthoKneeLib.bundle import Bundle, BundleError, create_bundle  # noqa: E402
 from OrthoKneeLib.cli import main  # noqa: E402
 from OrthoKneeLib.evaluate import roc_auc  # noqa: E402
+from OrthoKneeLib.labels import DEFAULT_CATALOG  # noqa: E402
 from OrthoKneeLib.model.device import DeviceError  # noqa: E402
 from OrthoKneeLib.model.diffusion import ViewModelConfig, build_unet  # noqa: E402
 from OrthoKneeLib.model.heads import (  # noqa: E402
@@ -282,6 +283,31 @@ def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
     assert with_lesion and set(scores["cell_auc"]) == set(scores["overlay_auc"])
     assert set(scores["cell_auc"]) <= with_lesion and set(scores["cell_auc"])
     assert all(0 <= v <= 1 for v in [*scores["cell_auc"].values(), *scores["overlay_auc"].values()])
+    # each case's render contrast, from its case.json, and Dice per contrast
+    contrasts = {f.name: json.loads((f / "case.json").read_text())["contrast"]["contrast"] for f in pipeline["folders"]}
+    assert {row["case_id"]: row["contrast"] for row in scores["per_case"]} == contrasts
+    assert {c: g["cases"] for c, g in scores["by_contrast"].items()} == {
+        c: list(contrasts.values()).count(c) for c in set(contrasts.values())}
+
+
+def test_dice_by_contrast_groups_the_per_case_rows():
+    from OrthoKneeLib.evaluate import dice_by_contrast, format_table
+
+    rows = [{"case_id": "a", "contrast": "t2", "dice": {"femur": 0.5, "tibia": 0.25}},
+            {"case_id": "b", "contrast": "t2", "dice": {"femur": 0.7}},
+            {"case_id": "c", "contrast": "dess", "dice": {"femur": 0.9, "tibia": 0.8}},
+            {"case_id": "real", "contrast": None, "dice": {"femur": 0.1}}]  # real cases: no contrast
+    groups = dice_by_contrast(rows)
+    assert list(groups) == ["dess", "t2"]
+    assert groups["t2"]["cases"] == 2 and groups["t2"]["dice"] == pytest.approx({"femur": 0.6, "tibia": 0.25})
+    assert groups["t2"]["mean_dice"] == pytest.approx(0.425)
+    assert groups["dess"]["dice"] == pytest.approx({"femur": 0.9, "tibia": 0.8})
+    assert dice_by_contrast(rows[3:]) == {}
+    table = format_table({"dice": {"femur": 0.675}, "hd95": {}, "auc": {}, "by_contrast": groups},
+                         DEFAULT_CATALOG)
+    section = table.split("Dice by contrast")[1].splitlines()
+    assert "dess (1)" in section[0] and "t2 (2)" in section[0]
+    assert section[1].split() == ["femur", "0.900", "0.600"] and section[-1].split() == ["mean", "0.850", "0.425"]
 
 
 def test_evaluate_reports_progress_case_by_case(pipeline):
