@@ -146,3 +146,29 @@ for name in v3-heads-100 v4-heads-100 v5-heads-100 v6-heads-100; do
 done
 #     Why the maps do not yet make a case score (the card's "Reading"):
 python bench/finding_maps.py --bundle $DATA/bundles/v6-heads-100 --cases $V3/test_findings
+
+# 11. Dice by render contrast (the model card's "Dice by contrast"): the same heads scored per contrast,
+#     on held-out cases and on 16 of their own training cases (the first 6 T2-like, 6 random and 4 DESS
+#     renders of $V2/train in name order), and v6's command with 3x the steps (v7): is the head underfit?
+mkdir -p $V2/trainsub/cases
+for contrast_count in t2:6 random:6 dess:4; do
+  for c in $(for f in $V2/train/cases/*/case.json; do
+               python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(m['case_id'], m['contrast']['contrast'])" $f
+             done | awk -v c=${contrast_count%:*} '$2 == c {print $1}' | head -${contrast_count#*:}); do
+    ln -sfn "$(readlink -f $V2/train/cases/$c)" $V2/trainsub/cases/$c
+  done
+done
+name=v7-heads-100-3000
+[ -f $DATA/bundles/$name/weights/heads.pt ] ||
+  orthoknee finetune --bundle $B --cases $V2/train --validation $V2/test --validation-cases 4 \
+    --validate-every 500 --out $DATA/bundles/$name --views sagittal --steps 3000 --from-scratch --device cpu
+orthoknee evaluate --bundle $DATA/bundles/v6-heads-100 --cases $V2/trainsub --json --per-case --device cpu \
+  > $DATA/bundles/v6-heads-100.trainsub.eval.json
+orthoknee evaluate --bundle $DATA/bundles/$name --cases $V2/test --json --per-case --device cpu > $DATA/bundles/$name.s10.eval.json
+orthoknee evaluate --bundle $DATA/bundles/$name --cases $V3/test_findings --json --per-case --device cpu \
+  > $DATA/bundles/$name.findings-test.s10.eval.json
+orthoknee evaluate --bundle $DATA/bundles/$name --cases $V2/trainsub --json --per-case --device cpu \
+  > $DATA/bundles/$name.trainsub.eval.json
+python bench/dice_by_contrast.py $DATA/bundles/v6-heads-100.s9.eval.json $DATA/bundles/$name.s10.eval.json \
+  $DATA/bundles/v6-heads-100.trainsub.eval.json $DATA/bundles/$name.trainsub.eval.json \
+  $DATA/bundles/v3w-baseline-100.eval.json --cases $V2/test $V2/trainsub
