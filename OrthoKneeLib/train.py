@@ -312,7 +312,7 @@ def _finding_loss(heads, case: CachedCase, planes: list[str], catalog: Catalog, 
 
     feats = {p: torch.from_numpy(case.pooled_features[p].astype(np.float32))[None].to(dev) for p in planes}
     cover = {p: torch.from_numpy(case.pooled_coverage[p].astype(np.float32))[None].to(dev) for p in planes}
-    inside = (sum(cover.values()) > 0.05).float()
+    inside = heads.findings.seen_cells(cover)
     image = torch.from_numpy(case.pooled_image.astype(np.float32))[None].to(dev)
     case_logits, cell_logits, _ = heads.findings(feats, cover, image, inside)
     values, known = case.finding_targets(catalog)

@@ -379,6 +379,15 @@ class FindingHead(nn.Module):
         return case_logits, logits, attention
 
     @staticmethod
+    def seen_cells(coverage: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``inside`` for forward: 1 where the fused views together cover over 5 % of a cell.
+
+        Training (pooled from the cache) and prediction (pooled on the fly) must draw the same
+        line: attention and the cell loss ignore the cells outside it.
+        """
+        return (sum(coverage.values()) > 0.05).float()
+
+    @staticmethod
     def overlay(logits: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """Per-cell probability weighted by attention relative to the most attended cell, in [0, 1]."""
         peak = attention.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None, None]
