@@ -189,9 +189,10 @@ def dice_by_contrast(per_case: Sequence[dict]) -> dict[str, dict]:
     """contrast -> {"cases", "dice" (structure -> mean), "mean_dice"} over the per-case rows of
     synthetic cases; empty when no case has a contrast (real cases).
 
-    The heads' Dice depends on the render's contrast far more than on the subject (held-out
-    femur 0.92 on DESS renders, 0.64 on T2-like ones, and the same on training cases), and a
-    mean over a test set hides that behind its contrast mix.
+    Dice can depend on the render's contrast more than on anything else, and a mean over a test
+    set hides that behind its contrast mix: the 1000-step heads scored femur 0.92 on held-out
+    DESS renders and 0.64 on T2-like ones, and as little on their own training cases, which is
+    how they were found to be underfit (model card, "Heads 0.3.0").
     """
     groups: dict[str, list[dict]] = {}
     for row in per_case:
