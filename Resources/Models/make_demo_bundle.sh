@@ -184,3 +184,19 @@ python bench/dice_by_contrast.py $DATA/bundles/v6-heads-100.s9.eval.json $DATA/b
 #     against v6, and on the real sample femur, tibia, patella and cartilages outlined on each of four
 #     sagittal slices looked at (the model card's "Heads 0.3.0").
 ship_heads $DATA/bundles/v7-heads-100-3000 $DATA/bundles/v7-heads-100-3000.s10.eval.json
+
+# 13. The 10 %-label comparison at the new budget (the model card's "10 % of the labels at 3000 steps"):
+#     heads 3000 steps (100 %: step 11's v7), the baseline 6000 steps (about the heads' wall time).
+#     Tables: python bench/compare_models.py $DATA/bundles --prefix v10- [--suffix .findings-test]
+ln -sf v7-heads-100-3000.s10.eval.json $DATA/bundles/v10-heads-100.eval.json
+ln -sf v7-heads-100-3000.findings-test.s10.eval.json $DATA/bundles/v10-heads-100.findings-test.eval.json
+for run in "v10-heads-10 heads 0.1 3000" "v10-baseline-100 baseline 1.0 6000" "v10-baseline-10 baseline 0.1 6000"; do
+  set -- $run
+  [ -f $DATA/bundles/$1/weights/heads.pt ] ||
+    orthoknee finetune --bundle $B --cases $V2/train --validation $V2/test --validation-cases 4 \
+      --validate-every $(( $4 / 6 )) --out $DATA/bundles/$1 --views sagittal --steps $4 --from-scratch \
+      --model $2 --label-fraction $3 --device cpu
+  orthoknee evaluate --bundle $DATA/bundles/$1 --cases $V2/test --json --per-case --device cpu > $DATA/bundles/$1.eval.json
+  orthoknee evaluate --bundle $DATA/bundles/$1 --cases $V3/test_findings --json --per-case --device cpu \
+    > $DATA/bundles/$1.findings-test.eval.json
+done
