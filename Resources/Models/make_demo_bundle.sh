@@ -157,14 +157,20 @@ python bench/finding_maps.py --bundle $DATA/bundles/v6-heads-100 --cases $V3/tes
 # 11. Dice by render contrast (the model card's "Dice by contrast"): the same heads scored per contrast,
 #     on held-out cases and on 16 of their own training cases (the first 6 T2-like, 6 random and 4 DESS
 #     renders of $V2/train in name order), and v6's command with 3x the steps (v7): is the head underfit?
-mkdir -p $V2/trainsub/cases
-for contrast_count in t2:6 random:6 dess:4; do
-  for c in $(for f in $V2/train/cases/*/case.json; do
-               python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(m['case_id'], m['contrast']['contrast'])" $f
-             done | awk -v c=${contrast_count%:*} '$2 == c {print $1}' | head -${contrast_count#*:}); do
-    ln -sfn "$(readlink -f $V2/train/cases/$c)" $V2/trainsub/cases/$c
-  done
-done
+python3 - "$V2" <<'PY'
+import json, sys
+from pathlib import Path
+v2 = Path(sys.argv[1])
+out = v2 / "trainsub" / "cases"
+out.mkdir(parents=True, exist_ok=True)
+by_contrast = {}
+for case in sorted((v2 / "train" / "cases").iterdir()):
+    by_contrast.setdefault(json.loads((case / "case.json").read_text())["contrast"]["contrast"], []).append(case)
+for contrast, count in (("t2", 6), ("random", 6), ("dess", 4)):
+    for case in by_contrast[contrast][:count]:
+        if not (out / case.name).is_symlink():
+            (out / case.name).symlink_to(case.resolve())
+PY
 name=v7-heads-100-3000
 [ -f $DATA/bundles/$name/weights/heads.pt ] ||
   orthoknee finetune --bundle $B --cases $V2/train --validation $V2/test --validation-cases 4 \
