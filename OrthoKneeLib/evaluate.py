@@ -236,19 +236,19 @@ def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_roo
 
 def format_table(scores: dict, catalog: Catalog) -> str:
     """A plain-text table: structure | Dice | HD95, then finding | AUC | cases (positive) | cell
-    and overlay AUC against the lesion masks."""
+    and overlay AUC against the lesion masks, then Dice by render contrast."""
+    nan = float("nan")
     lines = [f"{'structure':<24} {'Dice':>6} {'HD95 mm':>8}"]
     for s in catalog.structures:
         d, h = scores["dice"].get(s.key), scores["hd95"].get(s.key)
         if d is None:
             continue
-        lines.append(f"{s.key:<24} {d:6.3f} {h if h is not None else float('nan'):8.2f}")
+        lines.append(f"{s.key:<24} {d:6.3f} {h if h is not None else nan:8.2f}")
     if scores.get("mean_dice") is not None:
         lines.append(f"{'mean':<24} {scores['mean_dice']:6.3f}")
     if scores["auc"] or scores.get("finding_counts"):
         lines.append("")
         lines.append(f"{'finding':<28} {'AUC':>6} {'cases (positive)':>18} {'cell AUC':>9} {'overlay AUC':>12}")
-        nan = float("nan")
         for f in catalog.findings:
             a = scores["auc"].get(f.key)
             c = scores.get("finding_counts", {}).get(f.key)
@@ -266,9 +266,9 @@ def format_table(scores: dict, catalog: Catalog) -> str:
         for s in catalog.structures:
             if not any(s.key in g["dice"] for g in by_contrast.values()):
                 continue
-            lines.append(f"{s.key:<24}" + "".join(f" {g['dice'].get(s.key, float('nan')):12.3f}"
+            lines.append(f"{s.key:<24}" + "".join(f" {g['dice'].get(s.key, nan):12.3f}"
                                                   for g in by_contrast.values()))
-        lines.append(f"{'mean':<24}" + "".join(f" {g['mean_dice'] if g['mean_dice'] is not None else float('nan'):12.3f}"
+        lines.append(f"{'mean':<24}" + "".join(f" {g['mean_dice'] if g['mean_dice'] is not None else nan:12.3f}"
                                               for g in by_contrast.values()))
     for w in scores.get("warnings", []):
         lines.append(f"warning: {w}")
