@@ -23,7 +23,7 @@ from OrthoKneeLib.labels import DEFAULT_CATALOG  # noqa: E402
 from OrthoKneeLib.model.device import DeviceError  # noqa: E402
 from OrthoKneeLib.model.diffusion import ViewModelConfig, build_unet  # noqa: E402
 from OrthoKneeLib.model.heads import (  # noqa: E402
-    FindingHead, HeadsConfig, grid_of, marginal_seg_loss, resample_to_grid,
+    FindingHead, HeadsConfig, grid_of, marginal_seg_loss, pooled, resample_to_grid,
 )
 from OrthoKneeLib.predict import Predictor  # noqa: E402
 from OrthoKneeLib.progress import Cancelled, CancelToken  # noqa: E402
@@ -320,6 +320,35 @@ def test_evaluate_reports_progress_case_by_case(pipeline):
     evaluate_cached(kind, heads, cases, pipeline["trained"].catalog, with_hd95=False,
                     progress=lambda done, total, message: seen.append((done, total, message)))
     assert seen == [(n + 1, len(cases), c.case_id) for n, c in enumerate(cases)]
+
+
+def test_finding_maps_bench_reads_the_maps_and_the_true_sites(pipeline, capsys):
+    """bench/finding_maps.py: both tables have a row per finding; the true site holds every cell the
+    structure half fills and nothing farther than one cell from it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "finding_maps.py"
+    spec = importlib.util.spec_from_file_location("finding_maps", path)
+    finding_maps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finding_maps)
+
+    case = CachedCase(pipeline["caches"][0])
+    femur = DEFAULT_CATALOG.structure("femur").label
+    site = finding_maps.true_site(case, [femur])
+    share = pooled((np.asarray(case.array("labels_fusion")) == femur).astype(np.float32)[None],
+                   case.meta["pool_kji"])[0].numpy()
+    assert site.shape == share.shape and site[share >= 0.5].all()
+    near = torch.nn.functional.max_pool3d(torch.from_numpy(share > 0)[None, None].float(), (1, 3, 3), 1, (0, 1, 1))
+    assert not (site & (near[0, 0].numpy() == 0)).any() and (site & (share == 0)).any()
+
+    assert finding_maps.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
+                              "--cache", str(pipeline["root"] / "cache")]) == 0
+    out = capsys.readouterr().out
+    tables = out.split("\n\n")
+    assert len(tables) == 2 and "AUC max cell in the true site" in tables[1]
+    for key in DEFAULT_CATALOG.finding_keys:
+        assert all(f"| {key} |" in table for table in tables)
 
 
 def test_roc_auc_by_ranks_matches_the_pairwise_definition():

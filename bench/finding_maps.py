@@ -7,6 +7,13 @@ prints, per finding: the case-level AUC of the head's own score and of three pla
 of its cell map (the highest cell, the mean of the 30 highest, the number of cells above 0.5),
 how many cells exceed 0.5 in the cases with and without the finding, and how many cells each
 lesion half-covers (a lesion thinner than a 3-mm cell has none, and no map can show it).
+
+A second table asks where the case score is lost. "Cells above the lesion": in each case with
+the finding, how many cells outside the lesion score higher than its best cell (0 = the lesion
+is the map's peak). "AUC max cell in the true site": the highest cell within the finding's
+structures (the reference labels, one cell of margin), over the cases that annotate them: if
+the map only misfires elsewhere in the knee, this readout separates the cases even though the
+plain maximum does not.
 """
 
 from __future__ import annotations
@@ -17,17 +24,31 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from OrthoKneeLib.bundle import Bundle  # noqa: E402
 from OrthoKneeLib.evaluate import roc_auc  # noqa: E402
+from OrthoKneeLib.model.heads import pooled  # noqa: E402
 from OrthoKneeLib.predict import load_heads, run_heads, views_fused  # noqa: E402
 from OrthoKneeLib.train import CachedCase, cache_case, find_cases  # noqa: E402
 
 
 def _range(values: list[int]) -> str:
     return f"{min(values)}-{max(values)}" if values else "-"
+
+
+def _median_range(values: list[int]) -> str:
+    return f"{np.median(values):.0f} ({_range(values)})" if values else "-"
+
+
+def true_site(case: CachedCase, structure_labels: list[int]) -> np.ndarray:
+    """The finding head's cells that hold any of the structures (reference labels), plus one cell
+    of margin in plane: a torn ligament or a cartilage defect is cut out of its own label."""
+    labels = np.asarray(case.array("labels_fusion"))
+    share = pooled(np.isin(labels, structure_labels).astype(np.float32)[None], case.meta["pool_kji"])[None]
+    return F.max_pool3d(share, (1, 3, 3), 1, (0, 1, 1))[0, 0].numpy() > 0.1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,18 +64,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.bundle} has no finding head (its heads are {kind})")
     catalog = bundle.catalog
     rows: dict[str, list[dict]] = {k: [] for k in catalog.finding_keys}
+    seen: list[int] = []
     for folder in find_cases([args.cases]):
         case = CachedCase(cache_case(bundle, folder, args.cache, views=views_fused(kind, heads)))
         result = run_heads(heads, case.fusion_inputs())
         values, known = case.finding_targets(catalog)
-        for n, key in enumerate(catalog.finding_keys):
+        annotated = set(case.meta["annotated"])
+        inside = result["cells_inside"]
+        seen.append(int(inside.sum()))
+        for n, finding in enumerate(catalog.findings):
             if not known[n]:
                 continue
-            cells = result["cell_probabilities"][n][result["cells_inside"]]
+            cell_map, lesion = result["cell_probabilities"][n], case.pooled_masks[n] >= 0.5
+            cells = cell_map[inside]
             top = np.sort(cells)[::-1]
-            rows[key].append({"y": int(values[n]), "score": float(result["finding_probabilities"][n]),
-                              "max": float(top[0]), "top30": float(top[:30].mean()), "above": int((cells > 0.5).sum()),
-                              "lesion": int((case.pooled_masks[n] >= 0.5).sum())})
+            row = {"y": int(values[n]), "score": float(result["finding_probabilities"][n]),
+                   "max": float(top[0]), "top30": float(top[:30].mean()), "above": int((cells > 0.5).sum()),
+                   "lesion": int(lesion.sum())}
+            if values[n] and (lesion & inside).any():
+                best = cell_map[lesion & inside].max()
+                row["outranked_by"] = int((cell_map[inside & (case.pooled_masks[n] == 0)] > best).sum())
+            if finding.structures and set(finding.structures) <= annotated:
+                site = true_site(case, [s.label for s in catalog.structures if s.key in finding.structures]) & inside
+                row["site_max"] = float(cell_map[site].max()) if site.any() else 0.0
+            rows[finding.key].append(row)
+    if not seen:
+        parser.error(f"no cases in {args.cases}")
     print(f"bundle {args.bundle}, cases {args.cases}")
     print("| finding | AUC head | AUC max cell | AUC top-30 mean | AUC cells > 0.5 | cells > 0.5 with | without "
           "| lesion cells (>= half covered) | lesions with none |")
@@ -66,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {key} | " + " | ".join(f"{a:.2f}" if a is not None else "-" for a in aucs)
               + f" | {_range([r['above'] for r in pos])} | {_range([r['above'] for r in found if not r['y']])}"
               + f" | {_range([r['lesion'] for r in pos])} | {sum(r['lesion'] == 0 for r in pos)} of {len(pos)} |")
+    print()
+    print(f"| finding | cells above the lesion's best cell, median (range), of ~{int(np.median(seen))} seen | "
+          "AUC max cell in the true site | cases annotating the site (with the finding) |")
+    print("|---|---|---|---|")
+    for key, found in rows.items():
+        ranked = [r["outranked_by"] for r in found if "outranked_by" in r]
+        sited = [r for r in found if "site_max" in r]
+        auc = roc_auc([r["site_max"] for r in sited], [r["y"] for r in sited]) if sited else None
+        print(f"| {key} | {_median_range(ranked)} | "
+              + (f"{auc:.2f}" if auc is not None else "-") + f" | {len(sited)} ({sum(r['y'] for r in sited)}) |")
     return 0
 
 
