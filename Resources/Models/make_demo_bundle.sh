@@ -206,3 +206,8 @@ for run in "v10-heads-10 heads 0.1 3000" "v10-baseline-100 baseline 1.0 6000" "v
   orthoknee evaluate --bundle $DATA/bundles/$1 --cases $V3/test_findings --json --per-case --device cpu \
     > $DATA/bundles/$1.findings-test.eval.json
 done
+
+# 14. Where the shipped heads' (0.3.0) case scores are lost (the model card's "Finding head: where the
+#     case score is lost"): how many cells outrank each lesion's best cell, and the highest cell inside
+#     the finding's true site.
+python bench/finding_maps.py --bundle $B --cases $V3/test_findings
