@@ -335,8 +335,9 @@ def test_finding_maps_bench_reads_the_maps_and_the_true_sites(pipeline, capsys):
 
     case = CachedCase(pipeline["caches"][0])
     femur = DEFAULT_CATALOG.structure("femur").label
-    site = finding_maps.true_site(case, [femur])
-    share = pooled((np.asarray(case.array("labels_fusion")) == femur).astype(np.float32)[None],
+    labels = np.asarray(case.array("labels_fusion"))
+    site = finding_maps.true_site(case, labels, [femur])
+    share = pooled((labels == femur).astype(np.float32)[None],
                    case.meta["pool_kji"])[0].numpy()
     assert site.shape == share.shape and site[share >= 0.5].all()
     near = torch.nn.functional.max_pool3d(torch.from_numpy(share > 0)[None, None].float(), (1, 3, 3), 1, (0, 1, 1))

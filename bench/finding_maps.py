@@ -43,10 +43,10 @@ def _median_range(values: list[int]) -> str:
     return f"{np.median(values):.0f} ({_range(values)})" if values else "-"
 
 
-def true_site(case: CachedCase, structure_labels: list[int]) -> np.ndarray:
-    """The finding head's cells that hold any of the structures (reference labels), plus one cell
-    of margin in plane: a torn ligament or a cartilage defect is cut out of its own label."""
-    labels = np.asarray(case.array("labels_fusion"))
+def true_site(case: CachedCase, labels: np.ndarray, structure_labels: list[int]) -> np.ndarray:
+    """The finding head's cells that hold any of the structures (``labels``: the case's reference
+    labels on the fusion grid), plus one cell of margin in plane: a torn ligament or a cartilage
+    defect is cut out of its own label."""
     share = pooled(np.isin(labels, structure_labels).astype(np.float32)[None], case.meta["pool_kji"])[None]
     return F.max_pool3d(share, (1, 3, 3), 1, (0, 1, 1))[0, 0].numpy() > 0.1
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_heads(heads, case.fusion_inputs())
         values, known = case.finding_targets(catalog)
         annotated = set(case.meta["annotated"])
+        labels = np.asarray(case.array("labels_fusion"))  # read once: several findings' sites use it
         inside = result["cells_inside"]
         seen.append(int(inside.sum()))
         for n, finding in enumerate(catalog.findings):
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 best = cell_map[lesion & inside].max()
                 row["outranked_by"] = int((cell_map[inside & (case.pooled_masks[n] == 0)] > best).sum())
             if finding.structures and set(finding.structures) <= annotated:
-                site = true_site(case, [s.label for s in catalog.structures if s.key in finding.structures]) & inside
+                site = true_site(case, labels, [s.label for s in catalog.structures if s.key in finding.structures]) & inside
                 row["site_max"] = float(cell_map[site].max()) if site.any() else 0.0
             rows[finding.key].append(row)
     if not seen:
