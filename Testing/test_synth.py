@@ -123,6 +123,63 @@ def test_views_have_protocol_geometry(spl_case):
         assert max(abs(t) for t in params["misregistration"]["translation_mm"]) <= 1.5
 
 
+def test_a_view_can_be_acquired_again_from_what_case_json_records(spl_case):
+    """The partial-volume ceiling acquires the labels exactly as each view was acquired: the motion
+    rebuilt from the recorded (rounded) parameters moves points as the original did, to < 0.01 mm."""
+    from OrthoKneeLib.synth.acquire import recorded_motion
+
+    rendered = spl_case[0]
+    corners = [rendered["labels"].TransformIndexToPhysicalPoint(c) for c in [(0, 0, 0), (40, 60, 30), (80, 10, 70)]]
+    for plane, view in rendered["views"].items():
+        rebuilt = recorded_motion(rendered["labels"], view["params"])
+        for point in corners:
+            assert np.allclose(rebuilt.TransformPoint(point), view["motion"].TransformPoint(point), atol=0.01), plane
+
+
+def test_partial_volume_oracle_draws_bones_almost_exactly_and_thin_plates_less_well(spl_case):
+    from OrthoKneeLib.synth.ceiling import oracle_dice, partial_volume_oracle
+
+    rendered = spl_case[0]
+    view = rendered["views"]["sagittal"]
+    truth = sitk.GetArrayFromImage(view["labels"])
+    oracle = partial_volume_oracle(rendered["labels"], view["labels"], "sagittal", view["params"])
+    scores = oracle_dice(oracle, truth, [s.label for s in DEFAULT_CATALOG.structures])
+    assert all(scores[L[b]] >= 0.95 for b in BONES), scores
+    assert scores[L["femoral_cartilage"]] < scores[L["femur"]]  # a 2-mm plate in 3-mm slabs
+    # without the view's motion the oracle is misplaced by up to 1.5 mm and scores lower
+    still = partial_volume_oracle(rendered["labels"], view["labels"], "sagittal", view["params"],
+                                  motion=sitk.Euler3DTransform())
+    assert oracle_dice(still, truth, [L["femoral_cartilage"]])[L["femoral_cartilage"]] < scores[L["femoral_cartilage"]]
+
+
+def test_dice_ceiling_bench_puts_a_model_beside_the_ceiling(shared_data, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from OrthoKneeLib.cli import main as cli
+
+    out = tmp_path / "cases"
+    assert cli(["synth", "--labels", str(_source_dir(shared_data, "pymskt")), "--source", "pymskt", "--out", str(out),
+                "--n", "1", "--seed", "4", "--work-spacing", "1.5", "--no-sheets"]) == 0
+    case_id = json.loads((out / "dataset.json").read_text())["cases"][0]["case_id"]
+    evaluation = tmp_path / "model.eval.json"
+    evaluation.write_text(json.dumps({"per_case": [{"case_id": case_id, "dice": {"femur": 0.5}}]}))
+    path = Path(__file__).resolve().parent.parent / "bench" / "dice_ceiling.py"
+    spec = importlib.util.spec_from_file_location("dice_ceiling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    capsys.readouterr()
+    assert bench.main(["--cases", str(out), "--eval", str(evaluation)]) == 0
+    table = capsys.readouterr().out
+    femur = next(line for line in table.splitlines() if line.startswith("| femur |")).split("|")
+    ceiling, model, share = float(femur[3]), float(femur[4]), float(femur[5])
+    assert 0.9 <= ceiling <= 1 and model == 0.5 and share == pytest.approx(0.5 / ceiling, abs=0.01)
+    assert "| tibia | 1 |" in table and "| acl |" not in table  # pymskt does not annotate the ligaments
+    evaluation.write_text(json.dumps({"dice": {}}))
+    with pytest.raises(Exception, match="no per-case rows"):
+        bench.main(["--cases", str(out), "--eval", str(evaluation)])
+
+
 def test_all_findings_are_simulated_where_they_belong(spl_case):
     rendered = spl_case[0]
     knee, findings = rendered["knee"], rendered["findings"]

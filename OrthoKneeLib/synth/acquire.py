@@ -12,7 +12,9 @@ import SimpleITK as sitk
 
 from ..volumes import VIEW_PLANES, reformat
 
-__all__ = ["acquire_views"]
+__all__ = ["acquire_views", "acquire_like", "recorded_motion", "SLAB_SUBSAMPLES"]
+
+SLAB_SUBSAMPLES = 3  # thin samples averaged into each acquired slice
 
 # plane -> (in-plane mm range, thickness mm range)
 PROTOCOL = {
@@ -55,7 +57,8 @@ def acquire_views(
         gap = float(thickness * rng.uniform(0.0, 0.15))
         motion = _misregistration(intensity, rng, shift_mm, rotate_deg)
         # Motion moves the anatomy (the transform maps view points to points of the knee).
-        acquired = reformat(intensity, plane, in_plane, thickness, slice_gap=gap, subsamples=3, transform=motion)
+        acquired = reformat(intensity, plane, in_plane, thickness, slice_gap=gap, subsamples=SLAB_SUBSAMPLES,
+                            transform=motion)
         acquired = _crop_fov(acquired, rng, keep=float(rng.uniform(0.85, 1.0)))
         noise_sigma = float(rng.uniform(0.01, 0.04))
         array = sitk.GetArrayFromImage(acquired)
@@ -83,3 +86,22 @@ def acquire_views(
         }
     return views
 
+
+
+def recorded_motion(work_grid: sitk.Image, params: dict) -> sitk.Euler3DTransform:
+    """A view's misregistration rebuilt from the parameters case.json records for it (rounded to
+    1 um and 0.001 degree), about the centre of the work grid it was drawn on: to acquire other
+    volumes of the same knee (a label's partial-volume fraction, say) exactly as that view was."""
+    motion = params["misregistration"]
+    t = sitk.Euler3DTransform()
+    t.SetCenter(work_grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in work_grid.GetSize()]))
+    t.SetRotation(*np.radians(motion["rotation_deg"]))
+    t.SetTranslation(tuple(float(v) for v in motion["translation_mm"]))
+    return t
+
+
+def acquire_like(volume: sitk.Image, plane: str, params: dict, motion: sitk.Transform,
+                 output_type: int | None = None) -> sitk.Image:
+    """``volume`` (on the work grid) acquired with a view's recorded resolution, slab and gap."""
+    return reformat(volume, plane, params["in_plane_mm"], params["thickness_mm"], slice_gap=params["gap_mm"],
+                    subsamples=SLAB_SUBSAMPLES, transform=motion, output_type=output_type)
