@@ -352,6 +352,40 @@ def test_finding_maps_bench_reads_the_maps_and_the_true_sites(pipeline, capsys):
         assert all(f"| {key} |" in table for table in tables)
 
 
+def _bench(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_error_distance_bench_sorts_wrong_voxels_by_where_they_lie(pipeline, capsys):
+    """A plate (slice 2, columns 10-13) predicted one voxel thicker, 5 voxels (2.5 mm) longer in its
+    slice, on a slice it is not on, and with a gap: each wrong voxel counted in its own band."""
+    error_distance = _bench("error_distance")
+    truth = np.zeros((5, 40, 40), bool)
+    truth[2, 10:14, 5:25] = True
+    pred = truth.copy()
+    pred[2, 14, 5:25] = True  # one voxel (0.5 mm) thicker: near
+    pred[2, 10:14, 25:30] = True  # 0.5-2.5 mm longer in the same slice: 1 near column + 4 beside
+    pred[4, 10:14, 5:25] = True  # two slices (6 mm) away: elsewhere
+    pred[2, 10:14, 5:7] = False  # a gap: false negatives
+    bands = error_distance.error_bands(pred, truth, (0.5, 0.5, 3.0))
+    assert bands == {"truth": 80, "fp_near": 20 + 4, "fp_beside": 16, "fp_other": 80, "fn": 8, "tp": 72}
+
+    assert error_distance.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
+                                "--cache", str(pipeline["root"] / "cache"), "--structures", "femur", "tibia"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert {r[2].strip() for r in rows} == {"femur", "tibia"} and all(int(r[3]) == 3 for r in rows)
+    assert all(0 <= float(r[8]) <= 1 for r in rows)
+    with pytest.raises(Exception, match="unknown structures"):
+        error_distance.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
+                             "--cache", str(pipeline["root"] / "cache"), "--structures", "kneecap"])
+
+
 def test_roc_auc_by_ranks_matches_the_pairwise_definition():
     rng = np.random.default_rng(3)
     scores = np.round(rng.random(300), 1)  # many ties

@@ -211,3 +211,13 @@ done
 #     case score is lost"): how many cells outrank each lesion's best cell, and the highest cell inside
 #     the finding's true site.
 python bench/finding_maps.py --bundle $B --cases $V3/test_findings
+
+# 15. What the test renders allow (the model card's "Dice ceiling of the test cases"): the partial-volume
+#     oracle's Dice beside the models' on both held-out sets, and where the heads' and the UNet's
+#     cartilage voxels go wrong.
+python bench/dice_ceiling.py --cases $V2/test --eval $DATA/bundles/v7-heads-100-3000.s10.eval.json \
+  $DATA/bundles/v10-baseline-100.eval.json $DATA/bundles/v10-heads-10.eval.json $DATA/bundles/v10-baseline-10.eval.json
+python bench/dice_ceiling.py --cases $V3/test_findings --eval $DATA/bundles/v7-heads-100-3000.findings-test.s10.eval.json \
+  $DATA/bundles/v10-baseline-100.findings-test.eval.json $DATA/bundles/v10-heads-10.findings-test.eval.json \
+  $DATA/bundles/v10-baseline-10.findings-test.eval.json
+python bench/error_distance.py --bundle $B $DATA/bundles/v10-baseline-100 --cases $V2/test
