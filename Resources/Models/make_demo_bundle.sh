@@ -221,3 +221,19 @@ python bench/dice_ceiling.py --cases $V3/test_findings --eval $DATA/bundles/v7-h
   $DATA/bundles/v10-baseline-100.findings-test.eval.json $DATA/bundles/v10-heads-10.findings-test.eval.json \
   $DATA/bundles/v10-baseline-10.findings-test.eval.json
 python bench/error_distance.py --bundle $B $DATA/bundles/v10-baseline-100 --cases $V2/test
+
+# 16. Heads 0.4.0: 0.3.0's heads trained for 3000 more steps (a warm restart of the one-cycle schedule;
+#     6000 steps in all), same cases, seed and views; evaluated like 0.3.0, then shipped (the model
+#     card's "Heads 0.4.0"). The ceiling shares of its Dice: step 15's commands with its eval outputs.
+[ -f $DATA/bundles/v12-heads-100-6000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $B --cases $V2/train --validation $V2/test --validation-cases 4 \
+    --validate-every 500 --out $DATA/bundles/v12-heads-100-6000 --views sagittal --steps 3000 --device cpu
+for set in "eval $V2/test" "findings-test.eval $V3/test_findings" "trainsub.eval $V2/trainsub"; do
+  set -- $set
+  orthoknee evaluate --bundle $DATA/bundles/v12-heads-100-6000 --cases $2 --json --per-case --device cpu \
+    > $DATA/bundles/v12-heads-100-6000.$1.json
+done
+python bench/dice_ceiling.py --cases $V2/test --eval $DATA/bundles/v12-heads-100-6000.eval.json
+python bench/dice_ceiling.py --cases $V3/test_findings --eval $DATA/bundles/v12-heads-100-6000.findings-test.eval.json
+python bench/error_distance.py --bundle $DATA/bundles/v12-heads-100-6000 --cases $V2/test
+ship_heads $DATA/bundles/v12-heads-100-6000 $DATA/bundles/v12-heads-100-6000.eval.json
