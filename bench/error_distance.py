@@ -33,10 +33,10 @@ NEAR_MM, BESIDE_MM = 0.7, 4.5
 def distance_to(mask: np.ndarray, spacing_ijk, in_slice: bool = False) -> np.ndarray:
     """Distance (mm) of every voxel to ``mask`` (k, j, i); with ``in_slice``, within its own slice
     only (a slice without the structure is infinitely far)."""
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    image.SetSpacing(tuple(float(s) for s in spacing_ijk[:2]) + ((1e6,) if in_slice else (float(spacing_ijk[2]),)))
     if not mask.any():
         return np.full(mask.shape, np.inf, np.float32)
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing(tuple(float(s) for s in spacing_ijk[:2]) + ((1e6,) if in_slice else (float(spacing_ijk[2]),)))
     d = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
     return np.abs(sitk.GetArrayFromImage(d))
 

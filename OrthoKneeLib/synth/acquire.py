@@ -87,7 +87,6 @@ def acquire_views(
     return views
 
 
-
 def recorded_motion(work_grid: sitk.Image, params: dict) -> sitk.Euler3DTransform:
     """A view's misregistration rebuilt from the parameters case.json records for it (rounded to
     1 um and 0.001 degree), about the centre of the work grid it was drawn on: to acquire other

@@ -32,7 +32,7 @@ def partial_volume_oracle(work_labels: sitk.Image, truth: sitk.Image, plane: str
     labels = np.union1d(np.unique(work), [0])
     best = np.full(sitk.GetArrayViewFromImage(truth).shape, -1.0, np.float32)
     oracle = np.zeros(best.shape, np.uint8)
-    for label in labels:  # one class at a time: twelve fraction volumes would not fit a small machine twice
+    for label in labels:  # one class at a time, keeping the running maximum: not twelve fraction volumes
         mask = sitk.GetImageFromArray((work == label).astype(np.float32))
         mask.CopyInformation(work_labels)
         acquired = acquire_like(mask, plane, params, motion, output_type=sitk.sitkFloat32)
