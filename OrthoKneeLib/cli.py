@@ -219,7 +219,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .progress import TextProgress
 
     case = _load_case(args)
-    predictor = Predictor(args.bundle, device=args.device)
+    predictor = Predictor(args.bundle, device=args.device, postprocess=not args.raw)
     prediction = predictor.predict(case, progress=TextProgress("predict", unit="stage"))
     written = prediction.save(args.out)
     if not args.no_montage:
@@ -308,7 +308,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise OrthoKneeError(None, f"no cases with split {args.split!r} under {', '.join(map(str, args.cases))}.",
                              "Use --split all, or give other folders.")
     scores = evaluate_bundle(bundle, cases, _cache_dir(args), device=args.device,
-                             progress=TextProgress("evaluate", unit="step"), with_hd95=not args.no_hd95)
+                             progress=TextProgress("evaluate", unit="step"), with_hd95=not args.no_hd95,
+                             postprocess=not args.raw)
     if args.json:
         print(json.dumps({k: v for k, v in scores.items() if args.per_case or k != "per_case"}, indent=2))
     else:
@@ -429,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="case name (default: from the reference series)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--no-montage", action="store_true", help="skip montage.png")
+    p.add_argument("--raw", action="store_true",
+                   help="write the heads' raw argmax, without keeping each bone's largest connected component")
     p.add_argument("--json", action="store_true", help="print the findings.json summary")
     p.set_defaults(func=cmd_predict)
 
@@ -461,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="all", help="which split to score: validation, train or all (default)")
     p.add_argument("--max-cases", type=int)
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    p.add_argument("--raw", action="store_true",
+                   help="score the heads' raw argmax, without keeping each bone's largest connected component")
     p.add_argument("--json", action="store_true", help="print JSON with keys dice, hd95 (mm), auc")
     p.add_argument("--per-case", action="store_true", help="with --json: include per-case scores")
     p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee)")

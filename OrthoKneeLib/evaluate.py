@@ -107,8 +107,12 @@ class _LesionCells:
 
 
 def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", with_hd95: bool = True,
-                    progress: ProgressFn = no_progress, cancel: CancelToken | None = None) -> dict:
-    """Scores of a heads (or baseline) module on cached cases (train.CachedCase)."""
+                    progress: ProgressFn = no_progress, cancel: CancelToken | None = None,
+                    postprocess: bool = True) -> dict:
+    """Scores of a heads (or baseline) module on cached cases (train.CachedCase), on the labelmap
+    ``orthoknee predict`` writes (``postprocess``: each bone in one piece; False scores the raw
+    argmax)."""
+    from .postprocess import SINGLE_PIECE, labelmap_from_probabilities
     from .predict import run_baseline, run_heads
 
     per_dice: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
@@ -125,7 +129,7 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         else:
             result = run_heads(model, case.fusion_inputs(), device=device, cancel=cancel)
             probs, finding_probs = result["probabilities"], result["finding_probabilities"]
-        labelmap = probs.argmax(0)
+        labelmap = labelmap_from_probabilities(probs, catalog, postprocess)
         truth = np.asarray(case.array("labels_reference"))
         spacing = case.reference_grid.spacing
         annotated = set(case.meta["annotated"])
@@ -180,6 +184,8 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         "mean_dice": float(np.mean(list(dice_mean.values()))) if dice_mean else None,
         "mean_auc": float(np.mean(list(auc.values()))) if auc else None,
         "cases": len(cases),
+        # outputs written before this key existed scored the raw argmax
+        "postprocessing": f"largest connected component of {', '.join(SINGLE_PIECE)}" if postprocess else "none",
         "by_contrast": dice_by_contrast(per_case),
         "per_case": per_case,
     }
@@ -210,7 +216,7 @@ def dice_by_contrast(per_case: Sequence[dict]) -> dict[str, dict]:
 
 def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_root: str | os.PathLike,
                     device: str = "auto", progress: ProgressFn = no_progress, cancel: CancelToken | None = None,
-                    with_hd95: bool = True) -> dict:
+                    with_hd95: bool = True, postprocess: bool = True) -> dict:
     """Cache (if needed) and score every case folder; warns about subjects the heads trained on."""
     from .model.device import select_device
     from .predict import load_heads, views_fused
@@ -224,7 +230,8 @@ def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_roo
         cases.append(CachedCase(cache_case(bundle, folder, cache_root, device=dev, cancel=cancel, views=views)))
         progress(n + 1, 2 * len(case_folders), f"features {Path(folder).name}")
     scores = evaluate_cached(kind, model, cases, bundle.catalog, device=dev, with_hd95=with_hd95, cancel=cancel,
-                             progress=lambda d, t, m: progress(len(case_folders) + d, 2 * len(case_folders), m))
+                             progress=lambda d, t, m: progress(len(case_folders) + d, 2 * len(case_folders), m),
+                             postprocess=postprocess)
     trained = set((bundle.metadata["heads"].get("training") or {}).get("subjects", []))
     seen = sorted({c.meta.get("subject") for c in cases} & trained)
     scores["warnings"] = ([f"{len(seen)} evaluated subject(s) were used to train these heads: {', '.join(seen)}; "

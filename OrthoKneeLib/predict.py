@@ -407,19 +407,23 @@ class Predictor:
     call from a worker thread; the front end keeps the CancelToken).
     """
 
-    def __init__(self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto") -> None:
+    def __init__(self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto",
+                 postprocess: bool = True) -> None:
+        """``postprocess``: each bone in one piece (postprocess.py); False keeps the raw argmax."""
         from .model.device import select_device
         from .resources import demo_bundle_dir
 
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle or demo_bundle_dir())
         self.device = select_device(device)
         self.kind, self.heads = load_heads(self.bundle, device=self.device)
+        self.postprocess = postprocess
 
     def predict(self, case: Case, progress: ProgressFn = no_progress, cancel: CancelToken | None = None) -> Prediction:
         import torch
 
         from .model.features import array_hash
         from .model.heads import grid_of
+        from .postprocess import labelmap_from_probabilities
 
         t0 = time.perf_counter()
         warnings = list(case.warnings)
@@ -458,7 +462,7 @@ class Predictor:
         if cancel:
             cancel.raise_if_cancelled()
         progress(n_steps - 1, n_steps, "measurements")
-        labelmap = probs.argmax(0).astype(np.uint8)
+        labelmap = labelmap_from_probabilities(probs, catalog, self.postprocess)
         prediction = Prediction(
             case_name=case.name, reference_plane=case.reference_plane, reference_grid=ref_grid, labelmap=labelmap,
             probabilities=probs.astype(np.float16), finding_probabilities=findings, overlays=overlays, catalog=catalog,

@@ -288,6 +288,26 @@ def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
     assert {row["case_id"]: row["contrast"] for row in scores["per_case"]} == contrasts
     assert {c: g["cases"] for c, g in scores["by_contrast"].items()} == {
         c: list(contrasts.values()).count(c) for c in set(contrasts.values())}
+    assert scores["postprocessing"].startswith("largest connected component of femur")
+    assert main(["evaluate", "--bundle", str(pipeline["trained"].path), "--cases", str(folder), "--no-hd95", "--raw",
+                 "--cache", str(pipeline["root"] / "cache"), "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["postprocessing"] == "none"
+
+
+def test_each_bone_is_kept_in_one_piece_and_cartilage_plates_are_not():
+    from OrthoKneeLib.postprocess import labelmap_from_probabilities
+
+    femur, plate = DEFAULT_CATALOG.structure("femur").label, DEFAULT_CATALOG.structure("tibial_cartilage").label
+    truth = np.zeros((6, 30, 30), np.uint8)
+    truth[1:5, 2:20, 2:20] = femur  # the bone
+    truth[2:4, 25:28, 25:28] = femur  # an island in the soft tissue
+    truth[5, 22:24, 2:6] = plate  # medial and lateral halves of a plate: two pieces, both kept
+    truth[5, 22:24, 10:14] = plate
+    probabilities = np.eye(len(DEFAULT_CATALOG.structures) + 1, dtype=np.float32)[truth].transpose(3, 0, 1, 2)
+    cleaned = labelmap_from_probabilities(probabilities, DEFAULT_CATALOG)
+    assert (cleaned[1:5, 2:20, 2:20] == femur).all() and (cleaned[2:4, 25:28, 25:28] == 0).all()
+    assert np.array_equal(cleaned == plate, truth == plate)
+    assert np.array_equal(labelmap_from_probabilities(probabilities, DEFAULT_CATALOG, postprocess=False), truth)
 
 
 def test_dice_by_contrast_groups_the_per_case_rows():

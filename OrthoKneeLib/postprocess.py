@@ -1,0 +1,44 @@
+"""From per-voxel probabilities to the labelmap a reader sees.
+
+A knee has one femur, one tibia, one fibula and one patella, each a single piece of bone.
+The heads label voxel by voxel, and a few soft-tissue voxels whose features resemble marrow
+come out as femur islands far from the femur (the real sample shows them in front of and
+behind the femoral shaft). Keeping each bone's largest 3D connected component removes them
+without touching the bone itself. Cartilage plates and menisci are left alone: a worn tibial
+plate, or the medial and lateral halves of one, are legitimately several pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = ["SINGLE_PIECE", "keep_largest_component", "labelmap_from_probabilities"]
+
+SINGLE_PIECE = ("femur", "tibia", "fibula", "patella")
+
+
+def keep_largest_component(labelmap: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """``labelmap`` (k, j, i) with each of ``labels`` reduced to its largest connected component
+    (26-connected); the voxels removed become background."""
+    out = labelmap.copy()
+    for label in labels:
+        mask = labelmap == label
+        if not mask.any():
+            continue
+        components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
+        by_size = sitk.GetArrayViewFromImage(sitk.RelabelComponent(components, sortByObjectSize=True))
+        out[mask & (by_size != 1)] = 0
+    return out
+
+
+def labelmap_from_probabilities(probabilities: np.ndarray, catalog, postprocess: bool = True) -> np.ndarray:
+    """The most probable structure per voxel (uint8), with each bone in one piece unless
+    ``postprocess`` is False (the heads' raw output, for research)."""
+    labelmap = probabilities.argmax(0).astype(np.uint8)
+    if not postprocess:
+        return labelmap
+    known = set(catalog.structure_keys)
+    return keep_largest_component(labelmap, [catalog.structure(k).label for k in SINGLE_PIECE if k in known])
