@@ -31,7 +31,7 @@ ship_heads() {
 import json, sys
 metadata, scores = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 metadata["metrics"] = {"held_out": {k: scores[k] for k in ("dice", "hd95", "auc", "finding_counts", "mean_dice",
-                                                            "mean_auc", "cases")},
+                                                            "mean_auc", "cases", "postprocessing") if k in scores},
                        "note": "synthetic cases of subjects not used in training; see README.md"}
 json.dump(metadata, open(sys.argv[3], "w"), indent=2)
 PY
@@ -237,3 +237,13 @@ python bench/dice_ceiling.py --cases $V2/test --eval $DATA/bundles/v12-heads-100
 python bench/dice_ceiling.py --cases $V3/test_findings --eval $DATA/bundles/v12-heads-100-6000.findings-test.eval.json
 python bench/error_distance.py --bundle $DATA/bundles/v12-heads-100-6000 --cases $V2/test
 ship_heads $DATA/bundles/v12-heads-100-6000 $DATA/bundles/v12-heads-100-6000.eval.json
+
+# 17. Bone post-processing (OrthoKneeLib/postprocess.py: femur, tibia and patella each kept as their
+#     largest connected component, as `orthoknee predict` now writes the labelmap): 0.4.0 scored again,
+#     and its metadata["metrics"] replaced by these scores (the model card's "Heads 0.4.0").
+for set in "eval $V2/test" "findings-test.eval $V3/test_findings"; do
+  set -- $set
+  orthoknee evaluate --bundle $DATA/bundles/v12-heads-100-6000 --cases $2 --json --per-case --device cpu \
+    > $DATA/bundles/v12-heads-100-6000.$1.pp.json
+done
+ship_heads $DATA/bundles/v12-heads-100-6000 $DATA/bundles/v12-heads-100-6000.eval.pp.json
