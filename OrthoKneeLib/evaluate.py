@@ -110,8 +110,8 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
                     progress: ProgressFn = no_progress, cancel: CancelToken | None = None,
                     postprocess: bool = True) -> dict:
     """Scores of a heads (or baseline) module on cached cases (train.CachedCase), on the labelmap
-    ``orthoknee predict`` writes (``postprocess``: each bone in one piece; False scores the raw
-    argmax)."""
+    ``orthoknee predict`` writes (``postprocess``: femur, tibia and patella each in one piece;
+    False scores the raw argmax)."""
     from .postprocess import SINGLE_PIECE, labelmap_from_probabilities
     from .predict import run_baseline, run_heads
 

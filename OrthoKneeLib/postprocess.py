@@ -41,8 +41,8 @@ def keep_largest_component(labelmap: np.ndarray, labels: Sequence[int]) -> np.nd
 
 
 def labelmap_from_probabilities(probabilities: np.ndarray, catalog, postprocess: bool = True) -> np.ndarray:
-    """The most probable structure per voxel (uint8), with each bone in one piece unless
-    ``postprocess`` is False (the heads' raw output, for research)."""
+    """The most probable structure per voxel (uint8), with each of SINGLE_PIECE in one piece
+    unless ``postprocess`` is False (the heads' raw output, for research)."""
     labelmap = probabilities.argmax(0).astype(np.uint8)
     if not postprocess:
         return labelmap

@@ -409,7 +409,7 @@ class Predictor:
 
     def __init__(self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto",
                  postprocess: bool = True) -> None:
-        """``postprocess``: each bone in one piece (postprocess.py); False keeps the raw argmax."""
+        """``postprocess``: femur, tibia and patella each in one piece (postprocess.py); False keeps the raw argmax."""
         from .model.device import select_device
         from .resources import demo_bundle_dir
 
