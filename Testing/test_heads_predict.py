@@ -342,16 +342,10 @@ def test_evaluate_reports_progress_case_by_case(pipeline):
     assert seen == [(n + 1, len(cases), c.case_id) for n, c in enumerate(cases)]
 
 
-def test_finding_maps_bench_reads_the_maps_and_the_true_sites(pipeline, capsys):
+def test_finding_maps_bench_reads_the_maps_and_the_true_sites(pipeline, capsys, bench_script):
     """bench/finding_maps.py: both tables have a row per finding; the true site holds every cell the
     structure half fills and nothing farther than one cell from it."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "finding_maps.py"
-    spec = importlib.util.spec_from_file_location("finding_maps", path)
-    finding_maps = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finding_maps)
+    finding_maps = bench_script("finding_maps")
 
     case = CachedCase(pipeline["caches"][0])
     femur = DEFAULT_CATALOG.structure("femur").label
@@ -372,20 +366,10 @@ def test_finding_maps_bench_reads_the_maps_and_the_true_sites(pipeline, capsys):
         assert all(f"| {key} |" in table for table in tables)
 
 
-def _bench(name):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_error_distance_bench_sorts_wrong_voxels_by_where_they_lie(pipeline, capsys):
+def test_error_distance_bench_sorts_wrong_voxels_by_where_they_lie(pipeline, capsys, bench_script):
     """A plate (slice 2, columns 10-13) predicted one voxel thicker, 5 voxels (2.5 mm) longer in its
     slice, on a slice it is not on, and with a gap: each wrong voxel counted in its own band."""
-    error_distance = _bench("error_distance")
+    error_distance = bench_script("error_distance")
     truth = np.zeros((5, 40, 40), bool)
     truth[2, 10:14, 5:25] = True
     pred = truth.copy()

@@ -152,10 +152,7 @@ def test_partial_volume_oracle_draws_bones_almost_exactly_and_thin_plates_less_w
     assert oracle_dice(still, truth, [L["femoral_cartilage"]])[L["femoral_cartilage"]] < scores[L["femoral_cartilage"]]
 
 
-def test_dice_ceiling_bench_puts_a_model_beside_the_ceiling(shared_data, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
+def test_dice_ceiling_bench_puts_a_model_beside_the_ceiling(shared_data, tmp_path, capsys, bench_script):
     from OrthoKneeLib.cli import main as cli
 
     out = tmp_path / "cases"
@@ -164,10 +161,7 @@ def test_dice_ceiling_bench_puts_a_model_beside_the_ceiling(shared_data, tmp_pat
     case_id = json.loads((out / "dataset.json").read_text())["cases"][0]["case_id"]
     evaluation = tmp_path / "model.eval.json"
     evaluation.write_text(json.dumps({"per_case": [{"case_id": case_id, "dice": {"femur": 0.5}}]}))
-    path = Path(__file__).resolve().parent.parent / "bench" / "dice_ceiling.py"
-    spec = importlib.util.spec_from_file_location("dice_ceiling", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("dice_ceiling")
     capsys.readouterr()
     assert bench.main(["--cases", str(out), "--eval", str(evaluation)]) == 0
     table = capsys.readouterr().out

@@ -24,13 +24,17 @@ PROTOCOL = {
 }
 
 
-def _misregistration(grid: sitk.Image, rng: np.random.Generator, shift_mm: float, rotate_deg: float):
-    centre = grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()])
+def _rigid_about_centre(grid: sitk.Image, rotation_rad, translation_mm) -> sitk.Euler3DTransform:
     t = sitk.Euler3DTransform()
-    t.SetCenter(centre)
-    t.SetRotation(*np.radians(rng.uniform(-rotate_deg, rotate_deg, 3)))
-    t.SetTranslation(tuple(rng.uniform(-shift_mm, shift_mm, 3)))
+    t.SetCenter(grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()]))
+    t.SetRotation(*(float(a) for a in rotation_rad))
+    t.SetTranslation(tuple(float(v) for v in translation_mm))
     return t
+
+
+def _misregistration(grid: sitk.Image, rng: np.random.Generator, shift_mm: float, rotate_deg: float):
+    rotation = np.radians(rng.uniform(-rotate_deg, rotate_deg, 3))
+    return _rigid_about_centre(grid, rotation, rng.uniform(-shift_mm, shift_mm, 3))
 
 
 def _crop_fov(image: sitk.Image, rng: np.random.Generator, keep: float) -> sitk.Image:
@@ -92,11 +96,7 @@ def recorded_motion(work_grid: sitk.Image, params: dict) -> sitk.Euler3DTransfor
     1 um and 0.001 degree), about the centre of the work grid it was drawn on: to acquire other
     volumes of the same knee (a label's partial-volume fraction, say) exactly as that view was."""
     motion = params["misregistration"]
-    t = sitk.Euler3DTransform()
-    t.SetCenter(work_grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in work_grid.GetSize()]))
-    t.SetRotation(*np.radians(motion["rotation_deg"]))
-    t.SetTranslation(tuple(float(v) for v in motion["translation_mm"]))
-    return t
+    return _rigid_about_centre(work_grid, np.radians(motion["rotation_deg"]), motion["translation_mm"])
 
 
 def acquire_like(volume: sitk.Image, plane: str, params: dict, motion: sitk.Transform,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from ..evaluate import dice
 from .acquire import acquire_like, recorded_motion
 
 __all__ = ["partial_volume_oracle", "oracle_dice"]
@@ -47,7 +48,7 @@ def oracle_dice(oracle: np.ndarray, truth: np.ndarray, labels) -> dict[int, floa
     """Dice of the oracle per label present in the truth."""
     out = {}
     for label in labels:
-        t, o = truth == label, oracle == label
+        t = truth == label
         if t.any():
-            out[int(label)] = float(2 * (t & o).sum() / (t.sum() + o.sum()))
+            out[int(label)] = dice(oracle == label, t)
     return out
