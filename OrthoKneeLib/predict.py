@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .labels import Catalog
     from .model.heads import Grid
 
-__all__ = ["FusionInputs", "fusion_inputs", "view_timesteps", "Predictor", "Prediction", "load_heads", "run_heads", "measure"]
+__all__ = ["FusionInputs", "fusion_inputs", "view_timesteps", "Predictor", "Prediction", "load_heads", "run_heads", "measure",
+           "window_scale_ladder"]
 
 _log = logging.getLogger(__name__)
 
@@ -74,29 +75,58 @@ def _extract(bundle: Bundle, plane: str, view_kji: np.ndarray, device, cancel: C
         extractor.close()
 
 
+# pre-flight: ~1.2 kB of activations per window voxel at fp16 for the demo widths
+_BYTES_PER_WINDOW_VOXEL = 1200
+_SMALLEST_WINDOW_SCALE = 0.25
+
+
+def window_scale_ladder(run_at_scale, run_on_cpu, window_voxels: int, free_bytes: int, plane: str,
+                        warnings: list[str]):
+    """Run ``run_at_scale(scale)`` at the largest window scale the free memory allows, halving the
+    scale on out-of-memory down to a quarter, then ``run_on_cpu()``: a reader on a small GPU
+    gets a slower result with a warning saying why, never a crash.
+
+    Separate from the CUDA calls so that the ladder itself runs (and is tested) on the CPU.
+    Returns (result, ran_on_cpu).
+    """
+    import torch
+
+    scale = 1.0
+    while scale > _SMALLEST_WINDOW_SCALE and window_voxels * scale * scale * _BYTES_PER_WINDOW_VOXEL > 0.8 * free_bytes:
+        scale /= 2
+    if scale < 1.0:
+        warnings.append(f"{plane}: {free_bytes / 2**30:.1f} GiB of GPU memory free; windows scaled by {scale:g}.")
+    while scale >= _SMALLEST_WINDOW_SCALE:
+        try:
+            return run_at_scale(scale), False
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            scale /= 2
+            if scale >= _SMALLEST_WINDOW_SCALE:
+                warnings.append(f"{plane}: GPU out of memory; retrying with windows scaled by {scale:g}.")
+    warnings.append(f"{plane}: GPU out of memory even with windows scaled by {_SMALLEST_WINDOW_SCALE:g}; "
+                    "this view ran on the CPU.")
+    return run_on_cpu(), True
+
+
 def _extract_with_fallback(bundle: Bundle, plane: str, view_kji: np.ndarray, device, cancel, warnings: list[str]):
-    """On CUDA: retry with half-size windows on out-of-memory, then fall back to the CPU."""
+    """On CUDA: fp16 windows as large as free memory allows, smaller on out-of-memory, then the CPU."""
     import torch
 
     if device.type != "cuda":
         return _extract(bundle, plane, view_kji, device, cancel), device
-    free, _total = torch.cuda.mem_get_info(device)
-    # pre-flight: ~1.2 kB of activations per window voxel at fp16 for the demo widths
-    scale = 1.0
-    window_voxels = np.prod(bundle.view_config(plane).window)
-    while scale > 0.25 and window_voxels * scale * scale * 1200 > 0.8 * free:
-        scale /= 2
-    while scale >= 0.25:
-        try:
-            with torch.autocast("cuda", dtype=torch.float16):
-                return _extract(bundle, plane, view_kji, device, cancel, window_scale=scale), device
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            scale /= 2
-            warnings.append(f"{plane}: GPU out of memory; retrying with windows scaled by {scale:g}.")
-    warnings.append(f"{plane}: GPU out of memory even with small windows; this view ran on the CPU.")
+
+    def on_gpu(scale: float):
+        with torch.autocast("cuda", dtype=torch.float16):
+            return _extract(bundle, plane, view_kji, device, cancel, window_scale=scale)
+
     cpu = torch.device("cpu")
-    return _extract(bundle, plane, view_kji, cpu, cancel), cpu
+    free, _total = torch.cuda.mem_get_info(device)
+    features, on_cpu = window_scale_ladder(
+        on_gpu, lambda: _extract(bundle, plane, view_kji, cpu, cancel),
+        int(np.prod(bundle.view_config(plane).window)), free, plane, warnings)
+    return features, (cpu if on_cpu else device)
 
 
 def fusion_inputs(bundle: Bundle, case: Case, device="cpu", progress: ProgressFn = no_progress,

@@ -25,7 +25,7 @@ from OrthoKneeLib.model.diffusion import ViewModelConfig, build_unet  # noqa: E4
 from OrthoKneeLib.model.heads import (  # noqa: E402
     FindingHead, HeadsConfig, grid_of, marginal_seg_loss, pooled, resample_to_grid,
 )
-from OrthoKneeLib.predict import Predictor  # noqa: E402
+from OrthoKneeLib.predict import Predictor, window_scale_ladder  # noqa: E402
 from OrthoKneeLib.progress import Cancelled, CancelToken  # noqa: E402
 from OrthoKneeLib.segfile import read_seg_nrrd  # noqa: E402
 from OrthoKneeLib.synth.dataset import SynthConfig, read_case, synthesize  # noqa: E402
@@ -520,6 +520,61 @@ def test_cuda_on_a_cuda_less_machine_is_a_clear_error(pipeline):
     with pytest.raises(DeviceError, match="no usable CUDA"):
         Predictor(pipeline["trained"], device="cuda")
     assert Predictor(pipeline["trained"], device="auto").device.type == "cpu"  # auto falls back
+
+
+def _out_of_memory_above(limit: float, calls: list):
+    def run(scale):
+        calls.append(scale)
+        if scale > limit:
+            raise torch.OutOfMemoryError(f"simulated: windows at {scale} do not fit")
+        return f"features at {scale}"
+    return run
+
+
+def test_out_of_memory_shrinks_the_windows_then_falls_back_to_the_cpu():
+    """The CUDA ladder, run on the CPU with a backbone pass that runs out of memory above a
+    window scale: it halves down to a quarter, says so, and only then uses the CPU."""
+    calls, warnings = [], []
+    result, on_cpu = window_scale_ladder(_out_of_memory_above(0.5, calls), lambda: "cpu features",
+                                         window_voxels=256 * 256 * 16, free_bytes=2**40, plane="coronal",
+                                         warnings=warnings)
+    assert (result, on_cpu, calls) == ("features at 0.5", False, [1.0, 0.5])
+    assert warnings == ["coronal: GPU out of memory; retrying with windows scaled by 0.5."]
+
+    calls, warnings = [], []
+    result, on_cpu = window_scale_ladder(_out_of_memory_above(0.0, calls), lambda: "cpu features",
+                                         window_voxels=256 * 256 * 16, free_bytes=2**40, plane="axial",
+                                         warnings=warnings)
+    assert (result, on_cpu, calls) == ("cpu features", True, [1.0, 0.5, 0.25])
+    assert "ran on the CPU" in warnings[-1] and len(warnings) == 3
+
+
+def test_little_free_gpu_memory_starts_with_smaller_windows():
+    calls, warnings = [], []
+    window_voxels = 256 * 256 * 16  # about 1.26 GB of activations at full scale
+    result, on_cpu = window_scale_ladder(_out_of_memory_above(1.0, calls), lambda: "cpu features",
+                                         window_voxels=window_voxels, free_bytes=window_voxels * 1200 // 3,
+                                         plane="sagittal", warnings=warnings)
+    assert calls == [0.5] and not on_cpu  # 1/4 of the memory at half scale fits in 80 % of a third
+    assert "windows scaled by 0.5" in warnings[0]
+
+
+def test_heads_out_of_memory_reruns_them_on_the_cpu(pipeline, case, monkeypatch):
+    import OrthoKneeLib.predict as predict_module
+
+    real, calls = predict_module.run_heads, []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(kwargs.get("device"))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("simulated: the heads do not fit")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "run_heads", out_of_memory_once)
+    result = Predictor(pipeline["trained"], device="cpu").predict(case)
+    assert len(calls) == 2 and calls[1] == "cpu"
+    assert "GPU out of memory in the heads; they ran on the CPU." in result.warnings
+    assert result.labelmap.shape == sitk.GetArrayViewFromImage(case.reference.image).shape
 
 
 # ------------------------------------------------------------------------------ saving
