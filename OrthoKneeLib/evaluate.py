@@ -207,8 +207,8 @@ def dice_by_contrast(per_case: Sequence[dict]) -> dict[str, dict]:
     out = {}
     for contrast in sorted(groups):
         rows = groups[contrast]
-        keys = sorted({k for r in rows for k in r["dice"]})
-        means = {k: float(np.mean([r["dice"][k] for r in rows if k in r["dice"]])) for k in keys}
+        keys = sorted({k for r in rows for k, v in r["dice"].items() if v is not None})  # None: nothing to score
+        means = {k: float(np.mean([r["dice"][k] for r in rows if r["dice"].get(k) is not None])) for k in keys}
         out[contrast] = {"cases": len(rows), "dice": means,
                          "mean_dice": float(np.mean(list(means.values()))) if means else None}
     return out

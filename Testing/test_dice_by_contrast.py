@@ -38,3 +38,14 @@ def test_old_outputs_take_the_contrast_from_linked_case_folders(tmp_path):
 
     missing = _run(scores)  # without the case folders, a and b have no contrast
     assert missing.returncode != 0 and "give their case folders with --cases" in missing.stderr
+
+
+def test_worst_cases_name_the_cases_that_pull_a_mean_down(tmp_path):
+    rows = [{"case_id": f"c{i}", "contrast": "dess", "dice": {"femur": 0.97, "tibia": 0.96}} for i in range(4)]
+    rows.append({"case_id": "odd", "contrast": "random", "dice": {"femur": 0.37, "tibia": None}})
+    scores = tmp_path / "run.eval.json"
+    scores.write_text(json.dumps({"per_case": rows}))
+    done = _run(scores, "--worst", "1")
+    assert done.returncode == 0, done.stderr
+    assert "| femur | odd (random: 0.370) | 0.970 | 0.850 | 0.970 |" in done.stdout.splitlines()
+    assert "| tibia | c0 (dess: 0.960) | 0.960 | 0.960 | 0.960 |" in done.stdout.splitlines()

@@ -247,3 +247,6 @@ for set in "eval $V2/test" "findings-test.eval $V3/test_findings"; do
     > $DATA/bundles/v12-heads-100-6000.$1.pp.json
 done
 ship_heads $DATA/bundles/v12-heads-100-6000 $DATA/bundles/v12-heads-100-6000.eval.pp.json
+# Which cases hold the means down (the model card's "Against the targets"):
+python bench/dice_by_contrast.py $DATA/bundles/v12-heads-100-6000.eval.pp.json \
+  $DATA/bundles/v12-heads-100-6000.findings-test.eval.pp.json --worst 1
