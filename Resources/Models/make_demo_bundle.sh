@@ -249,4 +249,4 @@ done
 ship_heads $DATA/bundles/v12-heads-100-6000 $DATA/bundles/v12-heads-100-6000.eval.pp.json
 # Which cases hold the means down (the model card's "Against the targets"):
 python bench/dice_by_contrast.py $DATA/bundles/v12-heads-100-6000.eval.pp.json \
-  $DATA/bundles/v12-heads-100-6000.findings-test.eval.pp.json --worst 1
+  $DATA/bundles/v12-heads-100-6000.findings-test.eval.pp.json $DATA/bundles/v10-baseline-100.findings-test.eval.json --worst 1
