@@ -32,7 +32,11 @@ from .model.diffusion import ViewModelConfig
 __all__ = ["FORMAT_VERSION", "BundleError", "Bundle", "create_bundle", "file_sha256", "DEFAULT_FEATURES"]
 
 FORMAT_VERSION = 1
-DEFAULT_FEATURES = {"timesteps": {"sagittal": [50, 200], "coronal": [100], "axial": [100]}, "budget_per_block": 16, "seed": 0, "overlap": 0.1}
+# span_slices: each backbone window covers the whole slice axis (no seams between slices;
+# model/features.py). Bundles made before it lack the key and tile the slices, as they were
+# trained; the key is part of the bundle hash, so their feature caches stay valid.
+DEFAULT_FEATURES = {"timesteps": {"sagittal": [50, 200], "coronal": [100], "axial": [100]}, "budget_per_block": 16,
+                    "seed": 0, "overlap": 0.1, "span_slices": True}
 
 
 class BundleError(OrthoKneeError):

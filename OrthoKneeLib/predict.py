@@ -68,6 +68,7 @@ def _extract(bundle: Bundle, plane: str, view_kji: np.ndarray, device, cancel: C
     extractor = FeatureExtractor(
         unet, scheduler, timesteps=view_timesteps(bundle, plane), budget_per_block=bundle.features["budget_per_block"],
         window_ijk=window, overlap=bundle.features["overlap"], seed=bundle.features["seed"], device=device,
+        span_slices=bundle.features.get("span_slices", False),  # bundles before it tiled the slices
     )
     try:
         return extractor(view_kji, cancel=cancel)

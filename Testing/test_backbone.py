@@ -218,3 +218,17 @@ def test_pretrain_command_writes_a_bundle(tmp_path, capsys):
     assert training["command"].startswith("orthoknee pretrain --view coronal")
     assert (out / "checkpoints" / "backbone_coronal.pt").is_file()
     assert "coronal backbone, 3 steps" in capsys.readouterr().out
+
+
+
+def test_span_slices_runs_each_window_over_every_slice_and_keeps_the_in_plane_windows():
+    """span_slices = one window along the slice axis (no seams between slices; the seams
+    themselves are measured on the real backbone by bench/feature_seams.py), while in plane
+    the view is still tiled by the configured window."""
+    view = np.random.default_rng(2).uniform(-1, 1, (40, 32, 32)).astype(np.float32)
+    spanning = _extractor(window=(16, 16, 8))
+    spanning.span_slices = True
+    whole_axis = spanning(view)
+    np.testing.assert_allclose(whole_axis, _extractor(window=(16, 16, 40))(view), atol=1e-5)
+    assert not np.allclose(whole_axis, _extractor(window=(16, 16, 8))(view), atol=1e-3)
+    assert not np.allclose(whole_axis, _extractor(window=(32, 32, 40))(view), atol=1e-3)

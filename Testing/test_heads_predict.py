@@ -390,6 +390,20 @@ def test_error_distance_bench_sorts_wrong_voxels_by_where_they_lie(pipeline, cap
                              "--cache", str(pipeline["root"] / "cache"), "--structures", "kneecap"])
 
 
+def test_feature_seams_bench_prints_both_windowings_per_view(pipeline, capsys, bench_script):
+    feature_seams = bench_script("feature_seams")
+    smooth = np.tile(np.linspace(0, 1, 12, dtype=np.float32)[None, :, None, None], (2, 1, 3, 3))
+    assert np.allclose(feature_seams.slice_jumps(smooth), 1.0)  # a ramp changes evenly
+    smooth[:, 6:] += 1.0
+    assert feature_seams.slice_jumps(smooth).argmax() == 5  # a step between slices 5 and 6
+
+    assert feature_seams.main([str(pipeline["folders"][0]), "--bundle", str(pipeline["base"].path),
+                               "--planes", "coronal", "--threads", "1"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| coronal")]
+    assert [r[3].strip() for r in rows] == ["16 slices", "spanning the slices"]
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+
+
 def test_roc_auc_by_ranks_matches_the_pairwise_definition():
     rng = np.random.default_rng(3)
     scores = np.round(rng.random(300), 1)  # many ties

@@ -6,6 +6,14 @@ timestep, and the outputs of its decoder (up) blocks, caught by forward hooks, a
 upsampled to the input grid and stacked. Large views go through MONAI's
 ``sliding_window_inference``, so memory is bounded whatever the input size; the noise is
 drawn once for the whole view so neighbouring windows see the same noisy image.
+
+Window borders show in the features: a UNet's output near a zero-padded border differs from
+its output in the middle, and with 16-slice windows (10 % overlap, Gaussian blending) the
+feature change between neighbouring slices is about twice its median at the seams
+(``bench/feature_seams.py``). Heads learn such stripes as a position code. With
+``span_slices`` each window covers the whole slice axis (a thick-slice view has 40-60 slices
+at the backbone's 3 mm), so the only seams left are in plane, where the windows usually
+cover the whole view anyway.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ class FeatureExtractor:
         seed: int = 0,
         device=None,
         sw_batch_size: int = 1,
+        span_slices: bool = False,
     ) -> None:
         import torch
 
@@ -56,6 +65,7 @@ class FeatureExtractor:
         self.seed = seed
         self.device = device or next(unet.parameters()).device
         self.sw_batch_size = sw_batch_size
+        self.span_slices = bool(span_slices)
         self._captured: list = []
         self._hooks = [block.register_forward_hook(self._capture) for block in unet.up_blocks]
         # cancellation is checked before every block, so a cancel lands within a fraction of a second
@@ -117,7 +127,10 @@ class FeatureExtractor:
         # Windows no larger than the view (rounded up to what the UNet's downsampling needs):
         # a view just over a fixed window would otherwise be tiled twice over per axis.
         multiple = 2 ** (len(self.unet.block_out_channels) - 1)
-        roi = tuple(min(r, int(np.ceil(s / multiple)) * multiple) for r, s in zip(self.roi, x.shape[2:]))
+        roi = [min(r, int(np.ceil(s / multiple)) * multiple) for r, s in zip(self.roi, x.shape[2:])]
+        if self.span_slices:  # network layout [i, j, k]: k, the slice axis, is last
+            roi[2] = int(np.ceil(x.shape[4] / multiple)) * multiple
+        roi = tuple(roi)
         outputs = []
         self._cancel = cancel
         try:

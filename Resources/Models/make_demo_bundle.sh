@@ -250,3 +250,7 @@ ship_heads $DATA/bundles/v12-heads-100-6000 $DATA/bundles/v12-heads-100-6000.eva
 # Which cases hold the means down (the model card's "Against the targets"):
 python bench/dice_by_contrast.py $DATA/bundles/v12-heads-100-6000.eval.pp.json \
   $DATA/bundles/v12-heads-100-6000.findings-test.eval.pp.json $DATA/bundles/v10-baseline-100.findings-test.eval.json --worst 1
+
+# 18. Window seams in the backbone features (the model card's "What was found on the way", item 3):
+#     tiled 16-slice windows against windows spanning the slices (`span_slices`, new bundles).
+python bench/feature_seams.py $V2/test/cases/oai-123-0002 --threads 1
