@@ -44,6 +44,8 @@ PY
 orthoknee synth --labels $SHARED/labels-oai --source oai --out $DATA/synth_oai_bench --n 100 --seed 123
 
 # 2. Backbones (0.1.0): see the pretrain command in orthoknee-demo/README.md (recorded in metadata.json).
+#    Bundles created since commit 0e93a4b have "span_slices": true in metadata.json "features"; this
+#    one predates it (no key: tiled windows). Delete the key from a new bundle to reproduce it.
 
 # 3. Cases for the heads (0.2.0), rendered with the contrast mix of OrthoKneeLib/synth/render.py
 #    (DESS measured on the real sample, SynthSeg-like random contrasts, PD fat-sat, T2), and
