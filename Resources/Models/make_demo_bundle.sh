@@ -256,3 +256,8 @@ python bench/dice_by_contrast.py $DATA/bundles/v12-heads-100-6000.eval.pp.json \
 # 18. Window seams in the backbone features (the model card's "What was found on the way", item 3):
 #     tiled 16-slice windows against windows spanning the slices (`span_slices`, new bundles).
 python bench/feature_seams.py $V2/test/cases/oai-123-0002 --threads 1
+
+# 19. The UNet on 16 of its own training cases (the model card's "Heads 0.4.0": neither model fits
+#     the training cartilages to 0.80).
+orthoknee evaluate --bundle $DATA/bundles/v10-baseline-100 --cases $V2/trainsub --json --per-case --device cpu \
+  > $DATA/bundles/v10-baseline-100.trainsub.eval.json
