@@ -111,6 +111,15 @@ def window_scale_ladder(run_at_scale, run_on_cpu, window_voxels: int, free_bytes
     return run_on_cpu(), True
 
 
+def _window_voxels(bundle: Bundle, plane: str, view_shape_kji: Sequence[int]) -> int:
+    """Voxels of one backbone window on this view: the configured window, clipped to the view,
+    and over every slice when the bundle's windows span the slices."""
+    w_i, w_j, w_k = bundle.view_config(plane).window
+    k, j, i = view_shape_kji
+    slices = k if bundle.features.get("span_slices", False) else min(w_k, k)
+    return int(min(w_i, i) * min(w_j, j) * slices)
+
+
 def _extract_with_fallback(bundle: Bundle, plane: str, view_kji: np.ndarray, device, cancel, warnings: list[str]):
     """On CUDA: fp16 windows as large as free memory allows, smaller on out-of-memory, then the CPU."""
     import torch
@@ -126,7 +135,7 @@ def _extract_with_fallback(bundle: Bundle, plane: str, view_kji: np.ndarray, dev
     free, _total = torch.cuda.mem_get_info(device)
     features, on_cpu = window_scale_ladder(
         on_gpu, lambda: _extract(bundle, plane, view_kji, cpu, cancel),
-        int(np.prod(bundle.view_config(plane).window)), free, plane, warnings)
+        _window_voxels(bundle, plane, view_kji.shape), free, plane, warnings)
     return features, (cpu if on_cpu else device)
 
 

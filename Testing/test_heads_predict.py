@@ -573,6 +573,18 @@ def test_little_free_gpu_memory_starts_with_smaller_windows():
     assert "windows scaled by 0.5" in warnings[0]
 
 
+def test_the_memory_pre_flight_sizes_the_window_the_view_will_get(pipeline):
+    """Tiny views use 64 x 64 x 16 windows (i, j, k): clipped to the view in plane, and over all
+    40 slices when the bundle's windows span the slices (what the GPU has to hold at once)."""
+    from OrthoKneeLib.predict import _window_voxels
+
+    bundle = Bundle.open(pipeline["base"].path)
+    assert bundle.features["span_slices"] is True  # the default for new bundles
+    assert _window_voxels(bundle, "coronal", (40, 100, 30)) == 30 * 64 * 40
+    bundle.metadata["features"].pop("span_slices")  # as bundles made before it
+    assert _window_voxels(bundle, "coronal", (40, 100, 30)) == 30 * 64 * 16
+
+
 def test_heads_out_of_memory_reruns_them_on_the_cpu(pipeline, case, monkeypatch):
     import OrthoKneeLib.predict as predict_module
 

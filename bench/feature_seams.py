@@ -37,13 +37,20 @@ def measure(bundle, case_dir: Path, plane: str, span: bool) -> dict:
     from OrthoKneeLib.predict import view_timesteps
 
     config = bundle.view_config(plane)
-    view = prepare_view(sitk.ReadImage(str(case_dir / f"{plane}.nrrd")), config)
+    series = case_dir / f"{plane}.nrrd"
+    if not series.is_file():
+        raise SystemExit(f"{case_dir}: no {plane}.nrrd; give a case folder with that series, or leave "
+                         f"{plane} out of --planes")
+    view = prepare_view(sitk.ReadImage(str(series)), config)
     unet, scheduler = bundle.load_backbone(plane)
     extractor = FeatureExtractor(unet, scheduler, timesteps=view_timesteps(bundle, plane),
                                  budget_per_block=bundle.features["budget_per_block"], window_ijk=config.window,
                                  overlap=bundle.features["overlap"], seed=bundle.features["seed"], span_slices=span)
     start = time.perf_counter()
-    features = extractor(view)
+    try:
+        features = extractor(view)
+    finally:
+        extractor.close()
     seconds = time.perf_counter() - start
     interior = slice_jumps(features)[2:-2]
     worst = int(np.argmax(interior))
@@ -53,16 +60,24 @@ def measure(bundle, case_dir: Path, plane: str, span: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from OrthoKneeLib.bundle import Bundle
-    from OrthoKneeLib.resources import demo_bundle_dir
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("case", type=Path, help="a case folder with <plane>.nrrd series")
     parser.add_argument("--bundle", default=None, help="default: the shipped demo bundle")
     parser.add_argument("--planes", nargs="+", default=["sagittal", "coronal", "axial"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _table(args)
+    finally:
+        torch.set_num_threads(threads_before)  # main() also runs inside the test process
+
+
+def _table(args) -> int:
+    from OrthoKneeLib.bundle import Bundle
+    from OrthoKneeLib.resources import demo_bundle_dir
+
     bundle = Bundle.open(args.bundle or demo_bundle_dir())
     print(f"{args.case.name}, bundle {bundle.metadata.get('name')} {bundle.metadata.get('version')}, "
           f"{args.threads} threads\n")
