@@ -261,3 +261,26 @@ python bench/feature_seams.py $V2/test/cases/oai-123-0002 --threads 1
 #     the training cartilages to 0.80).
 orthoknee evaluate --bundle $DATA/bundles/v10-baseline-100 --cases $V2/trainsub --json --per-case --device cpu \
   > $DATA/bundles/v10-baseline-100.trainsub.eval.json
+
+# 20. The 10 %-label comparison at 0.4.0's budget (the model card's "10 % of the labels at 0.4.0's
+#     budget"): step 13's 10 % heads continued 3000 steps (6000 in all, as 0.4.0), and each UNet
+#     continued 6000 steps (12000 in all, about the heads' wall time); heads 100 % = 0.4.0 (step 17's
+#     scores). All scored with the bone post-processing.
+#     Tables: python bench/compare_models.py $DATA/bundles --prefix v14- [--suffix .findings-test]
+for run in "v14-heads-10-6000 v10-heads-10 heads 0.1 3000" "v14-baseline-10-12000 v10-baseline-10 baseline 0.1 6000" \
+           "v14-baseline-100-12000 v10-baseline-100 baseline 1.0 6000"; do
+  set -- $run
+  [ -f $DATA/bundles/$1/weights/heads.pt ] ||
+    orthoknee finetune --bundle $DATA/bundles/$2 --cases $V2/train --validation $V2/test --validation-cases 4 \
+      --validate-every 1000 --out $DATA/bundles/$1 --views sagittal --steps $5 --model $3 --label-fraction $4 --device cpu
+  for set in "eval $V2/test" "findings-test.eval $V3/test_findings"; do
+    set -- $1 $set
+    orthoknee evaluate --bundle $DATA/bundles/$1 --cases $3 --json --per-case --device cpu > $DATA/bundles/$1.$2.json
+  done
+done
+for suffix in "" .findings-test; do
+  ln -sf v12-heads-100-6000$suffix.eval.pp.json $DATA/bundles/v14-heads-100$suffix.eval.json
+  ln -sf v14-heads-10-6000$suffix.eval.json $DATA/bundles/v14-heads-10$suffix.eval.json
+  ln -sf v14-baseline-100-12000$suffix.eval.json $DATA/bundles/v14-baseline-100$suffix.eval.json
+  ln -sf v14-baseline-10-12000$suffix.eval.json $DATA/bundles/v14-baseline-10$suffix.eval.json
+done
