@@ -114,10 +114,12 @@ def window_scale_ladder(run_at_scale, run_on_cpu, window_voxels: int, free_bytes
 def _window_voxels(bundle: Bundle, plane: str, view_shape_kji: Sequence[int]) -> int:
     """Voxels of one backbone window on this view: the configured window, clipped to the view,
     and over every slice when the bundle's windows span the slices."""
-    w_i, w_j, w_k = bundle.view_config(plane).window
-    k, j, i = view_shape_kji
-    slices = k if bundle.features.get("span_slices", False) else min(w_k, k)
-    return int(min(w_i, i) * min(w_j, j) * slices)
+    from .model.features import window_roi
+
+    config = bundle.view_config(plane)
+    roi = window_roi(config.window, tuple(view_shape_kji)[::-1], len(config.channels),
+                     bundle.features.get("span_slices", False))
+    return int(np.prod(roi))
 
 
 def _extract_with_fallback(bundle: Bundle, plane: str, view_kji: np.ndarray, device, cancel, warnings: list[str]):

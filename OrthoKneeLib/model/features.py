@@ -27,12 +27,23 @@ import numpy as np
 
 from ..progress import CancelToken
 
-__all__ = ["FeatureExtractor", "FeatureCache", "feature_channels"]
+__all__ = ["FeatureExtractor", "FeatureCache", "feature_channels", "window_roi"]
 
 
 def feature_channels(channels: Sequence[int], timesteps: Sequence[int], budget_per_block: int) -> int:
     """How many channels extract_features returns for a backbone with these block widths."""
     return len(timesteps) * sum(min(c, budget_per_block) for c in reversed(channels))
+
+
+def window_roi(window_ijk: Sequence[int], view_ijk: Sequence[int], levels: int, span_slices: bool) -> tuple[int, ...]:
+    """The window one view is tiled with (network layout i, j, k): the configured window, no
+    larger than the view rounded up to what the UNet's ``levels`` of downsampling need, and
+    over every slice when ``span_slices``."""
+    multiple = 2 ** (levels - 1)
+    roi = [min(r, int(np.ceil(s / multiple)) * multiple) for r, s in zip(window_ijk, view_ijk)]
+    if span_slices:  # k, the slice axis, is last
+        roi[2] = int(np.ceil(view_ijk[2] / multiple)) * multiple
+    return tuple(roi)
 
 
 class FeatureExtractor:
@@ -126,11 +137,7 @@ class FeatureExtractor:
         noise = torch.randn(x.shape, generator=generator).to(self.device)
         # Windows no larger than the view (rounded up to what the UNet's downsampling needs):
         # a view just over a fixed window would otherwise be tiled twice over per axis.
-        multiple = 2 ** (len(self.unet.block_out_channels) - 1)
-        roi = [min(r, int(np.ceil(s / multiple)) * multiple) for r, s in zip(self.roi, x.shape[2:])]
-        if self.span_slices:  # network layout [i, j, k]: k, the slice axis, is last
-            roi[2] = int(np.ceil(x.shape[4] / multiple)) * multiple
-        roi = tuple(roi)
+        roi = window_roi(self.roi, x.shape[2:], len(self.unet.block_out_channels), self.span_slices)
         outputs = []
         self._cancel = cancel
         try:
