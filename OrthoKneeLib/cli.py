@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import OrthoKneeError
+from .errors import InputError, OrthoKneeError
 
 __all__ = ["main"]
 
@@ -205,7 +205,7 @@ def _load_case(args: argparse.Namespace):
             volumes = [load_volume(path)]  # one file of a series: its own series only
         loose.extend(volumes)
     if not named and not loose:
-        raise OrthoKneeError(None, "no input series were given.",
+        raise InputError(None, "no input series were given.",
                              "Give files or DICOM folders, or --sagittal/--coronal/--axial.")
     case = Case.from_volumes(loose) if loose else None
     views = dict(case.views) if case else {}
@@ -271,7 +271,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         train = train[: args.max_cases]
     val = find_cases(args.validation or args.cases, "validation" if not args.validation else None)[: args.validation_cases]
     if not train:
-        raise OrthoKneeError(None, f"no training cases (split 'train') under {', '.join(map(str, args.cases))}.",
+        raise InputError(None, f"no training cases (split 'train') under {', '.join(map(str, args.cases))}.",
                              "Make some with `orthoknee synth`.")
     device = select_device(args.device)
     cache = _cache_dir(args)
@@ -305,7 +305,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.max_cases:
         cases = cases[: args.max_cases]
     if not cases:
-        raise OrthoKneeError(None, f"no cases with split {args.split!r} under {', '.join(map(str, args.cases))}.",
+        raise InputError(None, f"no cases with split {args.split!r} under {', '.join(map(str, args.cases))}.",
                              "Use --split all, or give other folders.")
     scores = evaluate_bundle(bundle, cases, _cache_dir(args), device=args.device,
                              progress=TextProgress("evaluate", unit="step"), with_hd95=not args.no_hd95,
@@ -316,6 +316,50 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{bundle.metadata.get('name')} {bundle.metadata.get('version')} ({scores['bundle']['kind']}) "
               f"on {scores['cases']} cases")
         print(format_table(scores, bundle.catalog))
+    return 0
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from collections import defaultdict
+
+    from .bundle import Bundle
+    from .featurecache import prune_cache, scan_cache
+
+    if args.keep_bundle and not args.prune:
+        raise InputError(None, "--keep-bundle only says what `--prune` keeps.", "Add --prune (and --dry-run to look first).")
+    root = _cache_dir(args)
+    kept = {}
+    for path in args.keep_bundle or []:
+        bundle = Bundle.open(path)
+        kept[bundle.hash] = f"{bundle.metadata.get('name')} {bundle.metadata.get('version')} ({path})"
+    if args.prune:
+        removed = prune_cache(root, kept if args.keep_bundle else None, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for entry, reason in removed:
+            print(f"  {verb} {entry.path.name} ({entry.bytes / 2**20:.0f} MB): {reason}")
+        print(f"{root}: {verb} {len(removed)} entries, {sum(e.bytes for e, _ in removed) / 2**30:.2f} GB")
+        return 0
+    entries = scan_cache(root)
+    if not entries:
+        print(f"{root}: no cache entries")
+        return 0
+    by_bundle: dict[str, list] = defaultdict(list)
+    for e in entries:
+        by_bundle["stale" if e.stale else (e.bundle_hash or "being written")].append(e)
+    print(f"{root}: {len(entries)} entries, {sum(e.bytes for e in entries) / 2**30:.2f} GB")
+    for key, group in sorted(by_bundle.items(), key=lambda kv: -sum(e.bytes for e in kv[1])):
+        label = key if key in ("stale", "being written") else f"bundle {key[:12]}"
+        print(f"  {label}: {len(group)} entries, {sum(e.bytes for e in group) / 2**30:.2f} GB")
+        if key == "stale":
+            for e in group[:5]:
+                print(f"    {e.path.name}: {e.stale}")
+            if len(group) > 5:
+                print(f"    ... and {len(group) - 5} more")
+    if by_bundle.get("stale"):
+        print("`orthoknee cache --prune` removes the stale entries; add --keep-bundle B to also remove other bundles'.")
     return 0
 
 
@@ -455,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, default=100, metavar="STEPS")
     p.add_argument("--validation-cases", type=int, default=4)
     p.add_argument("--version", help="version of the new bundle (default: next minor)")
-    p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee)")
+    p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee/features)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.set_defaults(func=cmd_finetune)
 
@@ -470,9 +514,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "largest connected piece")
     p.add_argument("--json", action="store_true", help="print JSON with keys dice, hd95 (mm), auc")
     p.add_argument("--per-case", action="store_true", help="with --json: include per-case scores")
-    p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee)")
+    p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee/features)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("cache", help="what the feature cache holds; --prune frees what no case or bundle can use")
+    p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee/features)")
+    p.add_argument("--prune", action="store_true",
+                   help="remove stale entries (case folder gone, case files changed, interrupted writes)")
+    p.add_argument("--keep-bundle", type=Path, nargs="+", metavar="BUNDLE",
+                   help="with --prune: also remove every entry of a bundle not named here")
+    p.add_argument("--dry-run", action="store_true", help="with --prune: list what would go, remove nothing")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("demo", help="load the shipped sample case and show what was found")
     p.add_argument("--sample", type=Path, help="folder holding the sample case (default: the shipped one)")

@@ -8,7 +8,6 @@ run costs seconds per epoch instead of a backbone pass per step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,14 +21,12 @@ import SimpleITK as sitk
 
 from .bundle import Bundle, file_sha256
 from .errors import InputError
+from .featurecache import CACHE_LAYOUT, cache_key, ensure_free_space
 from .io import atomic_path, write_json_atomic
 from .labels import Catalog
 from .progress import CancelToken, ProgressFn, no_progress
 
 __all__ = ["find_cases", "cache_case", "CachedCase", "FinetuneConfig", "finetune"]
-
-CACHE_LAYOUT = 1
-
 
 # ------------------------------------------------------------------------------------ cases
 
@@ -52,20 +49,6 @@ def find_cases(folders: Sequence[str | os.PathLike], split: str | None = None) -
     return out
 
 
-def _cache_key(bundle: Bundle, case_folder: Path, views: Sequence[str] | None = None) -> str:
-    h = hashlib.sha256()
-    h.update(bundle.hash.encode())
-    h.update(str(CACHE_LAYOUT).encode())
-    if views is not None:  # a subset of the views is a different entry (None keeps older keys valid)
-        h.update(("views:" + ",".join(sorted(views))).encode())
-    for name in ("case.json", "sagittal.nrrd", "coronal.nrrd", "axial.nrrd"):
-        f = case_folder / name
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:20]
-
-
 def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str | os.PathLike,
                pool_kji: Sequence[int] = (1, 3, 3), device="cpu", cancel: CancelToken | None = None,
                views: Sequence[str] | None = None) -> Path:
@@ -85,19 +68,22 @@ def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str |
     case_folder = Path(case_folder)
     if views is not None and not views:
         for candidate in (None, *((p,) for p in bundle.planes)):
-            found = Path(cache_root) / f"{case_folder.name}-{_cache_key(bundle, case_folder, candidate)}"
+            found = Path(cache_root) / f"{case_folder.name}-{cache_key(bundle.hash, case_folder, candidate)}"
             if (found / "meta.json").is_file():
                 return found
         views = (read_case(case_folder).case.reference_plane,)
     if views is not None and set(bundle.planes) <= set(views):
         views = None  # every view: the same entry as when none are named
-    out = Path(cache_root) / f"{case_folder.name}-{_cache_key(bundle, case_folder, views)}"
+    out = Path(cache_root) / f"{case_folder.name}-{cache_key(bundle.hash, case_folder, views)}"
     if (out / "meta.json").is_file():
         return out
     sc = read_case(case_folder)
     warnings: list[str] = []
     fi = fusion_inputs(bundle, sc.case, device=device, cancel=cancel, warnings=warnings, use=views)
     ref_plane = sc.case.reference_plane
+    arrays = [fi.image_reference, fi.image_fusion, *fi.features.values(), *fi.coverage.values()]
+    needed = int(1.15 * 2 * sum(a.size for a in arrays))  # float16, plus pooled copies, labels, masks
+    ensure_free_space(out.parent, needed, f"the feature cache entry of {case_folder.name}")
     out.mkdir(parents=True, exist_ok=True)
 
     def save(name: str, array: np.ndarray, dtype=np.float16) -> None:
