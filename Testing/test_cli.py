@@ -111,3 +111,10 @@ def test_progress_rate_of_a_resumed_job():
     bar.start -= 10.0
     bar(502, 1000)
     assert "502/1000 10.0 s/step ETA 4980 s" in stream.getvalue().splitlines()[-1]
+
+
+def test_usage_errors_read_as_sentences(capsys, tmp_path):
+    """Errors the CLI raises itself print the problem and the advice, not a tuple of them."""
+    code, _, err = run(capsys, "predict", "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert err.startswith("error: no input series were given. Give files or DICOM folders") and "(None" not in err
