@@ -36,7 +36,16 @@ def itk_error_detail(exc: BaseException) -> str:
 
 
 class OrthoKneeError(Exception):
-    """Base of every error OrthoKnee raises on purpose."""
+    """Base of every error OrthoKnee raises on purpose.
+
+    One argument, the whole message: front ends show ``str(error)``, and an error raised with
+    the (path, problem, advice) triple of :class:`InputError` would print as a tuple.
+    """
+
+    def __init__(self, message: str) -> None:
+        if not isinstance(message, str):
+            raise TypeError(f"{type(self).__name__} takes one message string, not {message!r}")
+        super().__init__(message)
 
 
 class InputError(OrthoKneeError):

@@ -36,7 +36,7 @@ class CancelToken:
 
     def raise_if_cancelled(self) -> None:
         if self._event.is_set():
-            raise Cancelled(None, "cancelled by the user.")
+            raise Cancelled("cancelled by the user.")
 
 
 class ProgressCallback(Protocol):

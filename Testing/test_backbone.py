@@ -196,8 +196,10 @@ def test_pickled_code_is_not_executed(tiny_bundle, tmp_path):
 def test_cuda_requested_on_a_cpu_machine():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the CPU-only behaviour cannot be observed here")
-    with pytest.raises(DeviceError, match="no usable CUDA"):
+    with pytest.raises(DeviceError, match=r"^CUDA was requested but this machine has no usable CUDA GPU .*Use device 'auto'"):
         select_device("cuda")
+    with pytest.raises(DeviceError, match=r"^unknown device 'tpu'\. Use 'auto', 'cpu' or 'cuda'\.$"):
+        select_device("tpu")
     assert select_device("auto").type == "cpu"
     assert select_device("cpu").type == "cpu"
 

@@ -160,3 +160,20 @@ def test_views_that_do_not_overlap(write_volume):
     assert sag.path in str(info.value)
     near = _view(write_volume, "cor_near.nrrd", "coronal", origin=(-5.0, 10.0, 5.0))
     assert Case(sagittal=sag, coronal=near).planes == ("sagittal", "coronal")
+
+
+def test_every_error_reads_as_one_message():
+    """Front ends print str(error): the base takes one message, so the (path, problem, advice)
+    triple of InputError given to another class fails at once instead of printing a tuple."""
+    from OrthoKneeLib.errors import OrthoKneeError
+    from OrthoKneeLib.progress import CancelToken, Cancelled
+
+    with pytest.raises(TypeError, match="positional argument"):
+        OrthoKneeError(None, "no input series were given.", "Give files.")
+    with pytest.raises(TypeError, match="one message string"):
+        OrthoKneeError(None)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled) as caught:
+        token.raise_if_cancelled()
+    assert str(caught.value) == "cancelled by the user."

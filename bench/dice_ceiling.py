@@ -31,20 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from OrthoKneeLib.errors import OrthoKneeError
+    from OrthoKneeLib.errors import InputError
     from OrthoKneeLib.labels import DEFAULT_CATALOG
     from OrthoKneeLib.synth.ceiling import oracle_dice, partial_volume_oracle
     from OrthoKneeLib.train import find_cases
 
     folders = find_cases(args.cases, None)[: args.max_cases]
     if not folders:
-        raise OrthoKneeError(None, f"no case folders under {', '.join(map(str, args.cases))}.",
+        raise InputError(None, f"no case folders under {', '.join(map(str, args.cases))}.",
                              "Give `orthoknee synth` outputs.")
     models = {}
     for path in args.eval:
         scores = json.loads(path.read_text())
         if "per_case" not in scores:
-            raise OrthoKneeError(path, "has no per-case rows.", "Run `orthoknee evaluate` with --json --per-case.")
+            raise InputError(path, "has no per-case rows.", "Run `orthoknee evaluate` with --json --per-case.")
         models[path.name.split(".")[0]] = {row["case_id"]: row["dice"] for row in scores["per_case"]}
     structures = DEFAULT_CATALOG.structures
     ceiling: dict[str, dict[str, float]] = {s.key: {} for s in structures}
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads((folder / "case.json").read_text())
         needed = [folder / "labels.nrrd", folder / f"{args.plane}_labels.nrrd"]
         if not all(p.is_file() for p in needed) or args.plane not in meta.get("views", {}):
-            raise OrthoKneeError(folder, f"lacks the work-grid labels or the {args.plane} view's labels and parameters.",
+            raise InputError(folder, f"lacks the work-grid labels or the {args.plane} view's labels and parameters.",
                                  "The ceiling needs a case written by `orthoknee synth`.")
         truth = sitk.ReadImage(str(needed[1]))
         oracle = partial_volume_oracle(sitk.ReadImage(str(needed[0])), truth, args.plane, meta["views"][args.plane])

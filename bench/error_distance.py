@@ -23,7 +23,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from OrthoKneeLib.bundle import Bundle  # noqa: E402
-from OrthoKneeLib.errors import OrthoKneeError  # noqa: E402
+from OrthoKneeLib.errors import InputError, OrthoKneeError  # noqa: E402
 from OrthoKneeLib.predict import load_heads, run_baseline, run_heads, views_fused  # noqa: E402
 from OrthoKneeLib.train import CachedCase, cache_case, find_cases  # noqa: E402
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         catalog = bundle.catalog
         unknown = [s for s in args.structures if s not in catalog.structure_keys]
         if unknown:
-            raise OrthoKneeError(None, f"unknown structures {unknown}.", f"Choose among {list(catalog.structure_keys)}.")
+            raise InputError(None, f"unknown structures {unknown}.", f"Choose among {list(catalog.structure_keys)}.")
         kind, model = load_heads(bundle, device="cpu")
         label = {s.key: s.label for s in catalog.structures}
         totals = {s: {} for s in args.structures}

@@ -14,6 +14,10 @@ _log = logging.getLogger(__name__)
 class DeviceError(OrthoKneeError):
     """The requested device does not exist on this machine."""
 
+    def __init__(self, problem: str, advice: str = "") -> None:
+        super().__init__(problem + (f" {advice}" if advice else ""))
+        self.problem, self.advice = problem, advice
+
 
 def select_device(requested: str = "auto"):
     """'auto' -> CUDA if available else CPU; 'cuda' on a CUDA-less machine is a clear error.
@@ -29,7 +33,6 @@ def select_device(requested: str = "auto"):
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceError(
-                None,
                 "CUDA was requested but this machine has no usable CUDA GPU "
                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}).",
                 "Use device 'auto' or 'cpu', or install a CUDA build of torch on a machine with an NVIDIA GPU.",
@@ -37,4 +40,4 @@ def select_device(requested: str = "auto"):
         return torch.device(requested)
     if requested == "cpu":
         return torch.device("cpu")
-    raise DeviceError(None, f"unknown device {requested!r}.", "Use 'auto', 'cpu' or 'cuda'.")
+    raise DeviceError(f"unknown device {requested!r}.", "Use 'auto', 'cpu' or 'cuda'.")
