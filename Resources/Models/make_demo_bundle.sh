@@ -284,3 +284,35 @@ for suffix in "" .findings-test; do
   ln -sf v14-baseline-100-12000$suffix.eval.json $DATA/bundles/v14-baseline-100$suffix.eval.json
   ln -sf v14-baseline-10-12000$suffix.eval.json $DATA/bundles/v14-baseline-10$suffix.eval.json
 done
+
+# 21. Three-view heads on seam-free features: the demo backbones with windows spanning the slices
+#     (features.span_slices = true; bundle v15-base, version 0.4.0+span), 0.4.0's architecture and
+#     budget: 3000 steps from scratch (as 0.3.0), scored with the bone post-processing, then 3000 more
+#     (a warm restart, 6000 in all, as 0.4.0). Compared case by case with 0.3.0 (step 11's v7, scored
+#     again with the post-processing) and 0.4.0 (step 17):
+#     python bench/compare_two.py $DATA/bundles/v7-heads-100-3000.eval.pp.json $DATA/bundles/v15-heads3v-3000.eval.json
+#     (and the .findings-test pairs; at 6000 steps v12-heads-100-6000 against v15-heads3v-6000).
+[ -f $DATA/bundles/v15-base/metadata.json ] || { cp -r $B $DATA/bundles/v15-base && python3 - $DATA/bundles/v15-base <<'PY'
+import sys
+from OrthoKneeLib.bundle import Bundle
+bundle = Bundle.open(sys.argv[1])
+bundle.metadata["version"] += "+span"
+bundle.metadata["features"]["span_slices"] = True
+bundle.save_metadata()
+PY
+}
+for set in "eval.pp $V2/test" "findings-test.eval.pp $V3/test_findings"; do
+  set -- $set
+  orthoknee evaluate --bundle $DATA/bundles/v7-heads-100-3000 --cases $2 --json --per-case --device cpu \
+    > $DATA/bundles/v7-heads-100-3000.$1.json
+done
+for run in "v15-heads3v-3000 $DATA/bundles/v15-base --from-scratch" "v15-heads3v-6000 $DATA/bundles/v15-heads3v-3000"; do
+  set -- $run
+  [ -f $DATA/bundles/$1/weights/heads.pt ] ||
+    orthoknee finetune --bundle $2 ${3:-} --cases $V2/train --validation $V2/test --validation-cases 4 \
+      --validate-every 500 --out $DATA/bundles/$1 --views sagittal coronal axial --steps 3000 --device cpu
+  for set in "eval $V2/test" "findings-test.eval $V3/test_findings"; do
+    set -- $1 $set
+    orthoknee evaluate --bundle $DATA/bundles/$1 --cases $3 --json --per-case --device cpu > $DATA/bundles/$1.$2.json
+  done
+done
