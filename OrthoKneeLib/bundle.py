@@ -146,6 +146,12 @@ class Bundle:
     def features(self) -> dict:
         return self.metadata["features"]
 
+    @property
+    def span_slices(self) -> bool:
+        """Whether each backbone window covers every slice; bundles made before the setting
+        existed (the demo bundle 0.4.0) tiled the slices too, and keep doing so."""
+        return bool(self.features.get("span_slices", False))
+
     def view_config(self, plane: str) -> ViewModelConfig:
         if plane not in self.metadata.get("views", {}):
             raise BundleError(self.path, f"has no {plane} backbone.", f"Train it: `orthoknee pretrain --view {plane}`.")

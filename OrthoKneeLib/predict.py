@@ -68,7 +68,7 @@ def _extract(bundle: Bundle, plane: str, view_kji: np.ndarray, device, cancel: C
     extractor = FeatureExtractor(
         unet, scheduler, timesteps=view_timesteps(bundle, plane), budget_per_block=bundle.features["budget_per_block"],
         window_ijk=window, overlap=bundle.features["overlap"], seed=bundle.features["seed"], device=device,
-        span_slices=bundle.features.get("span_slices", False),  # bundles before it tiled the slices
+        span_slices=bundle.span_slices,
     )
     try:
         return extractor(view_kji, cancel=cancel)
@@ -118,7 +118,7 @@ def _window_voxels(bundle: Bundle, plane: str, view_shape_kji: Sequence[int]) ->
 
     config = bundle.view_config(plane)
     roi = window_roi(config.window, tuple(view_shape_kji)[::-1], len(config.channels),
-                     bundle.features.get("span_slices", False))
+                     bundle.span_slices)
     return int(np.prod(roi))
 
 

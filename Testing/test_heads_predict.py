@@ -579,9 +579,10 @@ def test_the_memory_pre_flight_sizes_the_window_the_view_will_get(pipeline):
     from OrthoKneeLib.predict import _window_voxels
 
     bundle = Bundle.open(pipeline["base"].path)
-    assert bundle.features["span_slices"] is True  # the default for new bundles
+    assert bundle.features["span_slices"] is True and bundle.span_slices  # the default for new bundles
     assert _window_voxels(bundle, "coronal", (40, 100, 30)) == 30 * 64 * 40
     bundle.metadata["features"].pop("span_slices")  # as bundles made before it
+    assert not bundle.span_slices
     assert _window_voxels(bundle, "coronal", (40, 100, 30)) == 30 * 64 * 16
 
 
