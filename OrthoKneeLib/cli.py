@@ -336,6 +336,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         bundle = Bundle.open(path)
         kept[bundle.hash] = f"{bundle.metadata.get('name')} {bundle.metadata.get('version')} ({path})"
     if args.prune:
+        for bundle_hash, name in kept.items():
+            print(f"  keeping bundle {bundle_hash[:12]}: {name}")
         removed = prune_cache(root, kept if args.keep_bundle else None, dry_run=args.dry_run)
         verb = "would remove" if args.dry_run else "removed"
         for entry, reason in removed:
