@@ -35,7 +35,9 @@ def keep_largest_component(labelmap: np.ndarray, labels: Sequence[int]) -> np.nd
         if not mask.any():
             continue
         components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
-        by_size = sitk.GetArrayViewFromImage(sitk.RelabelComponent(components, sortByObjectSize=True))
+        # GetArrayFromImage copies: a GetArrayViewFromImage of the temporary relabelled image
+        # pointed into freed memory once the image was collected (a segfault in one CI run).
+        by_size = sitk.GetArrayFromImage(sitk.RelabelComponent(components, sortByObjectSize=True))
         out[mask & (by_size != 1)] = 0
     return out
 
