@@ -177,3 +177,18 @@ def test_every_error_reads_as_one_message():
     with pytest.raises(Cancelled) as caught:
         token.raise_if_cancelled()
     assert str(caught.value) == "cancelled by the user."
+
+
+def test_no_array_view_of_a_temporary_image():
+    """sitk.GetArrayViewFromImage(f(...)) views an image nobody holds: once it is collected the
+    array reads freed memory (it segfaulted the bone post-processing in a CI run). Views are
+    taken of named images only; a temporary needs GetArrayFromImage, which copies."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"GetArrayViewFromImage\(\s*[\w.]+\(")
+    offenders = [f"{path.relative_to(repo)}:{n}" for folder in ("OrthoKneeLib", "OrthoKnee", "bench")
+                 for path in sorted((repo / folder).rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
