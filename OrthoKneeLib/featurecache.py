@@ -81,9 +81,9 @@ def scan_cache(root: str | os.PathLike) -> list[CacheEntry]:
         return []
     entries, now = [], time.time()
     for path in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = [f for f in path.iterdir() if f.is_file()]
-        size = sum(f.stat().st_size for f in files)
-        age = now - max((f.stat().st_mtime for f in files), default=path.stat().st_mtime)
+        stats = [f.stat() for f in path.iterdir() if f.is_file()]
+        size = sum(st.st_size for st in stats)
+        age = now - max((st.st_mtime for st in stats), default=path.stat().st_mtime)
         try:
             meta = json.loads((path / "meta.json").read_text())
         except (OSError, json.JSONDecodeError):

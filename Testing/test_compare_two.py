@@ -16,10 +16,10 @@ def _eval(dice_femur: list[float], probs: list[float], truth: list[bool]) -> dic
 def test_auc_counts_ties_half_and_needs_both_classes(bench_script):
     ct = bench_script("compare_two")
     truth = np.array([True, True, False, False])
-    assert ct.auc(np.array([0.9, 0.8, 0.1, 0.2]), truth) == 1.0
-    assert ct.auc(np.array([0.1, 0.2, 0.9, 0.8]), truth) == 0.0
-    assert ct.auc(np.array([0.5, 0.5, 0.5, 0.5]), truth) == 0.5
-    assert ct.auc(np.array([0.9, 0.8]), np.array([True, True])) is None
+    assert ct.roc_auc(np.array([0.9, 0.8, 0.1, 0.2]), truth) == 1.0
+    assert ct.roc_auc(np.array([0.1, 0.2, 0.9, 0.8]), truth) == 0.0
+    assert ct.roc_auc(np.array([0.5, 0.5, 0.5, 0.5]), truth) == 0.5
+    assert ct.roc_auc(np.array([0.9, 0.8]), np.array([True, True])) is None
 
 
 def test_paired_dice_and_auc_say_which_model_is_better(bench_script):

@@ -20,6 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from OrthoKneeLib.evaluate import roc_auc  # noqa: E402
+
 
 def _per_case(scores: dict, path: Path) -> dict[str, dict]:
     rows = scores.get("per_case")
@@ -66,15 +70,6 @@ def mean_dice_per_case(a: dict[str, dict], b: dict[str, dict], cases: list[str],
             "lo": lo, "hi": hi, "b_better": int((diff > 0).sum())}
 
 
-def auc(scores: np.ndarray, truth: np.ndarray) -> float | None:
-    """Mann-Whitney AUC (ties count half); None without both classes."""
-    pos, neg = scores[truth], scores[~truth]
-    if not len(pos) or not len(neg):
-        return None
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
-
-
 def paired_auc(a: dict[str, dict], b: dict[str, dict], cases: list[str], finding: str,
                rng, resamples: int) -> dict | None:
     """AUC of A and B for one finding and B - A, bootstrapped over the same resampled cases."""
@@ -84,13 +79,13 @@ def paired_auc(a: dict[str, dict], b: dict[str, dict], cases: list[str], finding
     if not rows:
         return None
     pa, pb, truth = (np.array(x) for x in zip(*rows))
-    auc_a, auc_b = auc(pa, truth), auc(pb, truth)
+    auc_a, auc_b = roc_auc(pa, truth), roc_auc(pb, truth)
     if auc_a is None or auc_b is None:
         return None
     boot = []
     for _ in range(resamples):
         idx = rng.integers(len(truth), size=len(truth))
-        x, y = auc(pa[idx], truth[idx]), auc(pb[idx], truth[idx])
+        x, y = roc_auc(pa[idx], truth[idx]), roc_auc(pb[idx], truth[idx])
         if x is not None and y is not None:
             boot.append(y - x)
     lo, hi = np.percentile(boot, [2.5, 97.5])
