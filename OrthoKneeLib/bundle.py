@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import OrthoKneeError
+from .errors import OrthoKneeError, advised_message
 from .io import atomic_path, write_json_atomic
 from .labels import DEFAULT_CATALOG, Catalog
 from .model.diffusion import ViewModelConfig
@@ -43,8 +43,7 @@ class BundleError(OrthoKneeError):
     """A bundle is missing, incomplete, tampered with or of another format."""
 
     def __init__(self, path, problem: str, advice: str = "") -> None:
-        where = f"{path}: " if path else ""
-        super().__init__(f"{where}{problem}" + (f" {advice}" if advice else ""))
+        super().__init__(advised_message(path, problem, advice))
         self.path = str(path) if path else None
 
 

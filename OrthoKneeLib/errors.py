@@ -23,6 +23,7 @@ __all__ = [
     "InvalidVoxelsError",
     "EmptyVolumeError",
     "itk_error_detail",
+    "advised_message",
 ]
 
 
@@ -33,6 +34,12 @@ def itk_error_detail(exc: BaseException) -> str:
     """
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+def advised_message(path: str | PathLike | None, problem: str, advice: str = "") -> str:
+    """The one sentence layout of every message: "where: what is wrong. What to do."."""
+    where = f"{path}: " if path else ""
+    return f"{where}{problem}" + (f" {advice}" if advice else "")
 
 
 class OrthoKneeError(Exception):
@@ -55,11 +62,7 @@ class InputError(OrthoKneeError):
         self.path = str(path) if path is not None else None
         self.problem = problem
         self.advice = advice
-        where = f"{self.path}: " if self.path else ""
-        text = f"{where}{problem}"
-        if advice:
-            text += f" {advice}"
-        super().__init__(text)
+        super().__init__(advised_message(self.path, problem, advice))
 
 
 class MissingFileError(InputError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import OrthoKneeError
+from ..errors import OrthoKneeError, advised_message
 
 __all__ = ["DeviceError", "select_device"]
 
@@ -15,7 +15,7 @@ class DeviceError(OrthoKneeError):
     """The requested device does not exist on this machine."""
 
     def __init__(self, problem: str, advice: str = "") -> None:
-        super().__init__(problem + (f" {advice}" if advice else ""))
+        super().__init__(advised_message(None, problem, advice))
         self.problem, self.advice = problem, advice
 
 
