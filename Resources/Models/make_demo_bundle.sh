@@ -291,7 +291,8 @@ done
 #     (a warm restart, 6000 in all, as 0.4.0). Compared case by case with 0.3.0 (step 11's v7, scored
 #     again with the post-processing) and 0.4.0 (step 17):
 #     python bench/compare_two.py $DATA/bundles/v7-heads-100-3000.eval.pp.json $DATA/bundles/v15-heads3v-3000.eval.json
-#     (and the .findings-test pairs; at 6000 steps v12-heads-100-6000 against v15-heads3v-6000).
+#     (and the .findings-test pairs; at 6000 steps v12-heads-100-6000[.findings-test].eval.pp.json against
+#     v15-heads3v-6000[.findings-test].eval.json, the card's "At 0.4.0's budget: 6000 steps").
 [ -f $DATA/bundles/v15-base/metadata.json ] || { cp -r $B $DATA/bundles/v15-base && python3 - $DATA/bundles/v15-base <<'PY'
 import sys
 from OrthoKneeLib.bundle import Bundle
