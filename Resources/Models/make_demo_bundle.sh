@@ -317,3 +317,21 @@ for run in "v15-heads3v-3000 $DATA/bundles/v15-base --from-scratch" "v15-heads3v
     orthoknee evaluate --bundle $DATA/bundles/$1 --cases $3 --json --per-case --device cpu > $DATA/bundles/$1.$2.json
   done
 done
+
+# 22. A longer budget for the sagittal heads (their training cartilages were underfit at 6000 steps):
+#     0.4.0 (step 16's v12) continued 3000 steps twice more (warm restarts: 9000 and 12000 steps in
+#     all), each stage scored with the bone post-processing and compared with 0.4.0:
+#     python bench/compare_two.py $DATA/bundles/v12-heads-100-6000.eval.pp.json $DATA/bundles/v16-heads-100-9000.eval.json
+#     (and the .findings-test pairs, and v16-heads-100-12000).
+prev=v12-heads-100-6000
+for steps in 9000 12000; do
+  out=v16-heads-100-$steps
+  [ -f $DATA/bundles/$out/weights/heads.pt ] ||
+    orthoknee finetune --bundle $DATA/bundles/$prev --cases $V2/train --validation $V2/test --validation-cases 4 \
+      --validate-every 500 --out $DATA/bundles/$out --views sagittal --steps 3000 --device cpu
+  for set in "eval $V2/test" "findings-test.eval $V3/test_findings"; do
+    set -- $out $set
+    orthoknee evaluate --bundle $DATA/bundles/$1 --cases $3 --json --per-case --device cpu > $DATA/bundles/$1.$2.json
+  done
+  prev=$out
+done
