@@ -179,6 +179,19 @@ def test_every_error_reads_as_one_message():
     assert str(caught.value) == "cancelled by the user."
 
 
+def test_the_three_advised_errors_read_alike():
+    """InputError, BundleError and DeviceError lay out "where: problem advice" the same way."""
+    from OrthoKneeLib.bundle import BundleError
+    from OrthoKneeLib.errors import InputError
+    from OrthoKneeLib.model.device import DeviceError
+
+    for error_class in (InputError, BundleError):
+        assert str(error_class("/b/x", "is broken.", "Fix it.")) == "/b/x: is broken. Fix it."
+        assert str(error_class(None, "is broken.")) == "is broken."
+        assert error_class("/b/x", "is broken.").path == "/b/x"
+    assert str(DeviceError("no GPU.", "Use cpu.")) == "no GPU. Use cpu."
+
+
 def test_no_array_view_of_a_temporary_image():
     """sitk.GetArrayViewFromImage(f(...)) views an image nobody holds: once it is collected the
     array reads freed memory (it segfaulted the bone post-processing in a CI run). Views are
