@@ -322,7 +322,7 @@ done
 #     0.4.0 (step 16's v12) continued 3000 steps twice more (warm restarts: 9000 and 12000 steps in
 #     all), each stage scored with the bone post-processing and compared with 0.4.0:
 #     python bench/compare_two.py $DATA/bundles/v12-heads-100-6000.eval.pp.json $DATA/bundles/v16-heads-100-9000.eval.json
-#     (and the .findings-test pairs, and v16-heads-100-12000).
+#     (and the .findings-test pairs, and v16-heads-100-12000). The 9000-step heads are shipped (0.5.0).
 prev=v12-heads-100-6000
 for steps in 9000 12000; do
   out=v16-heads-100-$steps
@@ -335,3 +335,4 @@ for steps in 9000 12000; do
   done
   prev=$out
 done
+ship_heads $DATA/bundles/v16-heads-100-9000 $DATA/bundles/v16-heads-100-9000.eval.json
