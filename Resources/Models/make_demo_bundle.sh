@@ -38,6 +38,16 @@ PY
   python3 -c "from OrthoKneeLib.bundle import Bundle; Bundle.open('$B', verify=True)"
 }
 
+# score_held_out RUN [SUFFIX]: `orthoknee evaluate --per-case` of bundle RUN on both held-out sets,
+# written to $DATA/bundles/RUN.eval[SUFFIX].json and RUN.findings-test.eval[SUFFIX].json.
+score_held_out() {
+  local set
+  for set in "eval $V2/test" "findings-test.eval $V3/test_findings"; do
+    set -- $1 "${2:-}" $set
+    orthoknee evaluate --bundle $DATA/bundles/$1 --cases $4 --json --per-case --device cpu > $DATA/bundles/$1.$3$2.json
+  done
+}
+
 # 1. Synthetic cases from the real label maps for the backbones' pretraining (OAI: 35 subjects).
 #    Rendered with the renderer of commit e15996b (DESS, PD fat-sat, T2 only); today's renderer
 #    draws other contrasts, so rerunning this step makes other images than the backbones saw.
@@ -243,11 +253,7 @@ ship_heads $DATA/bundles/v12-heads-100-6000 $DATA/bundles/v12-heads-100-6000.eva
 # 17. Bone post-processing (OrthoKneeLib/postprocess.py: femur, tibia and patella each kept as their
 #     largest connected component, as `orthoknee predict` now writes the labelmap): 0.4.0 scored again,
 #     and its metadata["metrics"] replaced by these scores (the model card's "Heads 0.4.0").
-for set in "eval $V2/test" "findings-test.eval $V3/test_findings"; do
-  set -- $set
-  orthoknee evaluate --bundle $DATA/bundles/v12-heads-100-6000 --cases $2 --json --per-case --device cpu \
-    > $DATA/bundles/v12-heads-100-6000.$1.pp.json
-done
+score_held_out v12-heads-100-6000 .pp
 ship_heads $DATA/bundles/v12-heads-100-6000 $DATA/bundles/v12-heads-100-6000.eval.pp.json
 # Which cases hold the means down (the model card's "Against the targets"):
 python bench/dice_by_contrast.py $DATA/bundles/v12-heads-100-6000.eval.pp.json \
@@ -273,10 +279,7 @@ for run in "v14-heads-10-6000 v10-heads-10 heads 0.1 3000" "v14-baseline-10-1200
   [ -f $DATA/bundles/$1/weights/heads.pt ] ||
     orthoknee finetune --bundle $DATA/bundles/$2 --cases $V2/train --validation $V2/test --validation-cases 4 \
       --validate-every 1000 --out $DATA/bundles/$1 --views sagittal --steps $5 --model $3 --label-fraction $4 --device cpu
-  for set in "eval $V2/test" "findings-test.eval $V3/test_findings"; do
-    set -- $1 $set
-    orthoknee evaluate --bundle $DATA/bundles/$1 --cases $3 --json --per-case --device cpu > $DATA/bundles/$1.$2.json
-  done
+  score_held_out $1
 done
 for suffix in "" .findings-test; do
   ln -sf v12-heads-100-6000$suffix.eval.pp.json $DATA/bundles/v14-heads-100$suffix.eval.json
@@ -302,20 +305,13 @@ bundle.metadata["features"]["span_slices"] = True
 bundle.save_metadata()
 PY
 }
-for set in "eval.pp $V2/test" "findings-test.eval.pp $V3/test_findings"; do
-  set -- $set
-  orthoknee evaluate --bundle $DATA/bundles/v7-heads-100-3000 --cases $2 --json --per-case --device cpu \
-    > $DATA/bundles/v7-heads-100-3000.$1.json
-done
+score_held_out v7-heads-100-3000 .pp
 for run in "v15-heads3v-3000 $DATA/bundles/v15-base --from-scratch" "v15-heads3v-6000 $DATA/bundles/v15-heads3v-3000"; do
   set -- $run
   [ -f $DATA/bundles/$1/weights/heads.pt ] ||
     orthoknee finetune --bundle $2 ${3:-} --cases $V2/train --validation $V2/test --validation-cases 4 \
       --validate-every 500 --out $DATA/bundles/$1 --views sagittal coronal axial --steps 3000 --device cpu
-  for set in "eval $V2/test" "findings-test.eval $V3/test_findings"; do
-    set -- $1 $set
-    orthoknee evaluate --bundle $DATA/bundles/$1 --cases $3 --json --per-case --device cpu > $DATA/bundles/$1.$2.json
-  done
+  score_held_out $1
 done
 
 # 22. A longer budget for the sagittal heads (their training cartilages were underfit at 6000 steps):
@@ -329,10 +325,7 @@ for steps in 9000 12000; do
   [ -f $DATA/bundles/$out/weights/heads.pt ] ||
     orthoknee finetune --bundle $DATA/bundles/$prev --cases $V2/train --validation $V2/test --validation-cases 4 \
       --validate-every 500 --out $DATA/bundles/$out --views sagittal --steps 3000 --device cpu
-  for set in "eval $V2/test" "findings-test.eval $V3/test_findings"; do
-    set -- $out $set
-    orthoknee evaluate --bundle $DATA/bundles/$1 --cases $3 --json --per-case --device cpu > $DATA/bundles/$1.$2.json
-  done
+  score_held_out $out
   prev=$out
 done
 ship_heads $DATA/bundles/v16-heads-100-9000 $DATA/bundles/v16-heads-100-9000.eval.json
