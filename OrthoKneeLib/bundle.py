@@ -20,16 +20,18 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import OrthoKneeError, advised_message
+from .errors import InputError, OrthoKneeError, advised_message
 from .io import atomic_path, write_json_atomic
 from .labels import DEFAULT_CATALOG, Catalog
 from .model.diffusion import ViewModelConfig
 
-__all__ = ["FORMAT_VERSION", "BundleError", "Bundle", "create_bundle", "file_sha256", "DEFAULT_FEATURES"]
+__all__ = ["FORMAT_VERSION", "BundleError", "Bundle", "create_bundle", "derive_bundle", "next_version", "file_sha256",
+           "DEFAULT_FEATURES"]
 
 FORMAT_VERSION = 1
 # span_slices: each backbone window covers the whole slice axis (no seams between slices;
@@ -82,6 +84,48 @@ def create_bundle(path: str | os.PathLike, name: str, version: str, catalog: Cat
     (path / "weights").mkdir(parents=True, exist_ok=True)
     write_json_atomic(metadata, path / "metadata.json")
     return Bundle(path, metadata)
+
+
+def derive_bundle(bundle: "Bundle", out: str | os.PathLike, version: str | None = None) -> "Bundle":
+    """A copy of ``bundle`` at ``out`` (every backbone and the metadata, no heads), the start of
+    a new version: heads trained on its features, or one backbone trained further.
+
+    The copy records its parent (name, version, hash). An ``out`` that already holds trained
+    heads is refused rather than overwritten.
+    """
+    out = Path(out)
+    if out.resolve() == bundle.path.resolve():
+        raise InputError(out, "is the input bundle; the new version needs a folder of its own.",
+                         "Give another --out folder.")
+    if (out / "metadata.json").is_file():
+        existing = json.loads((out / "metadata.json").read_text())
+        if existing.get("heads"):
+            raise InputError(out, "already holds a bundle with trained heads.", "Give a new --out folder or remove it.")
+    (out / "weights").mkdir(parents=True, exist_ok=True)
+    for plane in bundle.planes:
+        rel = bundle.metadata["views"][plane]["weights"]
+        if not (out / rel).is_file() or file_sha256(out / rel) != bundle.metadata["views"][plane]["sha256"]:
+            with atomic_path(out / rel) as tmp:
+                shutil.copyfile(bundle.path / rel, tmp)
+    metadata = json.loads(json.dumps(bundle.metadata))
+    metadata["version"] = version or next_version(bundle.metadata.get("version", "0.0.0"))
+    metadata["parent"] = {"name": bundle.metadata.get("name"), "version": bundle.metadata.get("version"),
+                          "hash": bundle.hash}
+    metadata["heads"] = None
+    metadata["metrics"] = {}
+    write_json_atomic(metadata, out / "metadata.json")
+    return Bundle.open(out, verify=True)
+
+
+def next_version(version: str) -> str:
+    """The next minor version ("0.5.0" -> "0.6.0"); an unparsable one gets ".1" appended."""
+    parts = version.split(".")
+    try:
+        parts[1] = str(int(parts[1]) + 1)
+        parts[2:] = ["0"] * len(parts[2:])
+    except (IndexError, ValueError):
+        return version + ".1"
+    return ".".join(parts)
 
 
 @dataclass

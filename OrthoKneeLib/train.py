@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .bundle import Bundle, file_sha256
+from .bundle import Bundle, derive_bundle
 from .errors import InputError
 from .featurecache import CACHE_LAYOUT, cache_key, ensure_free_space
 from .io import atomic_path, write_json_atomic
@@ -503,7 +502,7 @@ def finetune(
             save_checkpoint(step + 1)
     seconds = elapsed_before + time.perf_counter() - start
     model.eval()
-    out_bundle = _derived_bundle(bundle, out, version)
+    out_bundle = derive_bundle(bundle, out, version)
     n_avg = max(1, min(20, len(losses) // 4))  # a short run's first and last steps must not overlap
     relative = "weights/heads.pt"
     digest = out_bundle.save_weights(relative, model.state_dict())
@@ -533,39 +532,3 @@ def finetune(
     out_bundle.save_metadata()
     checkpoint.unlink(missing_ok=True)
     return out_bundle
-
-
-def _derived_bundle(bundle: Bundle, out: str | os.PathLike, version: str | None) -> Bundle:
-    """A copy of ``bundle`` at ``out`` (backbones and metadata), ready for new heads."""
-    out = Path(out)
-    if out.resolve() == bundle.path.resolve():
-        raise InputError(out, "is the input bundle; a fine-tuned bundle is written as a new version.",
-                         "Give another --out folder.")
-    if (out / "metadata.json").is_file():
-        existing = json.loads((out / "metadata.json").read_text())
-        if existing.get("heads"):
-            raise InputError(out, "already holds a bundle with trained heads.", "Give a new --out folder or remove it.")
-    (out / "weights").mkdir(parents=True, exist_ok=True)
-    for plane in bundle.planes:
-        rel = bundle.metadata["views"][plane]["weights"]
-        if not (out / rel).is_file() or file_sha256(out / rel) != bundle.metadata["views"][plane]["sha256"]:
-            with atomic_path(out / rel) as tmp:
-                shutil.copyfile(bundle.path / rel, tmp)
-    metadata = json.loads(json.dumps(bundle.metadata))
-    metadata["version"] = version or _next_version(bundle.metadata.get("version", "0.0.0"))
-    metadata["parent"] = {"name": bundle.metadata.get("name"), "version": bundle.metadata.get("version"),
-                          "hash": bundle.hash}
-    metadata["heads"] = None
-    metadata["metrics"] = {}
-    write_json_atomic(metadata, out / "metadata.json")
-    return Bundle.open(out, verify=True)
-
-
-def _next_version(version: str) -> str:
-    parts = version.split(".")
-    try:
-        parts[1] = str(int(parts[1]) + 1)
-        parts[2:] = ["0"] * len(parts[2:])
-    except (IndexError, ValueError):
-        return version + ".1"
-    return ".".join(parts)

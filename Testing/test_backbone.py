@@ -40,6 +40,20 @@ def test_collect_reformats_other_planes_into_the_view(tmp_path):
     assert arrays[0].min() >= -1.0 and arrays[0].max() <= 1.0
 
 
+def test_collect_takes_only_the_view_s_own_series_from_a_folder_of_cases(tmp_path):
+    """A split made of links to synth cases (cases/<case>/) is read like a synth output: each
+    case's own-view image, never its label maps nor its other planes."""
+    from OrthoKneeLib.resources import SAMPLE_VIEWS, sample_case_dir
+
+    for name in ("case-a", "case-b"):
+        case = tmp_path / "split" / "cases" / name
+        case.mkdir(parents=True)
+        shutil.copy(sample_case_dir() / SAMPLE_VIEWS["sagittal"], case / "sagittal.nrrd")
+        shutil.copy(sample_case_dir() / SAMPLE_VIEWS["coronal"], case / "coronal.nrrd")
+    arrays, names = _collect_volumes([tmp_path / "split"], TINY, True, None)
+    assert len(arrays) == 2 and not any("->" in n for n in names)
+
+
 @pytest.mark.shared_data
 def test_pretraining_loss_decreases_on_real_dicom_patches(tmp_path, mese_volumes):
     config = PretrainConfig(steps=40, batch_size=2, learning_rate=2e-3, checkpoint_every=100, seed=1)
@@ -234,3 +248,39 @@ def test_span_slices_runs_each_window_over_every_slice_and_keeps_the_in_plane_wi
     np.testing.assert_allclose(whole_axis, _extractor(window=(16, 16, 40))(view), atol=1e-5)
     assert not np.allclose(whole_axis, _extractor(window=(16, 16, 8))(view), atol=1e-3)
     assert not np.allclose(whole_axis, _extractor(window=(32, 32, 40))(view), atol=1e-3)
+
+
+def test_pretrain_init_from_continues_a_bundle_backbone_as_a_new_version(tiny_bundle, tmp_path, mese_volumes,
+                                                                         shared_data, capsys):
+    """--init-from: the parent's weights are the start (training begins at its loss, not at a
+    random net's), the parent stays byte-identical, and the new bundle records where it came from."""
+    from OrthoKneeLib.cli import main
+
+    parent = Bundle.open(tiny_bundle)
+    trained = pretrain(TINY, [], tmp_path / "p.pt", PretrainConfig(steps=30, learning_rate=2e-3, seed=1),
+                       device="cpu", volumes=mese_volumes)
+    parent.set_view("sagittal", TINY, trained["ema"].state_dict(), {"steps": 30, "command": "orthoknee pretrain x"})
+    parent_weights = (tiny_bundle / "weights" / "backbone_sagittal.pt").read_bytes()
+    fresh = pretrain(TINY, [], tmp_path / "f.pt", PretrainConfig(steps=3, seed=5), device="cpu", volumes=mese_volumes)
+    continued = pretrain(TINY, [], tmp_path / "c.pt", PretrainConfig(steps=3, seed=5), device="cpu",
+                         volumes=mese_volumes, init_state=trained["ema"].state_dict())
+    assert np.mean(continued["losses"]) < np.mean(fresh["losses"])
+
+    out = tmp_path / "continued"
+    argv = ["pretrain", "--view", "sagittal", "--init-from", str(tiny_bundle), "--data", str(shared_data / "mese-pymskt"),
+            "--max-volumes", "2", "--out", str(out), "--steps", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    child = Bundle.open(out)
+    assert child.metadata["version"] == "0.1.0"  # the parent is 0.0.1: next minor
+    assert child.metadata["parent"]["version"] == "0.0.1" and child.metadata["heads"] is None
+    assert child.view_config("sagittal") == TINY  # the parent's architecture, not the command's defaults
+    started = child.metadata["views"]["sagittal"]["training"]["started_from"]
+    assert started["steps"] == 30 and started["command"] == "orthoknee pretrain x"
+    assert started["sha256"] == parent.metadata["views"]["sagittal"]["sha256"]
+    assert (tiny_bundle / "weights" / "backbone_sagittal.pt").read_bytes() == parent_weights
+    assert (out / "weights" / "backbone_sagittal.pt").read_bytes() != parent_weights
+
+    capsys.readouterr()
+    assert main(argv[:-4] + ["--out", str(tmp_path / "other"), "--channels", "4", "8"]) != 0
+    assert "another architecture than --channels asks for. Leave those options out" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

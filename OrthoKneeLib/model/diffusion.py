@@ -129,9 +129,10 @@ def _collect_volumes(paths: Sequence[str | os.PathLike], config: ViewModelConfig
         p = Path(p)
         if not p.exists():
             raise InputError(p, "does not exist.", "Give DICOM folders, volume files or `orthoknee synth` outputs.")
-        # synth outputs: this view's own series only (never labels; a thick series of another
-        # plane reformatted into this one would teach the model blur that never occurs)
-        if (p / "dataset.json").is_file():
+        # synth outputs, or folders of links to their cases (a training split): this view's own
+        # series only (never labels; a thick series of another plane reformatted into this one
+        # would teach the model blur that never occurs)
+        if (p / "dataset.json").is_file() or (p / "cases").is_dir():
             files += sorted((p / "cases").glob(f"*/{config.plane}.nrrd"))
         else:
             files.append(p)
@@ -187,9 +188,15 @@ def pretrain(
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
     volumes: list[np.ndarray] | None = None,
+    init_state: dict | None = None,
 ) -> dict:
     """Train the view's denoiser; checkpoints (model, EMA, optimizer, step, RNG) let a stopped
-    run resume at the same step. Returns a summary (losses, wall time, data)."""
+    run resume at the same step. Returns a summary (losses, wall time, data).
+
+    ``init_state`` (a trained denoiser's state dict) continues an earlier pretraining instead of
+    starting from random weights: the model and its EMA both start there, the optimizer afresh.
+    A checkpoint of this run, when resumed, takes precedence over it.
+    """
     import torch
 
     from ..io import atomic_path
@@ -211,6 +218,9 @@ def pretrain(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     step, losses, elapsed_before = 0, [], 0.0
     checkpoint_path = Path(checkpoint_path)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+        ema.load_state_dict(init_state)
     if resume and checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
