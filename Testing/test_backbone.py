@@ -257,7 +257,7 @@ def test_pretrain_init_from_continues_a_bundle_backbone_as_a_new_version(tiny_bu
     from OrthoKneeLib.cli import main
 
     parent = Bundle.open(tiny_bundle)
-    trained = pretrain(TINY, [], tmp_path / "p.pt", PretrainConfig(steps=30, learning_rate=2e-3, seed=1),
+    trained = pretrain(TINY, [], tmp_path / "p.pt", PretrainConfig(steps=30, learning_rate=2e-3, seed=1, ema_decay=0.0),
                        device="cpu", volumes=mese_volumes)
     parent.set_view("sagittal", TINY, trained["ema"].state_dict(), {"steps": 30, "command": "orthoknee pretrain x"})
     parent_weights = (tiny_bundle / "weights" / "backbone_sagittal.pt").read_bytes()
@@ -284,3 +284,19 @@ def test_pretrain_init_from_continues_a_bundle_backbone_as_a_new_version(tiny_bu
     assert main(argv[:-4] + ["--out", str(tmp_path / "other"), "--channels", "4", "8"]) != 0
     assert "another architecture than --channels asks for. Leave those options out" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_denoise_bench_ranks_a_trained_backbone_above_a_random_one(tiny_bundle, tmp_path, mese_volumes,
+                                                                   bench_script, capsys):
+    """bench/denoise_loss.py: the same patches and noise for both bundles, so a bundle against
+    itself gives a ratio of exactly 1, and a denoiser trained on these series beats random weights."""
+    bench = bench_script("denoise_loss")
+    trained = pretrain(TINY, [], tmp_path / "p.pt", PretrainConfig(steps=40, learning_rate=2e-3, seed=1, ema_decay=0.0),
+                       device="cpu", volumes=mese_volumes)  # no averaging: the 40-step weights themselves
+    other = create_bundle(tmp_path / "trained", name="tiny", version="0.0.2")
+    other.set_view("sagittal", TINY, trained["ema"].state_dict(), {"steps": 40})
+    random_net = bench.denoise_errors(Bundle.open(tiny_bundle), "sagittal", mese_volumes, [200], patches=6)
+    again = bench.denoise_errors(Bundle.open(tiny_bundle), "sagittal", mese_volumes, [200], patches=6)
+    trained_net = bench.denoise_errors(other, "sagittal", mese_volumes, [200], patches=6)
+    assert random_net == again
+    assert trained_net[200] < 0.5 * random_net[200]

@@ -329,3 +329,12 @@ for steps in 9000 12000; do
   prev=$out
 done
 ship_heads $DATA/bundles/v16-heads-100-9000 $DATA/bundles/v16-heads-100-9000.eval.json
+
+# 23. A longer-pretrained sagittal backbone (the heads' features come from a denoiser trained for
+#     only 400 steps): the demo bundle's sagittal backbone continued 3000 steps on the real series
+#     and step 9's training split ($V4/train: no subject of either held-out set), written as a new
+#     bundle with the other two backbones copied and the same feature settings. Its denoising of
+#     the held-out renders, against the 400-step backbone's:
+#     python bench/denoise_loss.py --bundles $B $DATA/bundles/v17-backbone --data $V2/test $V3/test_findings
+orthoknee pretrain --view sagittal --init-from $B --data $SHARED/dess-pykneer $SHARED/mese-pymskt $V4/train \
+  --out $DATA/bundles/v17-backbone --steps 3000 --batch 2 --lr 5e-4 --checkpoint-every 100 --device cpu
