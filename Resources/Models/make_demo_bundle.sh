@@ -364,3 +364,10 @@ ship_heads $DATA/bundles/v16-heads-0.6.0 $DATA/bundles/v16-heads-0.6.0.eval.json
 #     python bench/denoise_loss.py --bundles $B $DATA/bundles/v17-backbone --data $V2/test $V3/test_findings
 orthoknee pretrain --view sagittal --init-from $B --data $SHARED/dess-pykneer $SHARED/mese-pymskt $V4/train \
   --out $DATA/bundles/v17-backbone --steps 3000 --batch 2 --lr 5e-4 --checkpoint-every 100 --device cpu
+#     Then heads from scratch on its features at 0.3.0's budget (step 11's command on this bundle),
+#     paired with 0.3.0: python bench/compare_two.py $DATA/bundles/v7-heads-100-3000[.findings-test].eval.pp.json \
+#       $DATA/bundles/v17-heads-100-3000[.findings-test].eval.json
+[ -f $DATA/bundles/v17-heads-100-3000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v17-backbone --cases $V2/train --validation $V2/test --validation-cases 4 \
+    --validate-every 500 --out $DATA/bundles/v17-heads-100-3000 --views sagittal --steps 3000 --from-scratch --device cpu
+score_held_out v17-heads-100-3000
