@@ -287,7 +287,7 @@ def test_pretrain_init_from_continues_a_bundle_backbone_as_a_new_version(tiny_bu
 
 
 def test_denoise_bench_ranks_a_trained_backbone_above_a_random_one(tiny_bundle, tmp_path, mese_volumes,
-                                                                   bench_script, capsys):
+                                                                   bench_script):
     """bench/denoise_loss.py: the same patches and noise for both bundles, so a bundle against
     itself gives a ratio of exactly 1, and a denoiser trained on these series beats random weights."""
     bench = bench_script("denoise_loss")

@@ -59,9 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-volumes", type=int, default=40)
     args = parser.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     bundles = [Bundle.open(b) for b in args.bundles]
     configs = [b.view_config(args.view) for b in bundles]
     if configs[0] != configs[1]:
@@ -74,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     for path, bundle in zip(args.bundles, bundles):
         start = time.perf_counter()
         results.append(denoise_errors(bundle, args.view, volumes, timesteps, args.patches))
-        steps = (bundle.metadata["views"][args.view].get("training") or {}).get("steps")
-        started = ((bundle.metadata["views"][args.view].get("training") or {}).get("started_from") or {}).get("steps")
+        training = bundle.metadata["views"][args.view].get("training") or {}
+        steps, started = training.get("steps"), (training.get("started_from") or {}).get("steps")
         total = steps + started if steps is not None and started else steps
         print(f"{path}: {bundle.metadata.get('version')}, {total} pretraining steps, "
               f"{time.perf_counter() - start:.0f} s")
