@@ -371,3 +371,26 @@ orthoknee pretrain --view sagittal --init-from $B --data $SHARED/dess-pykneer $S
   orthoknee finetune --bundle $DATA/bundles/v17-backbone --cases $V2/train --validation $V2/test --validation-cases 4 \
     --validate-every 500 --out $DATA/bundles/v17-heads-100-3000 --views sagittal --steps 3000 --from-scratch --device cpu
 score_held_out v17-heads-100-3000
+
+# 24. The 10 %-label comparison on the longer-pretrained backbone (the model card's "10 % of the
+#     labels on the longer-pretrained backbone"): step 13's 10 % heads command on step 23's bundle
+#     (3000 steps from scratch, the labels of the same 5 cases). Against the MONAI UNet at 6000
+#     steps (step 13's, scored again here with the bone post-processing, as the heads are), paired
+#     case by case: python bench/compare_models.py $DATA/bundles --prefix v17- [--suffix .findings-test]
+[ -f $DATA/bundles/v17-heads-10-3000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v17-backbone --cases $V2/train --validation $V2/test --validation-cases 4 \
+    --label-fraction 0.1 --validate-every 500 --out $DATA/bundles/v17-heads-10-3000 --views sagittal --steps 3000 \
+    --from-scratch --device cpu
+score_held_out v17-heads-10-3000
+for run in v10-baseline-100 v10-baseline-10 v10-heads-10; do score_held_out $run .pp; done
+for suffix in "" .findings-test; do
+  ln -sf v17-heads-100-3000$suffix.eval.json $DATA/bundles/v17-heads-100$suffix.eval.json
+  ln -sf v17-heads-10-3000$suffix.eval.json $DATA/bundles/v17-heads-10$suffix.eval.json
+  ln -sf v10-baseline-100$suffix.eval.pp.json $DATA/bundles/v17-baseline-100$suffix.eval.json
+  ln -sf v10-baseline-10$suffix.eval.pp.json $DATA/bundles/v17-baseline-10$suffix.eval.json
+  # The same four roles on the 400-step backbone, all with the post-processing: --prefix v10pp-
+  ln -sf v7-heads-100-3000$suffix.eval.pp.json $DATA/bundles/v10pp-heads-100$suffix.eval.json
+  ln -sf v10-heads-10$suffix.eval.pp.json $DATA/bundles/v10pp-heads-10$suffix.eval.json
+  ln -sf v10-baseline-100$suffix.eval.pp.json $DATA/bundles/v10pp-baseline-100$suffix.eval.json
+  ln -sf v10-baseline-10$suffix.eval.pp.json $DATA/bundles/v10pp-baseline-10$suffix.eval.json
+done
