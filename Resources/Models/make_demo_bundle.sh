@@ -26,7 +26,9 @@ PY
 # demo bundle, with RUN's metadata and the held-out scores of EVAL (`orthoknee evaluate --json`)
 # in metadata["metrics"]; then verify every sha256 (the backbones stay byte-identical).
 ship_heads() {
-  cp "$1/weights/heads.pt" $B/weights/heads.pt
+  # Every weight file, not only heads.pt: a run on a continued backbone (step 23) ships its
+  # backbone too; the metadata's sha256 of each file is verified below.
+  cp "$1"/weights/*.pt $B/weights/
   python3 - "$1/metadata.json" "$2" "$B/metadata.json" <<'PY'
 import json, sys
 metadata, scores = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
