@@ -373,6 +373,13 @@ orthoknee pretrain --view sagittal --init-from $B --data $SHARED/dess-pykneer $S
   orthoknee finetune --bundle $DATA/bundles/v17-backbone --cases $V2/train --validation $V2/test --validation-cases 4 \
     --validate-every 500 --out $DATA/bundles/v17-heads-100-3000 --views sagittal --steps 3000 --from-scratch --device cpu
 score_held_out v17-heads-100-3000
+#     Continued 3000 steps (as 0.4.0 continued 0.3.0), paired with 0.4.0 and 0.6.0:
+#     python bench/compare_two.py $DATA/bundles/v12-heads-100-6000[.findings-test].eval.pp.json \
+#       $DATA/bundles/v17-heads-100-6000[.findings-test].eval.json
+[ -f $DATA/bundles/v17-heads-100-6000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v17-heads-100-3000 --cases $V2/train --validation $V2/test --validation-cases 4 \
+    --validate-every 500 --out $DATA/bundles/v17-heads-100-6000 --views sagittal --steps 3000 --device cpu
+score_held_out v17-heads-100-6000
 
 # 24. The 10 %-label comparison on the longer-pretrained backbone (the model card's "10 % of the
 #     labels on the longer-pretrained backbone"): step 13's 10 % heads command on step 23's bundle
