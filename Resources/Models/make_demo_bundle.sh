@@ -22,9 +22,23 @@ for c in cases[:first] if first else cases:
 PY
 }
 
+# link_comparison PREFIX HEADS_100 HEADS_10 UNET_100 UNET_10: name four runs' held-out scores as
+# the roles bench/compare_models.py reads (PREFIX{heads,baseline}-{100,10}[.findings-test].eval.json).
+# Each run is RUN or RUN:TAG, for scores written by `score_held_out RUN TAG` (such as .pp).
+link_comparison() {
+  local prefix=$1 role run tag suffix
+  shift
+  for role in heads-100 heads-10 baseline-100 baseline-10; do
+    run=${1%%:*}; tag=${1#$run}; tag=${tag#:}; shift
+    for suffix in "" .findings-test; do
+      ln -sf $run$suffix.eval$tag.json $DATA/bundles/$prefix$role$suffix.eval.json
+    done
+  done
+}
+
 # ship_heads RUN EVAL: put the heads of bundle RUN (trained from this bundle's backbones) into the
 # demo bundle, with RUN's metadata and the held-out scores of EVAL (`orthoknee evaluate --json`)
-# in metadata["metrics"]; then verify every sha256 (the backbones stay byte-identical).
+# in metadata["metrics"]; then verify every sha256.
 ship_heads() {
   # Every weight file, not only heads.pt: a run on a continued backbone (step 23) ships its
   # backbone too; the metadata's sha256 of each file is verified below.
@@ -304,12 +318,7 @@ for run in "v14-heads-10-6000 v10-heads-10 heads 0.1 3000" "v14-baseline-10-1200
       --validate-every 1000 --out $DATA/bundles/$1 --views sagittal --steps $5 --model $3 --label-fraction $4 --device cpu
   score_held_out $1
 done
-for suffix in "" .findings-test; do
-  ln -sf v12-heads-100-6000$suffix.eval.pp.json $DATA/bundles/v14-heads-100$suffix.eval.json
-  ln -sf v14-heads-10-6000$suffix.eval.json $DATA/bundles/v14-heads-10$suffix.eval.json
-  ln -sf v14-baseline-100-12000$suffix.eval.json $DATA/bundles/v14-baseline-100$suffix.eval.json
-  ln -sf v14-baseline-10-12000$suffix.eval.json $DATA/bundles/v14-baseline-10$suffix.eval.json
-done
+link_comparison v14- v12-heads-100-6000:.pp v14-heads-10-6000 v14-baseline-100-12000 v14-baseline-10-12000
 
 # 21. Three-view heads on seam-free features: the demo backbones with windows spanning the slices
 #     (features.span_slices = true; bundle v15-base, version 0.4.0+span), 0.4.0's architecture and
@@ -392,14 +401,6 @@ score_held_out v17-heads-100-6000
     --from-scratch --device cpu
 score_held_out v17-heads-10-3000
 for run in v10-baseline-100 v10-baseline-10 v10-heads-10; do score_held_out $run .pp; done
-for suffix in "" .findings-test; do
-  ln -sf v17-heads-100-3000$suffix.eval.json $DATA/bundles/v17-heads-100$suffix.eval.json
-  ln -sf v17-heads-10-3000$suffix.eval.json $DATA/bundles/v17-heads-10$suffix.eval.json
-  ln -sf v10-baseline-100$suffix.eval.pp.json $DATA/bundles/v17-baseline-100$suffix.eval.json
-  ln -sf v10-baseline-10$suffix.eval.pp.json $DATA/bundles/v17-baseline-10$suffix.eval.json
-  # The same four roles on the 400-step backbone, all with the post-processing: --prefix v10pp-
-  ln -sf v7-heads-100-3000$suffix.eval.pp.json $DATA/bundles/v10pp-heads-100$suffix.eval.json
-  ln -sf v10-heads-10$suffix.eval.pp.json $DATA/bundles/v10pp-heads-10$suffix.eval.json
-  ln -sf v10-baseline-100$suffix.eval.pp.json $DATA/bundles/v10pp-baseline-100$suffix.eval.json
-  ln -sf v10-baseline-10$suffix.eval.pp.json $DATA/bundles/v10pp-baseline-10$suffix.eval.json
-done
+link_comparison v17- v17-heads-100-3000 v17-heads-10-3000 v10-baseline-100:.pp v10-baseline-10:.pp
+# The same four roles on the 400-step backbone, all with the post-processing: --prefix v10pp-
+link_comparison v10pp- v7-heads-100-3000:.pp v10-heads-10:.pp v10-baseline-100:.pp v10-baseline-10:.pp
