@@ -68,7 +68,7 @@ def review_record(prediction_summary: dict, decisions: dict[str, dict]) -> dict:
         findings[key] = {"name": entry["name"], "probability": entry["probability"],
                          "decision": d.get("decision"), "note": d.get("note", "")}
     return {"case": prediction_summary.get("case"), "bundle": prediction_summary.get("bundle"),
-            "findings": findings, "warnings": prediction_summary.get("warnings", []),
+            "knee_side": prediction_summary.get("knee_side"), "findings": findings, "warnings": prediction_summary.get("warnings", []),
             "not_for_clinical_use": True}
 
 

@@ -249,6 +249,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
           f"on {prediction.device}")
     for key, p in sorted(prediction.finding_probabilities.items(), key=lambda kv: -kv[1]):
         print(f"  {prediction.catalog.finding(key).name:32} {p:6.3f}")
+    if prediction.knee_side.get("side"):
+        print(f"  {prediction.knee_side['side']} knee ({prediction.knee_side['from']})")
     vols = prediction.measurements["volume_ml"]
     print("  volumes (mL): " + ", ".join(f"{k} {v:.1f}" for k, v in vols.items() if v > 0))
     thick = prediction.measurements["mean_thickness_mm"]

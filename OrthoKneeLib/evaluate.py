@@ -110,9 +110,9 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
                     progress: ProgressFn = no_progress, cancel: CancelToken | None = None,
                     postprocess: bool = True) -> dict:
     """Scores of a heads (or baseline) module on cached cases (train.CachedCase), on the labelmap
-    ``orthoknee predict`` writes (``postprocess``: femur, tibia and patella each in one piece;
-    False scores the raw argmax)."""
-    from .postprocess import SINGLE_PIECE, labelmap_from_probabilities
+    ``orthoknee predict`` writes (``postprocess``: femur, tibia and patella each in one piece,
+    menisci medial and lateral by the fibula's side; False scores the raw argmax)."""
+    from .postprocess import SINGLE_PIECE, assign_meniscus_sides, labelmap_from_probabilities
     from .predict import run_baseline, run_heads
 
     per_dice: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
@@ -129,12 +129,15 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         else:
             result = run_heads(model, case.fusion_inputs(), device=device, cancel=cancel)
             probs, finding_probs = result["probabilities"], result["finding_probabilities"]
+        side = None
+        if postprocess:
+            probs, side = assign_meniscus_sides(probs, case.reference_grid, catalog)
         labelmap = labelmap_from_probabilities(probs, catalog, postprocess)
         truth = np.asarray(case.array("labels_reference"))
         spacing = case.reference_grid.spacing
         annotated = set(case.meta["annotated"])
         row = {"case_id": case.case_id, "subject": case.meta.get("subject"), "contrast": case.contrast,
-               "dice": {}, "hd95": {}}
+               "dice": {}, "hd95": {}, "knee_side": side.side if side else None}
         for s in catalog.structures:
             if s.key not in annotated:
                 continue
@@ -185,7 +188,8 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         "mean_auc": float(np.mean(list(auc.values()))) if auc else None,
         "cases": len(cases),
         # outputs written before this key existed scored the raw argmax
-        "postprocessing": f"largest connected component of {', '.join(SINGLE_PIECE)}" if postprocess else "none",
+        "postprocessing": (f"largest connected component of {', '.join(SINGLE_PIECE)}; menisci split by the "
+                           "fibula's side" if postprocess else "none"),
         "by_contrast": dice_by_contrast(per_case),
         "per_case": per_case,
     }

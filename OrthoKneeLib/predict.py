@@ -352,6 +352,7 @@ class Prediction:
     input_hashes: dict[str, str] = field(default_factory=dict)
     views: list[str] = field(default_factory=list)
     device: str = "cpu"
+    knee_side: dict = field(default_factory=dict)  # {"side": "left" | "right" | None, "from": how it was told}
 
     def labelmap_image(self) -> sitk.Image:
         return self.reference_grid.image(self.labelmap.astype(np.uint8))
@@ -380,6 +381,7 @@ class Prediction:
             "findings": {k: {"name": self.catalog.finding(k).name, "probability": round(float(v), 4)}
                          for k, v in self.finding_probabilities.items()},
             "measurements": self.measurements,
+            "knee_side": self.knee_side,
             "bundle": self.bundle,
             "input_sha256": self.input_hashes,
             "device": self.device,
@@ -417,6 +419,11 @@ class Prediction:
         return written
 
 
+def _has_menisci(labelmap: np.ndarray, catalog) -> bool:
+    keys = [k for k in ("medial_meniscus", "lateral_meniscus") if k in catalog.structure_keys]
+    return any((labelmap == catalog.structure(k).label).any() for k in keys)
+
+
 def _free_segmentation_path(folder: Path, warnings: list[str]) -> Path:
     """structures.seg.nrrd unless that file was edited since OrthoKnee wrote it."""
     import json
@@ -451,7 +458,8 @@ class Predictor:
 
     def __init__(self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto",
                  postprocess: bool = True) -> None:
-        """``postprocess``: femur, tibia and patella each in one piece (postprocess.py); False keeps the raw argmax."""
+        """``postprocess``: femur, tibia and patella each in one piece and the menisci medial and lateral by the
+        fibula's side (postprocess.py); False keeps the raw argmax."""
         from .model.device import select_device
         from .resources import demo_bundle_dir
 
@@ -465,7 +473,7 @@ class Predictor:
 
         from .model.features import array_hash
         from .model.heads import grid_of
-        from .postprocess import labelmap_from_probabilities
+        from .postprocess import assign_meniscus_sides, labelmap_from_probabilities
 
         t0 = time.perf_counter()
         warnings = list(case.warnings)
@@ -504,7 +512,12 @@ class Predictor:
         if cancel:
             cancel.raise_if_cancelled()
         progress(n_steps - 1, n_steps, "measurements")
+        side = None
+        if self.postprocess:
+            probs, side = assign_meniscus_sides(probs, ref_grid, catalog)
         labelmap = labelmap_from_probabilities(probs, catalog, self.postprocess)
+        if side is not None and side.side is None and _has_menisci(labelmap, catalog):
+            warnings.append(f"medial and lateral menisci are as the heads labelled them, unchecked: {side.reason}.")
         prediction = Prediction(
             case_name=case.name, reference_plane=case.reference_plane, reference_grid=ref_grid, labelmap=labelmap,
             probabilities=probs.astype(np.float16), finding_probabilities=findings, overlays=overlays, catalog=catalog,
@@ -512,6 +525,8 @@ class Predictor:
             bundle={"name": self.bundle.metadata.get("name"), "version": self.bundle.metadata.get("version"),
                     "heads": self.kind, "path": str(self.bundle.path)},
         )
+        if side is not None:
+            prediction.knee_side = {"side": side.side, "from": side.reason}
         prediction.measurements = measure(prediction.labelmap_image(), catalog)
         prediction.timings = dict(timings, total=time.perf_counter() - t0)
         progress(n_steps, n_steps, "done")

@@ -89,3 +89,8 @@ def test_predict_on_the_real_sample_puts_the_bones_where_they_are(tmp_path, caps
     assert volumes["femoral_cartilage"] > 2
     assert 1.0 < summary["measurements"]["mean_thickness_mm"]["femoral_cartilage"] < 4.0
     assert set(summary["findings"]) == set(Bundle.open(demo_bundle_dir()).catalog.finding_keys)
+    # the sample carries no laterality tag; its fibula (posterior, inferior and to the patient's
+    # right of the tibia) makes it a right knee, and the lateral meniscus is on that side
+    assert summary["knee_side"]["side"] == "right" and "fibula" in summary["knee_side"]["from"]
+    medial, lateral = centre_lps("medial_meniscus"), centre_lps("lateral_meniscus")
+    assert lateral[0] < tibia[0] < medial[0]  # LPS: -x is the patient's right

@@ -1,0 +1,68 @@
+"""Meniscus sides from the fibula: medial and lateral by anatomy, in physical space."""
+
+import numpy as np
+import pytest
+
+from OrthoKneeLib.labels import DEFAULT_CATALOG
+from OrthoKneeLib.model.heads import Grid
+from OrthoKneeLib.postprocess import assign_meniscus_sides, knee_side, labelmap_from_probabilities
+
+L = {k: DEFAULT_CATALOG.structure(k).label for k in DEFAULT_CATALOG.structure_keys}
+N_CLASSES = len(DEFAULT_CATALOG.structures) + 1
+
+
+def _knee(fibula_at_high_i: bool = True, with_fibula: bool = True) -> np.ndarray:
+    """(k, j, i) labels at 1 mm: a tibia across i 20-60, menisci at i 22-34 and 46-58, both
+    labelled "lateral" (what the heads did on a right knee), a fibula beyond one end."""
+    labels = np.zeros((10, 20, 80), np.uint8)
+    labels[:, 10:20, 20:60] = L["tibia"]
+    labels[2:8, 7:9, 22:34] = L["lateral_meniscus"]
+    labels[2:8, 7:9, 46:58] = L["lateral_meniscus"]
+    if with_fibula:
+        i0 = 64 if fibula_at_high_i else 8
+        labels[:, 14:20, i0:i0 + 8] = L["fibula"]
+    return labels
+
+
+def _probabilities(labels: np.ndarray) -> np.ndarray:
+    p = np.full((N_CLASSES, *labels.shape), 0.02, np.float32)
+    p[labels, *np.indices(labels.shape)] = 0.8
+    return p / p.sum(0, keepdims=True)
+
+
+def _grid(labels: np.ndarray, x_sign: float = 1.0) -> Grid:
+    direction = (x_sign, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    return Grid((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), direction, labels.shape[::-1])
+
+
+@pytest.mark.parametrize("x_sign, side", [(1.0, "left"), (-1.0, "right")])
+def test_the_meniscus_on_the_fibula_side_is_lateral_in_either_knee(x_sign, side):
+    labels = _knee(fibula_at_high_i=True)
+    grid = _grid(labels, x_sign)  # i runs toward the patient's left (+1) or right (-1)
+    probabilities, found = assign_meniscus_sides(_probabilities(labels), grid, DEFAULT_CATALOG)
+    assert found.side == side and "fibula" in found.reason
+    labelmap = labelmap_from_probabilities(probabilities, DEFAULT_CATALOG)
+    near_fibula, far = labelmap[2:8, 7:9, 46:58], labelmap[2:8, 7:9, 22:34]
+    assert (near_fibula == L["lateral_meniscus"]).all() and (far == L["medial_meniscus"]).all()
+    # nothing else moved, and each voxel's probabilities still sum to one
+    other = ~np.isin(labels, [L["lateral_meniscus"]])
+    assert np.array_equal(labelmap[other], labels[other])
+    assert np.allclose(probabilities.sum(0), 1, atol=1e-5)
+
+
+def test_the_side_follows_the_fibula_not_the_array_axis():
+    labels = _knee(fibula_at_high_i=False)  # fibula beside the low-i end: that meniscus is lateral
+    probabilities, found = assign_meniscus_sides(_probabilities(labels), _grid(labels), DEFAULT_CATALOG)
+    assert found.side == "right"
+    labelmap = probabilities.argmax(0)
+    assert (labelmap[2:8, 7:9, 22:34] == L["lateral_meniscus"]).all()
+    assert (labelmap[2:8, 7:9, 46:58] == L["medial_meniscus"]).all()
+
+
+def test_without_a_fibula_the_menisci_are_left_as_labelled():
+    labels = _knee(with_fibula=False)
+    before = _probabilities(labels)
+    after, found = assign_meniscus_sides(before.copy(), _grid(labels), DEFAULT_CATALOG)
+    assert found.side is None and "fibula" in found.reason
+    assert np.array_equal(after, before)
+    assert knee_side(labels, _grid(labels), DEFAULT_CATALOG).side is None
