@@ -432,3 +432,18 @@ PY
   orthoknee finetune --bundle $DATA/bundles/v18-start --cases $V2/train --validation $V2/test --validation-cases 4 \
     --validate-every 500 --out $DATA/bundles/v18-heads-warm-3000 --views sagittal --steps 3000 --version 0.7.0 --device cpu
 score_held_out v18-heads-warm-3000
+#     The same heads continued 3000 steps more (6000 in all on these features), paired with 0.6.0 the same way:
+[ -f $DATA/bundles/v18-heads-warm-6000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v18-heads-warm-3000 --cases $V2/train --validation $V2/test --validation-cases 4 \
+    --validate-every 500 --out $DATA/bundles/v18-heads-warm-6000 --views sagittal --steps 3000 --version 0.7.0 --device cpu
+score_held_out v18-heads-warm-6000
+
+# 26. Menisci split by the fibula's side (OrthoKneeLib/postprocess.py: assign_meniscus_sides; the
+#     model card's "Medial and lateral menisci"). No training: the shipped heads 0.6.0 scored again
+#     with today's post-processing, paired with step 22's scores (the same heads before it):
+#     python bench/compare_two.py $DATA/bundles/v16-heads-0.6.0[.findings-test].eval.json \
+#       $DATA/bundles/v19-heads-0.6.0-sides[.findings-test].eval.json
+#     and the held-out metrics in metadata.json replaced by these (ship_heads with the same weights).
+[ -d $DATA/bundles/v19-heads-0.6.0-sides ] || cp -r $B $DATA/bundles/v19-heads-0.6.0-sides
+score_held_out v19-heads-0.6.0-sides
+ship_heads $DATA/bundles/v19-heads-0.6.0-sides $DATA/bundles/v19-heads-0.6.0-sides.eval.json
