@@ -68,8 +68,8 @@ def review_record(prediction_summary: dict, decisions: dict[str, dict]) -> dict:
         findings[key] = {"name": entry["name"], "probability": entry["probability"],
                          "decision": d.get("decision"), "note": d.get("note", "")}
     return {"case": prediction_summary.get("case"), "bundle": prediction_summary.get("bundle"),
-            "knee_side": prediction_summary.get("knee_side"), "findings": findings, "warnings": prediction_summary.get("warnings", []),
-            "not_for_clinical_use": True}
+            "knee_side": prediction_summary.get("knee_side"), "findings": findings,
+            "warnings": prediction_summary.get("warnings", []), "not_for_clinical_use": True}
 
 
 def review_html(review: dict, key_slices: dict[str, str] | None = None) -> str:

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["SINGLE_PIECE", "keep_largest_component", "labelmap_from_probabilities", "KneeSide",
+__all__ = ["SINGLE_PIECE", "keep_largest_component", "labelmap_from_probabilities", "KneeSide", "knee_side",
            "assign_meniscus_sides"]
 
 SINGLE_PIECE = ("femur", "tibia", "patella")
@@ -66,6 +66,7 @@ def labelmap_from_probabilities(probabilities: np.ndarray, catalog, postprocess:
 
 MIN_FIBULA_ML = 0.3  # less than this is a few stray voxels, not a fibular head
 MIN_FIBULA_OFFSET_MM = 8.0  # the fibula's centre lies 20-35 mm lateral of the tibia's
+MIN_MENISCI_APART_MM = 30.0  # the two menisci's centres lie 45-48 mm apart (bench/label_sides.py)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,22 @@ def knee_side(labelmap: np.ndarray, grid, catalog) -> KneeSide:
                     1 if offset > 0 else -1)
 
 
+def _two_means_split(xs: np.ndarray, start: float) -> float:
+    """The midpoint between two groups of ``xs`` (one-dimensional two-means from ``start``), or
+    ``start`` when there are not two groups at least MIN_MENISCI_APART_MM apart."""
+    split = start
+    for _ in range(20):
+        low, high = xs[xs < split], xs[xs >= split]
+        if not len(low) or not len(high):
+            return start
+        means = float(low.mean()), float(high.mean())
+        new = sum(means) / 2
+        if abs(new - split) < 0.1:
+            break
+        split = new
+    return split if means[1] - means[0] >= MIN_MENISCI_APART_MM else start
+
+
 def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog,
                           labelmap: np.ndarray | None = None) -> tuple[np.ndarray, KneeSide]:
     """``probabilities`` with the two menisci's summed probability given to the meniscus of the
@@ -112,7 +129,9 @@ def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog,
     array would cost 0.4 GB on a fine reference grid); unchanged when the side cannot be told.
 
     The split is where the meniscus voxels fall into two groups along the patient's left-right
-    axis (two-means, started at the tibia's centre), so the plane follows the menisci themselves.
+    axis (two-means, started at the tibia's centre), so the plane follows the menisci themselves;
+    if those groups lie too close together to be two menisci (one meniscus found, not both), the
+    split stays at the tibia's centre, so that one meniscus is not cut in two.
     ``labelmap``: the argmax of ``probabilities`` if already computed.
     """
     keys = set(catalog.structure_keys)
@@ -127,18 +146,8 @@ def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog,
     meniscus = probabilities[medial] + probabilities[lateral]
     x = _lps_x(grid, labelmap.shape)
     tibia_label = catalog.structure("tibia").label
-    split = float(x[keep_largest_component(labelmap, [tibia_label]) == tibia_label].mean())
-    body = (labelmap == medial) | (labelmap == lateral)
-    xs = x[body]
-    for _ in range(10):  # two-means in one dimension
-        low, high = xs[xs < split], xs[xs >= split]
-        if not len(low) or not len(high):
-            break
-        new = (float(low.mean()) + float(high.mean())) / 2
-        if abs(new - split) < 0.1:
-            split = new
-            break
-        split = new
+    tibia_centre = float(x[keep_largest_component(labelmap, [tibia_label]) == tibia_label].mean())
+    split = _two_means_split(x[(labelmap == medial) | (labelmap == lateral)], tibia_centre)
     on_lateral = (side.lateral_sign * (x - split)) > 0
     probabilities[lateral] = np.where(on_lateral, meniscus, 0)
     probabilities[medial] = np.where(on_lateral, 0, meniscus)

@@ -622,6 +622,8 @@ def test_save_writes_a_slicer_segmentation_overlays_and_findings(predictor, case
     assert summary["findings"]["joint_effusion"]["probability"] == pytest.approx(
         prediction.finding_probabilities["joint_effusion"], abs=1e-4)
     assert summary["bundle"]["version"] == "0.2.0" and set(summary["input_sha256"]) == set(case.planes)
+    assert summary["knee_side"] == prediction.knee_side and summary["knee_side"]["side"] in ("left", "right", None)
+    assert summary["knee_side"]["from"]  # how the side was told, or why it could not be
     assert not list(tmp_path.rglob("*.tmp*"))
 
 

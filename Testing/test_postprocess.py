@@ -66,3 +66,16 @@ def test_without_a_fibula_the_menisci_are_left_as_labelled():
     assert found.side is None and "fibula" in found.reason
     assert np.array_equal(after, before)
     assert knee_side(labels, _grid(labels), DEFAULT_CATALOG).side is None
+
+
+def test_a_single_meniscus_is_not_cut_in_two():
+    labels = _knee()
+    labels[labels == L["lateral_meniscus"]] = 0
+    # only the meniscus beside the fibula was found, reaching a little past the tibia's centre
+    # (i = 39.5): two-means alone would split it near its own middle
+    labels[2:8, 7:9, 37:65] = L["lateral_meniscus"]
+    probabilities, found = assign_meniscus_sides(_probabilities(labels), _grid(labels), DEFAULT_CATALOG)
+    labelmap = probabilities.argmax(0)
+    assert found.side == "left"
+    assert (labelmap[2:8, 7:9, 40:65] == L["lateral_meniscus"]).all()
+    assert (labelmap == L["medial_meniscus"]).sum() <= 3 * 6 * 2  # at most the part across the centre
