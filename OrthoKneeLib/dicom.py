@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import ImageDimensionError, UnreadableFileError, itk_error_detail
 
-__all__ = ["DicomSeries", "scan_dicom_folder", "is_dicom_file"]
+__all__ = ["DicomSeries", "scan_dicom_folder", "is_dicom_file", "laterality_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class DicomSeries:
     orientation: tuple[float, ...]  # ImageOrientationPatient: row cosines then column cosines
     positions: list[tuple[float, float, float]] = field(repr=False)
     echoes_in_series: int = 1
+    laterality: str | None = None  # "left" / "right" from the Laterality tags; None when absent or not L/R
 
     @property
     def normal(self) -> np.ndarray:
@@ -90,6 +91,16 @@ def _int(value, default=None):
         return int(value)
     except (TypeError, ValueError):
         return default
+
+
+def laterality_of(ds) -> str | None:
+    """The body side a DICOM header states: Laterality (0020,0060) of the series, else
+    ImageLaterality (0020,0062); None when neither says L or R (B, U, empty or absent)."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(ds.get(keyword, "") or "").strip().upper()
+        if value in ("L", "R"):
+            return {"L": "left", "R": "right"}[value]
+    return None
 
 
 def _candidate_files(folder: Path, recursive: bool) -> list[Path]:
@@ -171,6 +182,7 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> list
                 orientation=orientation,
                 positions=positions,
                 echoes_in_series=len(echoes_per_series[uid]),
+                laterality=laterality_of(first),
             )
         )
     result.sort(key=lambda s: (s.series_number or 0, s.series_uid, s.echo_number or 0, s.echo_time or 0.0))

@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 __all__ = ["SINGLE_PIECE", "keep_largest_component", "labelmap_from_probabilities", "KneeSide", "knee_side",
-           "assign_meniscus_sides"]
+           "with_tagged_side", "assign_meniscus_sides"]
 
 SINGLE_PIECE = ("femur", "tibia", "patella")
 
@@ -76,6 +76,29 @@ class KneeSide:
     side: str | None  # "left", "right", or None when it could not be told
     reason: str  # how it was told, or why not (shown to the reader)
     lateral_sign: int = 0  # +1: lateral is toward +x (patient left, LPS); -1: toward -x; 0: unknown
+    warning: str | None = None  # for the reader, e.g. when the anatomy and the DICOM header disagree
+
+
+def _lateral_sign(side: str) -> int:
+    return 1 if side == "left" else -1  # a left knee's lateral side is toward the patient's left (+x)
+
+
+def with_tagged_side(anatomy: KneeSide, tagged: str | None) -> KneeSide:
+    """The side from the anatomy, checked against (or, when the anatomy cannot tell, taken from)
+    the side the DICOM header states.
+
+    Where the two disagree the anatomy wins, because it is what the labels are drawn on, and the
+    reader is warned: a wrong side in a header, or a series of the other knee, is worth a look.
+    """
+    if tagged not in ("left", "right"):
+        return anatomy
+    if anatomy.side is None:
+        return KneeSide(tagged, f"the series' DICOM Laterality says {tagged} ({anatomy.reason})", _lateral_sign(tagged))
+    if anatomy.side == tagged:
+        return KneeSide(anatomy.side, f"{anatomy.reason}, as the DICOM Laterality says", anatomy.lateral_sign)
+    return KneeSide(anatomy.side, anatomy.reason, anatomy.lateral_sign,
+                    warning=f"the series' DICOM Laterality says {tagged}, but {anatomy.reason}, which makes it a "
+                            f"{anatomy.side} knee: check which knee this is (the menisci were split by the anatomy).")
 
 
 def _lps_x(grid, shape_kji: Sequence[int]) -> np.ndarray:
@@ -103,7 +126,7 @@ def knee_side(labelmap: np.ndarray, grid, catalog) -> KneeSide:
     # the fibula is lateral: toward the patient's left (+x) in a left knee
     side = "left" if offset > 0 else "right"
     return KneeSide(side, f"the fibula lies {abs(offset):.0f} mm to the patient's {side} of the tibia",
-                    1 if offset > 0 else -1)
+                    _lateral_sign(side))
 
 
 def _two_means_split(xs: np.ndarray, start: float) -> float:
@@ -122,8 +145,8 @@ def _two_means_split(xs: np.ndarray, start: float) -> float:
     return split if means[1] - means[0] >= MIN_MENISCI_APART_MM else start
 
 
-def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog,
-                          labelmap: np.ndarray | None = None) -> tuple[np.ndarray, KneeSide]:
+def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog, labelmap: np.ndarray | None = None,
+                          tagged: str | None = None) -> tuple[np.ndarray, KneeSide]:
     """``probabilities`` with the two menisci's summed probability given to the meniscus of the
     side each voxel lies on (the two meniscus channels are changed in place: a copy of the whole
     array would cost 0.4 GB on a fine reference grid); unchanged when the side cannot be told.
@@ -132,21 +155,26 @@ def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog,
     axis (two-means, started at the tibia's centre), so the plane follows the menisci themselves;
     if those groups lie too close together to be two menisci (one meniscus found, not both), the
     split stays at the tibia's centre, so that one meniscus is not cut in two.
-    ``labelmap``: the argmax of ``probabilities`` if already computed.
+    ``labelmap``: the argmax of ``probabilities`` if already computed. ``tagged``: the side the
+    series' DICOM headers state (``Case.laterality``), see :func:`with_tagged_side`.
     """
     keys = set(catalog.structure_keys)
     if not {"medial_meniscus", "lateral_meniscus"} <= keys:
         return probabilities, KneeSide(None, "the catalog has no menisci")
     if labelmap is None:
         labelmap = probabilities.argmax(0).astype(np.uint8)
-    side = knee_side(labelmap, grid, catalog)
+    side = with_tagged_side(knee_side(labelmap, grid, catalog), tagged)
     if side.side is None:
         return probabilities, side
     medial, lateral = catalog.structure("medial_meniscus").label, catalog.structure("lateral_meniscus").label
     meniscus = probabilities[medial] + probabilities[lateral]
     x = _lps_x(grid, labelmap.shape)
     tibia_label = catalog.structure("tibia").label
-    tibia_centre = float(x[keep_largest_component(labelmap, [tibia_label]) == tibia_label].mean())
+    tibia = keep_largest_component(labelmap, [tibia_label]) == tibia_label
+    if not tibia.any():  # a side from the header alone, and no tibia to find the knee's middle by
+        return probabilities, KneeSide(side.side, side.reason, side.lateral_sign, side.warning or
+                                       "no tibia was found: the menisci are as the heads labelled them.")
+    tibia_centre = float(x[tibia].mean())
     split = _two_means_split(x[(labelmap == medial) | (labelmap == lateral)], tibia_centre)
     on_lateral = (side.lateral_sign * (x - split)) > 0
     probabilities[lateral] = np.where(on_lateral, meniscus, 0)

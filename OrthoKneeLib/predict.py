@@ -352,7 +352,8 @@ class Prediction:
     input_hashes: dict[str, str] = field(default_factory=dict)
     views: list[str] = field(default_factory=list)
     device: str = "cpu"
-    knee_side: dict = field(default_factory=dict)  # {"side": "left" | "right" | None, "from": how it was told}
+    # {"side": "left" | "right" | None, "from": how it was told, "dicom_laterality": what the headers say}
+    knee_side: dict = field(default_factory=dict)
 
     def labelmap_image(self) -> sitk.Image:
         return self.reference_grid.image(self.labelmap.astype(np.uint8))
@@ -514,9 +515,11 @@ class Predictor:
         progress(n_steps - 1, n_steps, "measurements")
         side = None
         if self.postprocess:
-            probs, side = assign_meniscus_sides(probs, ref_grid, catalog)
+            probs, side = assign_meniscus_sides(probs, ref_grid, catalog, tagged=case.laterality)
         labelmap = labelmap_from_probabilities(probs, catalog, self.postprocess)
-        if side is not None and side.side is None and _has_menisci(labelmap, catalog):
+        if side is not None and side.warning:
+            warnings.append(side.warning)
+        elif side is not None and side.side is None and _has_menisci(labelmap, catalog):
             warnings.append(f"medial and lateral menisci are as the heads labelled them, unchecked: {side.reason}.")
         prediction = Prediction(
             case_name=case.name, reference_plane=case.reference_plane, reference_grid=ref_grid, labelmap=labelmap,
@@ -526,7 +529,7 @@ class Predictor:
                     "heads": self.kind, "path": str(self.bundle.path)},
         )
         if side is not None:
-            prediction.knee_side = {"side": side.side, "from": side.reason}
+            prediction.knee_side = {"side": side.side, "from": side.reason, "dicom_laterality": case.laterality}
         prediction.measurements = measure(prediction.labelmap_image(), catalog)
         prediction.timings = dict(timings, total=time.perf_counter() - t0)
         progress(n_steps, n_steps, "done")

@@ -184,6 +184,7 @@ class VolumeSource:
     echo_time: float | None = None
     echoes_in_series: int = 1
     files: int = 1
+    laterality: str | None = None  # "left" / "right" as the DICOM header states it; None if it does not
 
     @property
     def label(self) -> str:
@@ -248,6 +249,7 @@ def _describe(image: sitk.Image, source: VolumeSource) -> dict:
         "series_uid": source.series_uid,
         "series_number": source.series_number,
         "files": source.files,
+        "laterality": source.laterality,
     }
 
 
@@ -316,6 +318,7 @@ def _dicom_source(series: DicomSeries) -> VolumeSource:
         echo_time=series.echo_time,
         echoes_in_series=series.echoes_in_series,
         files=len(series.files),
+        laterality=series.laterality,
     )
 
 
@@ -542,6 +545,7 @@ class Case:
             raise InputError(None, "a case needs at least one view.", "Give a sagittal, coronal or axial series.")
         self._check_planes()
         self._check_overlap(min_overlap)
+        self._check_laterality()
         self.name = name or _case_name(self.reference)
 
     @classmethod
@@ -603,6 +607,19 @@ class Case:
                     "Check that both series come from the same study (same patient position / frame of reference).",
                 )
 
+    def _check_laterality(self) -> None:
+        tagged = {p: v.source.laterality for p, v in self.views.items() if v.source.laterality}
+        if len(set(tagged.values())) > 1:
+            said = ", ".join(f"the {p} series says {side}" for p, side in tagged.items())
+            self.warnings.append(f"the series disagree on the knee's side ({said} in its DICOM Laterality): "
+                                 "check that they show the same knee.")
+
+    @property
+    def laterality(self) -> str | None:
+        """The knee's side as the series' DICOM headers state it, when they state one and agree."""
+        tagged = {v.source.laterality for v in self.views.values() if v.source.laterality}
+        return tagged.pop() if len(tagged) == 1 else None
+
     @property
     def reference_plane(self) -> str:
         return next(p for p in VIEW_PLANES if p in self.views)
@@ -624,6 +641,7 @@ class Case:
             "name": self.name,
             "reference": self.reference_plane,
             "views": {p: v.describe() for p, v in self.views.items()},
+            "laterality": self.laterality,
             "warnings": list(self.warnings),
         }
 

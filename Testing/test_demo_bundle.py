@@ -94,3 +94,18 @@ def test_predict_on_the_real_sample_puts_the_bones_where_they_are(tmp_path, caps
     assert summary["knee_side"]["side"] == "right" and "fibula" in summary["knee_side"]["from"]
     medial, lateral = centre_lps("medial_meniscus"), centre_lps("lateral_meniscus")
     assert lateral[0] < tibia[0] < medial[0]  # LPS: -x is the patient's right
+
+
+def test_a_header_naming_the_other_knee_is_flagged_on_the_real_sample():
+    """The sample's anatomy makes it a right knee; a series whose DICOM Laterality said L would be a
+    wrong-side mix-up worth a look, and the prediction says so (the anatomy still splits the menisci)."""
+    from OrthoKneeLib.predict import Predictor
+    from OrthoKneeLib.volumes import Case
+
+    if not Bundle.open(demo_bundle_dir()).metadata.get("heads"):
+        pytest.skip("the shipped demo bundle has no trained heads")
+    sagittal = load_volume(sample_case_dir() / SAMPLE_VIEWS["sagittal"])
+    sagittal.source.laterality = "left"  # as a DICOM header with Laterality L would set it
+    prediction = Predictor(device="cpu").predict(Case(sagittal=sagittal))
+    assert prediction.knee_side["side"] == "right" and prediction.knee_side["dicom_laterality"] == "left"
+    assert any("DICOM Laterality says left" in w and "check which knee" in w for w in prediction.warnings)

@@ -79,3 +79,48 @@ def test_a_single_meniscus_is_not_cut_in_two():
     assert found.side == "left"
     assert (labelmap[2:8, 7:9, 40:65] == L["lateral_meniscus"]).all()
     assert (labelmap == L["medial_meniscus"]).sum() <= 3 * 6 * 2  # at most the part across the centre
+
+
+# ------------------------------------------------------------------ the side a DICOM header states
+
+
+def test_the_header_side_is_checked_against_the_anatomy():
+    from OrthoKneeLib.postprocess import KneeSide, with_tagged_side
+
+    anatomy = KneeSide("right", "the fibula lies 24 mm to the patient's right of the tibia", -1)
+    assert with_tagged_side(anatomy, None) == anatomy
+    agreed = with_tagged_side(anatomy, "right")
+    assert agreed.side == "right" and "DICOM Laterality" in agreed.reason and agreed.warning is None
+    disagreed = with_tagged_side(anatomy, "left")
+    assert disagreed.side == "right" and disagreed.lateral_sign == -1  # the anatomy wins, with a warning
+    assert "says left" in disagreed.warning and "right knee" in disagreed.warning
+    unknown = KneeSide(None, "no tibia and fibula were found to tell the knee's side")
+    taken = with_tagged_side(unknown, "left")
+    assert (taken.side, taken.lateral_sign, taken.warning) == ("left", 1, None) and "says left" in taken.reason
+
+
+def test_without_a_fibula_the_header_side_splits_the_menisci():
+    labels = _knee(with_fibula=False)  # menisci at i 22-34 and 46-58, i toward the patient's left
+    probabilities, found = assign_meniscus_sides(_probabilities(labels), _grid(labels), DEFAULT_CATALOG,
+                                                 tagged="right")
+    assert found.side == "right" and "DICOM" in found.reason
+    labelmap = probabilities.argmax(0)  # a right knee: lateral is toward the patient's right (low i)
+    assert (labelmap[2:8, 7:9, 22:34] == L["lateral_meniscus"]).all()
+    assert (labelmap[2:8, 7:9, 46:58] == L["medial_meniscus"]).all()
+
+
+def test_a_case_reports_the_side_its_series_state_and_warns_when_they_disagree(write_volume):
+    from OrthoKneeLib.volumes import Case, load_volume
+
+    def view(name, direction, side):
+        array = np.arange(8 * 16 * 16, dtype=np.float32).reshape(8, 16, 16)
+        volume = load_volume(write_volume(name, array, direction=direction))
+        volume.source.laterality = side
+        return volume
+
+    sagittal, coronal = (0, 0, 1, 1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, 1, 0, 1, 0)
+    agreed = Case(sagittal=view("s.nrrd", sagittal, "left"), coronal=view("c.nrrd", coronal, None))
+    assert agreed.laterality == "left" and not agreed.warnings and agreed.describe()["laterality"] == "left"
+    mixed = Case(sagittal=view("s2.nrrd", sagittal, "left"), coronal=view("c2.nrrd", coronal, "right"))
+    assert mixed.laterality is None
+    assert any("disagree on the knee's side" in w and "coronal series says right" in w for w in mixed.warnings)

@@ -71,3 +71,15 @@ def test_label_maps_from_other_sources_are_sagittal(shared_data):
     oai = load_volume(sorted(glob.glob(str(shared_data / "labels-oai" / "OAI_AKOA" / "*.nii.gz")))[0])
     assert oai.size == (160, 384, 384)
     assert oai.plane == "sagittal"
+
+
+def test_the_dicom_laterality_tag_is_read(shared_data, tmp_path):
+    import pydicom
+
+    assert load_volume(shared_data / "dess-pykneer").source.laterality is None  # the sample's tag is empty
+    for n, path in enumerate(sorted((shared_data / "dess-pykneer").glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.Laterality = "L"
+        ds.save_as(tmp_path / f"{n:03d}.dcm")
+    tagged = load_volume(tmp_path)
+    assert tagged.source.laterality == "left" and tagged.describe()["laterality"] == "left"
