@@ -447,3 +447,8 @@ score_held_out v18-heads-warm-6000
 [ -d $DATA/bundles/v19-heads-0.6.0-sides ] || cp -r $B $DATA/bundles/v19-heads-0.6.0-sides
 score_held_out v19-heads-0.6.0-sides
 ship_heads $DATA/bundles/v19-heads-0.6.0-sides $DATA/bundles/v19-heads-0.6.0-sides.eval.json
+
+# 27. How well the shipped heads fit their own 52 training cases (the model card's "Dice on the
+#     heads' own training cases"): the same scoring as the held-out sets, without HD95.
+orthoknee evaluate --bundle $DATA/bundles/v19-heads-0.6.0-sides --cases $V2/train --json --per-case --no-hd95 \
+  --device cpu > $DATA/bundles/v19-heads-0.6.0-sides.train.eval.json
