@@ -452,3 +452,19 @@ ship_heads $DATA/bundles/v19-heads-0.6.0-sides $DATA/bundles/v19-heads-0.6.0-sid
 #     heads' own training cases"): the same scoring as the held-out sets, without HD95.
 orthoknee evaluate --bundle $DATA/bundles/v19-heads-0.6.0-sides --cases $V2/train --json --per-case --no-hd95 \
   --device cpu > $DATA/bundles/v19-heads-0.6.0-sides.train.eval.json
+#     Beside the partial-volume ceiling of the same cases:
+#     python bench/dice_ceiling.py --cases $V2/train --eval $DATA/bundles/v19-heads-0.6.0-sides.train.eval.json
+
+# 28. Can the heads fit one case? 0.6.0's heads continued 1000 steps on a single training case
+#     (oai-123-0036, DESS, whose cartilage 0.6.0 fits worst among its DESS cases), scored on that
+#     case before and after, beside its ceiling:
+#     python bench/dice_ceiling.py --cases $DATA/one --eval $DATA/bundles/shipped-0.6.0-sides.one.eval.json \
+#       $DATA/bundles/v19-overfit-one.one.eval.json
+mkdir -p $DATA/one/cases && ln -sfn $V2/train/cases/oai-123-0036 $DATA/one/cases/oai-123-0036
+[ -f $DATA/bundles/v19-overfit-one/weights/heads.pt ] ||
+  orthoknee finetune --bundle $B --cases $DATA/one --validation $DATA/one --validation-cases 1 --validate-every 250 \
+    --out $DATA/bundles/v19-overfit-one --views sagittal --steps 1000 --device cpu
+orthoknee evaluate --bundle $DATA/bundles/v19-overfit-one --cases $DATA/one --json --per-case --no-hd95 --device cpu \
+  > $DATA/bundles/v19-overfit-one.one.eval.json
+orthoknee evaluate --bundle $B --cases $DATA/one --json --per-case --no-hd95 --device cpu \
+  > $DATA/bundles/shipped-0.6.0-sides.one.eval.json
