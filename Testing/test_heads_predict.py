@@ -253,14 +253,32 @@ def test_finetune_continues_from_the_bundle_heads_unless_told_otherwise(pipeline
     """The annotator's loop refines the heads a bundle has; --from-scratch starts over."""
     trained = pipeline["trained"]
     config = FinetuneConfig(steps=1, learning_rate=1e-7, patch_kji=(4, 24, 24), validation_cases=0)
-    refined = finetune(trained, pipeline["caches"][:1], tmp_path / "refined", config, device="cpu", log=lambda *_: None)
+    messages = []
+    refined = finetune(trained, pipeline["caches"][:1], tmp_path / "refined", config, device="cpu", log=messages.append)
     assert refined.metadata["heads"]["training"]["started_from"]["sha256"] == trained.metadata["heads"]["sha256"]
+    assert any(m.startswith("continuing from") for m in messages)
+    assert not any("same patches" in m for m in messages)  # trained on other cases: nothing replayed
     before, after = _heads_state(trained), _heads_state(refined)
     assert all(torch.allclose(before[k], after[k], atol=1e-4) for k in before)
     config.from_scratch = True
     fresh = finetune(trained, pipeline["caches"][:1], tmp_path / "fresh", config, device="cpu", log=lambda *_: None)
     assert fresh.metadata["heads"]["training"]["started_from"] is None
     assert not all(torch.allclose(before[k], v, atol=1e-4) for k, v in _heads_state(fresh).items())
+
+
+def test_a_continuation_says_when_it_replays_the_previous_runs_patches():
+    """Each step's patch comes from (seed, step): a continuation with the same seed and cases
+    repeats the last run's batches, and the log says so."""
+    from OrthoKneeLib.train import _replayed_steps
+
+    previous = {"config": {"seed": 0, "steps": 3000, "model": "heads", "label_fraction": 1.0}, "cases": 52}
+    cases = [f"case-{n}" for n in range(52)]
+    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=0), cases) == 3000
+    assert _replayed_steps(previous, FinetuneConfig(steps=1000, seed=0), cases) == 1000
+    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=1), cases) == 0
+    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=0), cases[:40]) == 0
+    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=0, label_fraction=0.1), cases) == 0
+    assert _replayed_steps({}, FinetuneConfig(steps=3000, seed=0), cases) == 0  # from scratch
 
 
 def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
