@@ -468,3 +468,16 @@ orthoknee evaluate --bundle $DATA/bundles/v19-overfit-one --cases $DATA/one --js
   > $DATA/bundles/v19-overfit-one.one.eval.json
 orthoknee evaluate --bundle $B --cases $DATA/one --json --per-case --no-hd95 --device cpu \
   > $DATA/bundles/shipped-0.6.0-sides.one.eval.json
+
+# 29. New patches instead of replayed ones: 0.4.0, 0.5.0 and 0.6.0 each continued the last run
+#     with seed 0, and every step's case and patch come from (seed, step), so each 3000-step
+#     continuation drew the same 3000 patches in the same order (`orthoknee finetune` now says
+#     so). 0.6.0's heads continued 3000 steps with seed 1 (a candidate, version 0.7.0, not
+#     shipped), paired with step 26's scores:
+#     python bench/compare_two.py $DATA/bundles/v19-heads-0.6.0-sides[.findings-test].eval.json \
+#       $DATA/bundles/v19-heads-seed1-3000[.findings-test].eval.json
+[ -f $DATA/bundles/v19-heads-seed1-3000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v19-heads-0.6.0-sides --cases $V2/train --validation $V2/test \
+    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v19-heads-seed1-3000 --views sagittal --steps 3000 \
+    --seed 1 --version 0.7.0 --device cpu
+score_held_out v19-heads-seed1-3000
