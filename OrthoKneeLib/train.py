@@ -442,8 +442,9 @@ def finetune(
         log(f"continuing from the heads of {bundle.path} ({bundle.metadata.get('version')})")
         replayed = _replayed_steps(start_from.get("training") or {}, config, [c.case_id for c in cases_all])
         if replayed:
-            log(f"note: these heads were last trained on the same cases with seed {config.seed}; steps 0-{replayed - 1} "
-                f"of this run draw the same patches in the same order as that run did (pass another --seed for new ones)")
+            log(f"note: these heads were last trained on the same cases with seed {config.seed}; steps "
+                f"0-{replayed - 1} of this run draw the same patches in the same order as that run did "
+                "(pass another --seed for new ones)")
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps,
