@@ -112,7 +112,7 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
     """Scores of a heads (or baseline) module on cached cases (train.CachedCase), on the labelmap
     ``orthoknee predict`` writes (``postprocess``: femur, tibia and patella each in one piece,
     menisci medial and lateral by the fibula's side; False scores the raw argmax)."""
-    from .postprocess import SINGLE_PIECE, assign_meniscus_sides, labelmap_from_probabilities
+    from .postprocess import SINGLE_PIECE, finish_prediction
     from .predict import run_baseline, run_heads
 
     per_dice: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
@@ -129,10 +129,7 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         else:
             result = run_heads(model, case.fusion_inputs(), device=device, cancel=cancel)
             probs, finding_probs = result["probabilities"], result["finding_probabilities"]
-        side = None
-        if postprocess:
-            probs, side = assign_meniscus_sides(probs, case.reference_grid, catalog)
-        labelmap = labelmap_from_probabilities(probs, catalog, postprocess)
+        probs, labelmap, side = finish_prediction(probs, case.reference_grid, catalog, postprocess)
         truth = np.asarray(case.array("labels_reference"))
         spacing = case.reference_grid.spacing
         annotated = set(case.meta["annotated"])

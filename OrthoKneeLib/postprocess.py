@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 __all__ = ["SINGLE_PIECE", "keep_largest_component", "labelmap_from_probabilities", "KneeSide", "knee_side",
-           "with_tagged_side", "assign_meniscus_sides"]
+           "with_tagged_side", "assign_meniscus_sides", "finish_prediction"]
 
 SINGLE_PIECE = ("femur", "tibia", "patella")
 
@@ -111,15 +111,22 @@ def _lps_x(grid, shape_kji: Sequence[int]) -> np.ndarray:
 
 def knee_side(labelmap: np.ndarray, grid, catalog) -> KneeSide:
     """Left or right knee from where the fibula lies against the tibia (the fibula is lateral)."""
-    keys = set(catalog.structure_keys)
-    if not {"tibia", "fibula"} <= keys:
+    if not {"tibia", "fibula"} <= set(catalog.structure_keys):
         return KneeSide(None, "the catalog has no tibia or fibula")
-    tibia = keep_largest_component(labelmap, [catalog.structure("tibia").label]) == catalog.structure("tibia").label
+    return _side_from_fibula(labelmap, _tibia(labelmap, catalog), _lps_x(grid, labelmap.shape), grid, catalog)
+
+
+def _tibia(labelmap: np.ndarray, catalog) -> np.ndarray:
+    label = catalog.structure("tibia").label
+    return keep_largest_component(labelmap, [label]) == label
+
+
+def _side_from_fibula(labelmap: np.ndarray, tibia: np.ndarray, x: np.ndarray, grid, catalog) -> KneeSide:
+    """:func:`knee_side` given the tibia's mask and the voxels' LPS x, which the caller may reuse."""
     fibula = labelmap == catalog.structure("fibula").label
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
     if not tibia.any() or fibula.sum() * voxel_ml < MIN_FIBULA_ML:
         return KneeSide(None, "no tibia and fibula were found to tell the knee's side")
-    x = _lps_x(grid, labelmap.shape)
     offset = float(x[fibula].mean() - x[tibia].mean())
     if abs(offset) < MIN_FIBULA_OFFSET_MM:
         return KneeSide(None, f"the fibula's centre lies only {abs(offset):.0f} mm to the side of the tibia's")
@@ -161,16 +168,16 @@ def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog, labelmap: np
     keys = set(catalog.structure_keys)
     if not {"medial_meniscus", "lateral_meniscus"} <= keys:
         return probabilities, KneeSide(None, "the catalog has no menisci")
+    if not {"tibia", "fibula"} <= keys:
+        return probabilities, KneeSide(None, "the catalog has no tibia or fibula")
     if labelmap is None:
         labelmap = probabilities.argmax(0).astype(np.uint8)
-    side = with_tagged_side(knee_side(labelmap, grid, catalog), tagged)
+    tibia, x = _tibia(labelmap, catalog), _lps_x(grid, labelmap.shape)
+    side = with_tagged_side(_side_from_fibula(labelmap, tibia, x, grid, catalog), tagged)
     if side.side is None:
         return probabilities, side
     medial, lateral = catalog.structure("medial_meniscus").label, catalog.structure("lateral_meniscus").label
     meniscus = probabilities[medial] + probabilities[lateral]
-    x = _lps_x(grid, labelmap.shape)
-    tibia_label = catalog.structure("tibia").label
-    tibia = keep_largest_component(labelmap, [tibia_label]) == tibia_label
     if not tibia.any():  # a side from the header alone, and no tibia to find the knee's middle by
         return probabilities, KneeSide(side.side, side.reason, side.lateral_sign, side.warning or
                                        "no tibia was found: the menisci are as the heads labelled them.")
@@ -180,3 +187,14 @@ def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog, labelmap: np
     probabilities[lateral] = np.where(on_lateral, meniscus, 0)
     probabilities[medial] = np.where(on_lateral, 0, meniscus)
     return probabilities, side
+
+
+def finish_prediction(probabilities: np.ndarray, grid, catalog, postprocess: bool = True,
+                      tagged: str | None = None) -> tuple[np.ndarray, np.ndarray, KneeSide | None]:
+    """(probabilities, labelmap, knee side) as a reader gets them: the one sequence the Predictor
+    writes and `orthoknee evaluate` scores, so the two cannot drift apart. Without ``postprocess``
+    the raw argmax and no side."""
+    side = None
+    if postprocess:
+        probabilities, side = assign_meniscus_sides(probabilities, grid, catalog, tagged=tagged)
+    return probabilities, labelmap_from_probabilities(probabilities, catalog, postprocess), side

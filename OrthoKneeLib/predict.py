@@ -474,7 +474,7 @@ class Predictor:
 
         from .model.features import array_hash
         from .model.heads import grid_of
-        from .postprocess import assign_meniscus_sides, labelmap_from_probabilities
+        from .postprocess import finish_prediction
 
         t0 = time.perf_counter()
         warnings = list(case.warnings)
@@ -513,10 +513,7 @@ class Predictor:
         if cancel:
             cancel.raise_if_cancelled()
         progress(n_steps - 1, n_steps, "measurements")
-        side = None
-        if self.postprocess:
-            probs, side = assign_meniscus_sides(probs, ref_grid, catalog, tagged=case.laterality)
-        labelmap = labelmap_from_probabilities(probs, catalog, self.postprocess)
+        probs, labelmap, side = finish_prediction(probs, ref_grid, catalog, self.postprocess, tagged=case.laterality)
         if side is not None and side.warning:
             warnings.append(side.warning)
         elif side is not None and side.side is None and _has_menisci(labelmap, catalog):

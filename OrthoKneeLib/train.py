@@ -239,7 +239,7 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def _replayed_steps(previous: dict, config: FinetuneConfig, case_ids: list[str]) -> int:
+def _replayed_steps(previous: dict, config: FinetuneConfig, n_cases: int) -> int:
     """How many of this run's steps draw exactly the patches the starting heads' last run drew.
 
     Every step's case and patch come from ``default_rng([seed, step])``, so that a stopped run
@@ -247,7 +247,7 @@ def _replayed_steps(previous: dict, config: FinetuneConfig, case_ids: list[str])
     batches in order. (0.4.0, 0.5.0 and 0.6.0 were each such a continuation of seed 0.)
     """
     before = previous.get("config") or {}
-    same_cases = previous.get("cases") == len(case_ids)  # the record keeps the count (and the subjects)
+    same_cases = previous.get("cases") == n_cases  # the record keeps the count (and the subjects)
     if (before.get("seed") != config.seed or not same_cases or before.get("model", "heads") != config.model
             or before.get("label_fraction", 1.0) != config.label_fraction):
         return 0
@@ -440,7 +440,7 @@ def finetune(
     if start_from:  # the annotator's loop: corrections refine the heads the bundle already has
         bundle.load_into(model, start_from["weights"], "heads")
         log(f"continuing from the heads of {bundle.path} ({bundle.metadata.get('version')})")
-        replayed = _replayed_steps(start_from.get("training") or {}, config, [c.case_id for c in cases_all])
+        replayed = _replayed_steps(start_from.get("training") or {}, config, len(cases_all))
         if replayed:
             log(f"note: these heads were last trained on the same cases with seed {config.seed}; steps "
                 f"0-{replayed - 1} of this run draw the same patches in the same order as that run did "

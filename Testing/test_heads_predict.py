@@ -272,13 +272,12 @@ def test_a_continuation_says_when_it_replays_the_previous_runs_patches():
     from OrthoKneeLib.train import _replayed_steps
 
     previous = {"config": {"seed": 0, "steps": 3000, "model": "heads", "label_fraction": 1.0}, "cases": 52}
-    cases = [f"case-{n}" for n in range(52)]
-    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=0), cases) == 3000
-    assert _replayed_steps(previous, FinetuneConfig(steps=1000, seed=0), cases) == 1000
-    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=1), cases) == 0
-    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=0), cases[:40]) == 0
-    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=0, label_fraction=0.1), cases) == 0
-    assert _replayed_steps({}, FinetuneConfig(steps=3000, seed=0), cases) == 0  # from scratch
+    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=0), 52) == 3000
+    assert _replayed_steps(previous, FinetuneConfig(steps=1000, seed=0), 52) == 1000
+    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=1), 52) == 0
+    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=0), 40) == 0
+    assert _replayed_steps(previous, FinetuneConfig(steps=3000, seed=0, label_fraction=0.1), 52) == 0
+    assert _replayed_steps({}, FinetuneConfig(steps=3000, seed=0), 52) == 0  # from scratch
 
 
 def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
