@@ -481,3 +481,26 @@ orthoknee evaluate --bundle $B --cases $DATA/one --json --per-case --no-hd95 --d
     --validation-cases 4 --validate-every 500 --out $DATA/bundles/v19-heads-seed1-3000 --views sagittal --steps 3000 \
     --seed 1 --version 0.7.0 --device cpu
 score_held_out v19-heads-seed1-3000
+
+# 30. Is the argmax the Dice-best labelmap? Dice per structure against a bias on its log-probability
+#     (bench/class_bias.py; the model card's "A bias on thin structures"), chosen on new renders of
+#     training subjects (step 9's OAI cases of split 'train' past the 40 trained on, and SPL cases
+#     12-17: images the heads never saw, of subjects they did), then read on the first held-out set.
+mkdir -p $DATA/calib/cases
+for c in oai-123-00{50,52,53,54,55,57,59,60,61,62,63,66}; do ln -sfn $V4/synth_oai/cases/$c $DATA/calib/cases/$c; done
+for c in spl-12-00{12,13,14,15,16,17}; do ln -sfn $V4/synth_spl/cases/$c $DATA/calib/cases/$c; done
+python bench/class_bias.py --bundle $DATA/bundles/v19-heads-0.6.0-sides --cases $DATA/calib \
+  --out $DATA/bundles/v19-heads-0.6.0-sides.calib.bias.json
+python bench/class_bias.py --bundle $DATA/bundles/v19-heads-0.6.0-sides --cases $V2/test \
+  --out $DATA/bundles/v19-heads-0.6.0-sides.bias.json
+
+# 31. More renders for a continuation: 0.6.0's heads continued 3000 steps (seed 2) on step 9's 163
+#     training cases (3x the renders of the same subjects) instead of step 3's 52, paired with
+#     step 26's scores:
+#     python bench/compare_two.py $DATA/bundles/v19-heads-0.6.0-sides[.findings-test].eval.json \
+#       $DATA/bundles/v20-heads-v4-seed2-3000[.findings-test].eval.json
+[ -f $DATA/bundles/v20-heads-v4-seed2-3000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v19-heads-0.6.0-sides --cases $V4/train --validation $V2/test \
+    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v20-heads-v4-seed2-3000 --views sagittal --steps 3000 \
+    --seed 2 --version 0.7.0 --device cpu
+score_held_out v20-heads-v4-seed2-3000
