@@ -504,3 +504,13 @@ python bench/class_bias.py --bundle $DATA/bundles/v19-heads-0.6.0-sides --cases 
     --validation-cases 4 --validate-every 500 --out $DATA/bundles/v20-heads-v4-seed2-3000 --views sagittal --steps 3000 \
     --seed 2 --version 0.7.0 --device cpu
 score_held_out v20-heads-v4-seed2-3000
+
+# 32. 0.7.0's heads continued 3000 more steps on the same 163 cases with new patches (seed 3; a
+#     candidate, version 0.8.0), paired with step 31's scores:
+#     python bench/compare_two.py $DATA/bundles/v20-heads-v4-seed2-3000[.findings-test].eval.json \
+#       $DATA/bundles/v20-heads-v4-seed3-6000[.findings-test].eval.json
+[ -f $DATA/bundles/v20-heads-v4-seed3-6000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v20-heads-v4-seed2-3000 --cases $V4/train --validation $V2/test \
+    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v20-heads-v4-seed3-6000 --views sagittal --steps 3000 \
+    --seed 3 --version 0.8.0 --device cpu
+score_held_out v20-heads-v4-seed3-6000
