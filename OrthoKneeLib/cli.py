@@ -269,11 +269,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
-    import os
+    from .featurecache import default_cache_dir
 
-    if args.cache:
-        return Path(args.cache)
-    return Path(os.environ.get("ORTHOKNEE_CACHE", Path.home() / ".cache" / "orthoknee" / "features"))
+    return Path(args.cache) if args.cache else default_cache_dir()
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

@@ -607,8 +607,12 @@ class Case:
                     "Check that both series come from the same study (same patient position / frame of reference).",
                 )
 
+    def _tagged_sides(self) -> dict[str, str]:
+        """plane -> the side its series' DICOM Laterality states, for the series that state one."""
+        return {p: v.source.laterality for p, v in self.views.items() if v.source.laterality}
+
     def _check_laterality(self) -> None:
-        tagged = {p: v.source.laterality for p, v in self.views.items() if v.source.laterality}
+        tagged = self._tagged_sides()
         if len(set(tagged.values())) > 1:
             said = ", ".join(f"the {p} series says {side}" for p, side in tagged.items())
             self.warnings.append(f"the series disagree on the knee's side ({said} in its DICOM Laterality): "
@@ -617,8 +621,8 @@ class Case:
     @property
     def laterality(self) -> str | None:
         """The knee's side as the series' DICOM headers state it, when they state one and agree."""
-        tagged = {v.source.laterality for v in self.views.values() if v.source.laterality}
-        return tagged.pop() if len(tagged) == 1 else None
+        sides = set(self._tagged_sides().values())
+        return sides.pop() if len(sides) == 1 else None
 
     @property
     def reference_plane(self) -> str:

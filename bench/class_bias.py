@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -38,8 +37,9 @@ def sweep_case(probabilities, truth, catalog, annotated) -> dict:
             continue
         margin = log_p[s.label] - np.delete(log_p, s.label, axis=0).max(0)
         near = margin > -max(BIASES) - 1e-6  # voxels no bias in the sweep reaches are never the structure's
-        m, right = margin[near], (truth == s.label)[near]
-        rows[s.key] = {"truth": int((truth == s.label).sum()),
+        truth_mask = truth == s.label
+        m, right = margin[near], truth_mask[near]
+        rows[s.key] = {"truth": int(truth_mask.sum()),
                        "pred": [int((m > -b).sum()) for b in BIASES],
                        "inter": [int((right & (m > -b)).sum()) for b in BIASES]}
     return rows
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from OrthoKneeLib.bundle import Bundle
     from OrthoKneeLib.errors import InputError
+    from OrthoKneeLib.featurecache import default_cache_dir
     from OrthoKneeLib.postprocess import assign_meniscus_sides
     from OrthoKneeLib.predict import load_heads, run_baseline, run_heads, views_fused
     from OrthoKneeLib.train import CachedCase, cache_case, find_cases
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     folders = find_cases(args.cases, None)
     if not folders:
         raise InputError(None, f"no case folders under {', '.join(map(str, args.cases))}.", "Give `orthoknee synth` outputs.")
-    cache = args.cache or Path(os.environ.get("ORTHOKNEE_CACHE", Path.home() / ".cache" / "orthoknee" / "features"))
+    cache = args.cache or default_cache_dir()
     kind, heads = load_heads(bundle, device="cpu")
     sweep = {"bundle": f"{bundle.metadata.get('name')} {bundle.metadata.get('version')}", "biases": BIASES,
              "structures": bundle.catalog.structure_keys, "rows": []}
