@@ -13,7 +13,6 @@ first kind the partial-volume ceiling shares; the second is the model's own misr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from OrthoKneeLib.bundle import Bundle  # noqa: E402
 from OrthoKneeLib.errors import InputError, OrthoKneeError  # noqa: E402
+from OrthoKneeLib.featurecache import default_cache_dir  # noqa: E402
 from OrthoKneeLib.predict import load_heads, run_baseline, run_heads, views_fused  # noqa: E402
 from OrthoKneeLib.train import CachedCase, cache_case, find_cases  # noqa: E402
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", required=True, help="a folder of synthetic cases (as for orthoknee evaluate)")
     parser.add_argument("--structures", nargs="+", default=["femoral_cartilage", "tibial_cartilage", "patellar_cartilage"])
     parser.add_argument("--max-cases", type=int)
-    parser.add_argument("--cache", default=os.environ.get("ORTHOKNEE_CACHE", ".orthoknee-cache"))
+    parser.add_argument("--cache", default=default_cache_dir(), help="feature cache (default $ORTHOKNEE_CACHE, as for the CLI)")
     args = parser.parse_args(argv)
 
     folders = find_cases([args.cases])[: args.max_cases]

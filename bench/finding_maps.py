@@ -19,7 +19,6 @@ plain maximum does not.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from OrthoKneeLib.bundle import Bundle  # noqa: E402
 from OrthoKneeLib.evaluate import roc_auc  # noqa: E402
+from OrthoKneeLib.featurecache import default_cache_dir  # noqa: E402
 from OrthoKneeLib.model.heads import pooled  # noqa: E402
 from OrthoKneeLib.predict import load_heads, run_heads, views_fused  # noqa: E402
 from OrthoKneeLib.train import CachedCase, cache_case, find_cases  # noqa: E402
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--cases", required=True, help="a folder of synthetic cases (as for orthoknee evaluate)")
-    parser.add_argument("--cache", default=os.environ.get("ORTHOKNEE_CACHE", ".orthoknee-cache"))
+    parser.add_argument("--cache", default=default_cache_dir(), help="feature cache (default $ORTHOKNEE_CACHE, as for the CLI)")
     args = parser.parse_args(argv)
 
     bundle = Bundle.open(args.bundle)
