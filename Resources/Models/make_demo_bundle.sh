@@ -181,8 +181,8 @@ ship_heads $DATA/bundles/v2-heads-100-s500 $DATA/bundles/v2-heads-100-s500.eval.
 V4=$DATA/v4
 orthoknee synth --labels $SHARED/labels-oai --source oai --out $V4/synth_oai --n 160 --seed 123 --workers 2 --no-sheets
 orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V4/synth_spl --n 36 --seed 12 --workers 2 --no-sheets
-link_cases $V4/train train 0 $V4/synth_oai
-link_cases $V4/train all 0 $V4/synth_spl
+link_cases $V4/train train 127 $V4/synth_oai  # all 127 of the 160; 127 also after step 33 adds renders
+link_cases $V4/train all 36 $V4/synth_spl
 [ -f $DATA/bundles/v4-heads-100/weights/heads.pt ] ||
   orthoknee finetune --bundle $B --cases $V4/train --validation $V2/test --validation-cases 4 \
     --validate-every 200 --out $DATA/bundles/v4-heads-100 --views sagittal --steps 1000 --from-scratch --device cpu
@@ -514,3 +514,21 @@ score_held_out v20-heads-v4-seed2-3000
     --validation-cases 4 --validate-every 500 --out $DATA/bundles/v20-heads-v4-seed3-6000 --views sagittal --steps 3000 \
     --seed 3 --version 0.8.0 --device cpu
 score_held_out v20-heads-v4-seed3-6000
+
+# 33. Half as many renders again: step 9's synth commands with --n 240 (OAI) and --n 54 (SPL) render
+#     cases 160-239 and 36-53 into the same folders (cases 0-159 and 0-35 are kept, and the subject
+#     split does not depend on --n); $V5/train links every training case of both: 190 OAI + 54 SPL =
+#     244 (step 9's 163 among them; $V4/train keeps its 163 links). Step 32's candidate continued
+#     3000 steps on them (seed 4; a candidate, version 0.8.0), paired with step 32's scores:
+#     python bench/compare_two.py $DATA/bundles/v20-heads-v4-seed3-6000[.findings-test].eval.json \
+#       $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.json
+V5=$DATA/v5
+orthoknee synth --labels $SHARED/labels-oai --source oai --out $V4/synth_oai --n 240 --seed 123 --workers 2 --no-sheets
+orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V4/synth_spl --n 54 --seed 12 --workers 2 --no-sheets
+link_cases $V5/train train 0 $V4/synth_oai
+link_cases $V5/train all 0 $V4/synth_spl
+[ -f $DATA/bundles/v21-heads-v5-seed4-9000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v20-heads-v4-seed3-6000 --cases $V5/train --validation $V2/test \
+    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v21-heads-v5-seed4-9000 --views sagittal --steps 3000 \
+    --seed 4 --version 0.8.0 --device cpu
+score_held_out v21-heads-v5-seed4-9000
