@@ -112,7 +112,7 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
     """Scores of a heads (or baseline) module on cached cases (train.CachedCase), on the labelmap
     ``orthoknee predict`` writes (``postprocess``: femur, tibia and patella each in one piece,
     menisci medial and lateral by the fibula's side; False scores the raw argmax)."""
-    from .postprocess import SINGLE_PIECE, finish_prediction
+    from .postprocess import MAX_CARTILAGE_GAP_MM, SINGLE_PIECE, finish_prediction
     from .predict import run_baseline, run_heads
 
     per_dice: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
@@ -185,7 +185,8 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         "mean_auc": float(np.mean(list(auc.values()))) if auc else None,
         "cases": len(cases),
         # outputs written before this key existed scored the raw argmax
-        "postprocessing": (f"largest connected component of {', '.join(SINGLE_PIECE)}; menisci split by the "
+        "postprocessing": (f"largest connected component of {', '.join(SINGLE_PIECE)}; cartilage pieces farther "
+                           f"than {MAX_CARTILAGE_GAP_MM:g} mm from their bone removed; menisci split by the "
                            "fibula's side" if postprocess else "none"),
         "by_contrast": dice_by_contrast(per_case),
         "per_case": per_case,

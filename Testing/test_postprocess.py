@@ -124,3 +124,39 @@ def test_a_case_reports_the_side_its_series_state_and_warns_when_they_disagree(w
     mixed = Case(sagittal=view("s2.nrrd", sagittal, "left"), coronal=view("c2.nrrd", coronal, "right"))
     assert mixed.laterality is None
     assert any("disagree on the knee's side" in w and "coronal series says right" in w for w in mixed.warnings)
+
+
+def _femur_with_cartilage() -> np.ndarray:
+    """(k, j, i) labels at 1 x 1 x 3 mm (i, j, k): a femur, a cartilage plate on it, a second
+    piece of plate 4 mm off the bone (voxel centres), and an island about 24 mm away."""
+    labels = np.zeros((12, 40, 80), np.uint8)
+    labels[:, 0:20, 10:50] = L["femur"]
+    labels[:4, 20:23, 10:50] = L["femoral_cartilage"]  # on the bone
+    labels[6:, 23:26, 10:50] = L["femoral_cartilage"]  # 4 mm off it, in other slices than the first piece
+    labels[5:7, 30:33, 70:76] = L["femoral_cartilage"]  # 21 mm beyond the bone's end, 11 mm below it
+    return labels
+
+
+def test_cartilage_off_its_bone_is_removed_and_the_pieces_on_it_are_kept():
+    from OrthoKneeLib.postprocess import MAX_CARTILAGE_GAP_MM, drop_detached_cartilage
+
+    labels = _femur_with_cartilage()
+    spacing_ijk = (1.0, 1.0, 3.0)
+    cleaned = drop_detached_cartilage(labels, spacing_ijk, DEFAULT_CATALOG)
+    assert (cleaned[5:7, 30:33, 70:76] == 0).all()  # the island went to background
+    assert np.array_equal(cleaned[:, :26, :], labels[:, :26, :])  # the plate's two pieces and the bone stay
+    # the gap is measured in mm: the piece 4 mm off goes once the allowed gap is below 4 mm
+    tight = drop_detached_cartilage(labels, spacing_ijk, DEFAULT_CATALOG, max_gap_mm=3.5)
+    assert (tight[6:, 23:26, 10:50] == 0).all() and (tight[:4, 20:23, 10:50] == L["femoral_cartilage"]).all()
+    assert MAX_CARTILAGE_GAP_MM >= 4.0
+    # the same rule runs in the labelmap a reader gets, given the spacing
+    from_probabilities = labelmap_from_probabilities(_probabilities(labels), DEFAULT_CATALOG, spacing_ijk=spacing_ijk)
+    assert np.array_equal(from_probabilities, cleaned)
+
+
+def test_cartilage_is_kept_when_its_bone_was_not_found():
+    from OrthoKneeLib.postprocess import drop_detached_cartilage
+
+    labels = _femur_with_cartilage()
+    labels[labels == L["femur"]] = 0
+    assert np.array_equal(drop_detached_cartilage(labels, (1.0, 1.0, 3.0), DEFAULT_CATALOG), labels)
