@@ -498,8 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--no-montage", action="store_true", help="skip montage.png")
     p.add_argument("--raw", action="store_true",
-                   help="write the heads' raw argmax, without keeping the femur's, tibia's and patella's "
-                        "largest connected piece")
+                   help="write the heads' raw argmax, without the post-processing: femur, tibia and patella "
+                        "each kept as its largest piece, cartilage off its bone removed, menisci split by side")
     p.add_argument("--json", action="store_true", help="print the findings.json summary")
     p.set_defaults(func=cmd_predict)
 
@@ -533,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cases", type=int)
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     p.add_argument("--raw", action="store_true",
-                   help="score the heads' raw argmax, without keeping the femur's, tibia's and patella's "
-                        "largest connected piece")
+                   help="score the heads' raw argmax, without the post-processing: femur, tibia and patella "
+                        "each kept as its largest piece, cartilage off its bone removed, menisci split by side")
     p.add_argument("--json", action="store_true", help="print JSON with keys dice, hd95 (mm), auc")
     p.add_argument("--per-case", action="store_true", help="with --json: include per-case scores")
     p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee/features)")

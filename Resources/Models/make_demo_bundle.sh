@@ -532,3 +532,13 @@ link_cases $V5/train all 0 $V4/synth_spl
     --validation-cases 4 --validate-every 500 --out $DATA/bundles/v21-heads-v5-seed4-9000 --views sagittal --steps 3000 \
     --seed 4 --version 0.8.0 --device cpu
 score_held_out v21-heads-v5-seed4-9000
+
+# 34. Cartilage off its bone (OrthoKneeLib/postprocess.py: drop_detached_cartilage; the model card's
+#     "Heads 0.8.0"). Step 33's heads scored again with it (no training), paired with step 33's scores:
+#     python bench/compare_two.py $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.json \
+#       $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.cc.json
+#     then shipped as heads 0.8.0, paired with 0.7.0:
+#     python bench/compare_two.py $DATA/bundles/v20-heads-v4-seed2-3000[.findings-test].eval.json \
+#       $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.cc.json
+score_held_out v21-heads-v5-seed4-9000 .cc
+ship_heads $DATA/bundles/v21-heads-v5-seed4-9000 $DATA/bundles/v21-heads-v5-seed4-9000.eval.cc.json
