@@ -111,7 +111,8 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
                     postprocess: bool = True) -> dict:
     """Scores of a heads (or baseline) module on cached cases (train.CachedCase), on the labelmap
     ``orthoknee predict`` writes (``postprocess``: femur, tibia and patella each in one piece,
-    menisci medial and lateral by the fibula's side; False scores the raw argmax)."""
+    cartilage off its bone removed, menisci medial and lateral by the fibula's side; False scores
+    the raw argmax)."""
     from .postprocess import MAX_CARTILAGE_GAP_MM, SINGLE_PIECE, finish_prediction
     from .predict import run_baseline, run_heads
 

@@ -9,7 +9,7 @@ Cartilage covers its bone. A cartilage plate may be several pieces (a worn tibia
 its medial and lateral halves), but each piece lies on the bone: :func:`drop_detached_cartilage`
 removes the pieces with no voxel within MAX_CARTILAGE_GAP_MM of their bone. On one held-out
 DESS render, heads labelled 2000 voxels 40-80 mm from the femur as femoral cartilage, which took
-that case's HD95 from 1.3 to 70 mm (model card, "Cartilage off its bone").
+that case's HD95 from 1.3 to 70 mm (model card, "Heads 0.8.0").
 
 Left alone:
 - the menisci: the two are legitimately apart, and they lie on the tibia across a joint space
@@ -83,7 +83,8 @@ def drop_detached_cartilage(labelmap: np.ndarray, spacing_ijk: Sequence[float], 
         bone_image.SetSpacing(tuple(float(s) for s in spacing_ijk))
         distance = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
             bone_image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
-        pieces = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(cartilage.astype(np.uint8)), True))
+        pieces_image = sitk.ConnectedComponent(sitk.GetImageFromArray(cartilage.astype(np.uint8)), True)
+        pieces = sitk.GetArrayFromImage(pieces_image)  # a copy, as in keep_largest_component
         near = np.unique(pieces[cartilage & (distance <= max_gap_mm)])
         out[cartilage & ~np.isin(pieces, near)] = 0
     return out
