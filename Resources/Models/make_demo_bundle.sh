@@ -542,3 +542,14 @@ score_held_out v21-heads-v5-seed4-9000
 #       $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.cc.json
 score_held_out v21-heads-v5-seed4-9000 .cc
 ship_heads $DATA/bundles/v21-heads-v5-seed4-9000 $DATA/bundles/v21-heads-v5-seed4-9000.eval.cc.json
+
+# 35. Step 33's heads continued 3000 more steps on the same 244 cases (seed 5; a candidate, not shipped;
+#     its metadata says 0.8.0 because the command was run with that --version), scored with the cartilage
+#     rule and paired with 0.8.0:
+#     python bench/compare_two.py $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.cc.json \
+#       $DATA/bundles/v21-heads-v5-seed5-12000[.findings-test].eval.json
+[ -f $DATA/bundles/v21-heads-v5-seed5-12000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v21-heads-v5-seed4-9000 --cases $V5/train --validation $V2/test \
+    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v21-heads-v5-seed5-12000 --views sagittal --steps 3000 \
+    --seed 5 --version 0.8.0 --device cpu
+score_held_out v21-heads-v5-seed5-12000
