@@ -25,13 +25,13 @@ from .errors import OrthoKneeError
 __all__ = ["CACHE_LAYOUT", "default_cache_dir", "cache_key", "CacheEntry", "scan_cache", "prune_cache", "ensure_free_space"]
 
 CACHE_LAYOUT = 1
+CASE_FILES = ("case.json", "sagittal.nrrd", "coronal.nrrd", "axial.nrrd")
+INCOMPLETE_GRACE_S = 6 * 3600  # an entry without meta.json this young may still be being written
 
 
 def default_cache_dir() -> Path:
     """Where the features are cached when no --cache is given: $ORTHOKNEE_CACHE, else the user's cache folder."""
     return Path(os.environ.get("ORTHOKNEE_CACHE", Path.home() / ".cache" / "orthoknee" / "features"))
-CASE_FILES = ("case.json", "sagittal.nrrd", "coronal.nrrd", "axial.nrrd")
-INCOMPLETE_GRACE_S = 6 * 3600  # an entry without meta.json this young may still be being written
 
 
 def cache_key(bundle_hash: str, case_folder: Path, views: Sequence[str] | None = None) -> str:

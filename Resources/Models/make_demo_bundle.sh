@@ -537,6 +537,8 @@ score_held_out v21-heads-v5-seed4-9000
 #     "Heads 0.8.0"). Step 33's heads scored again with it (no training), paired with step 33's scores:
 #     python bench/compare_two.py $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.json \
 #       $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.cc.json
+#     Step 33's scores without it came from the code of commit 1bf72f4; with today's code step 33's
+#     score_held_out already applies the rule, and its .eval.json equals the .eval.cc.json below.
 #     then shipped as heads 0.8.0, paired with 0.7.0:
 #     python bench/compare_two.py $DATA/bundles/v20-heads-v4-seed2-3000[.findings-test].eval.json \
 #       $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.cc.json
