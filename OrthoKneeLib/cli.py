@@ -133,6 +133,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         prevalence=args.prevalence,
         val_fraction=args.val_fraction,
         work_spacing=args.work_spacing,
+        mirror_fraction=args.mirror_fraction,
         contact_sheets=not args.no_sheets,
     )
     manifest = synthesize(args.labels, args.out, config, workers=args.workers, progress=TextProgress("synth", unit="case"))
@@ -457,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prevalence", type=float, default=0.35, help="probability of each simulated finding")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of *subjects* held out")
     p.add_argument("--work-spacing", type=float, default=0.9, metavar="MM", help="rendering grid spacing")
+    p.add_argument("--mirror-fraction", type=float, default=0.0, metavar="F",
+                   help="share of the cases drawn as the other knee (the label map mirrored left-right); "
+                        "0 keeps every case the side its source is")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
     p.add_argument("--no-sheets", action="store_true", help="skip the PNG contact sheets")
     p.set_defaults(func=cmd_synth)

@@ -1,14 +1,18 @@
 """Training cases from real label maps: mappings, round trip, findings, determinism, layout."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from OrthoKneeLib.errors import InputError
 from OrthoKneeLib.labels import DEFAULT_CATALOG, FINDING_KEYS
-from OrthoKneeLib.synth.anatomy import dilate, working_grid
-from OrthoKneeLib.synth.dataset import SynthConfig, read_case, render_case, split_subjects
+from OrthoKneeLib.model.heads import grid_of
+from OrthoKneeLib.postprocess import knee_side
+from OrthoKneeLib.synth.anatomy import dilate, mirror_left_right, working_grid
+from OrthoKneeLib.synth.dataset import SynthConfig, read_case, render_case, split_subjects, synthesize
 from OrthoKneeLib.synth.sources import SOURCES, load_source_maps, map_labels
 
 pytestmark = pytest.mark.shared_data
@@ -215,6 +219,46 @@ def test_same_seed_same_case_other_index_other_case(spl_case):
     other = render_case(smap, grid, config, 1)
     c = sitk.GetArrayFromImage(other["views"]["coronal"]["image"])
     assert a.shape != c.shape or not np.array_equal(a, c)
+
+
+def _side(labels: sitk.Image) -> str | None:
+    return knee_side(sitk.GetArrayFromImage(labels), grid_of(labels), DEFAULT_CATALOG).side
+
+
+def test_a_mirrored_label_map_is_the_other_knee_in_the_same_box(shared_data):
+    smap = load_source_maps(_source_dir(shared_data, "pymskt"), "pymskt")[0]  # a right knee
+    mirrored = mirror_left_right(smap.image)
+    before, after = (map_labels(smap.source, sitk.GetArrayFromImage(im))[0] for im in (smap.image, mirrored))
+    assert np.bincount(before.ravel()).tolist() == np.bincount(after.ravel()).tolist()
+    assert knee_side(before, grid_of(smap.image), DEFAULT_CATALOG).side == "right"
+    assert knee_side(after, grid_of(mirrored), DEFAULT_CATALOG).side == "left"
+    # the labelled anatomy fills the same box, so the working grid does not move
+    grids = [working_grid(im, 1.0, 25.0) for im in (smap.image, mirrored)]
+    assert grids[0].GetSize() == grids[1].GetSize()
+    assert np.allclose(grids[0].GetOrigin(), grids[1].GetOrigin(), atol=1e-6)
+    twice = mirror_left_right(mirrored)
+    assert np.array_equal(sitk.GetArrayFromImage(twice), sitk.GetArrayFromImage(smap.image))
+    assert np.allclose(twice.GetOrigin(), smap.image.GetOrigin(), atol=1e-6)
+
+
+def test_mirror_fraction_draws_the_other_knee_and_keeps_the_other_cases(spl_case, tmp_path):
+    rendered, grid, config, smap = spl_case  # the SPL atlas is a left knee
+    mirrored = render_case(smap, grid, replace(config, mirror_fraction=1.0), 0)
+    assert (rendered["meta"]["mirrored"], mirrored["meta"]["mirrored"]) == (False, True)
+    assert (_side(rendered["labels"]), _side(mirrored["labels"])) == ("left", "right")
+    # which cases are mirrored depends on (seed, index) alone, about the share asked for
+    half = replace(config, mirror_fraction=0.5)
+    flags = [half.mirrored(i) for i in range(200)]
+    assert 70 < sum(flags) < 130 and flags == [half.mirrored(i) for i in range(200)]
+    # a case left unmirrored is drawn exactly as without mirroring: its own random stream is untouched
+    index = flags.index(False)
+    plain = rendered if index == 0 else render_case(smap, grid, config, index)
+    kept = render_case(smap, grid, half, index)
+    for plane in ("sagittal", "coronal"):
+        assert np.array_equal(sitk.GetArrayFromImage(plain["views"][plane]["image"]),
+                              sitk.GetArrayFromImage(kept["views"][plane]["image"])), plane
+    with pytest.raises(InputError, match="--mirror-fraction"):
+        synthesize(smap.path, tmp_path, replace(config, mirror_fraction=1.5))
 
 
 def test_oai_real_lesions_become_real_bone_marrow_lesions(shared_data):

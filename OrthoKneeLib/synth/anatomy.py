@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import InputError
 from ..labels import DEFAULT_CATALOG
 from ..volumes import box_corners, plane_direction
 from .sources import LabelSource, SourceMap, Tissue, map_labels
 
-__all__ = ["Knee", "working_grid", "build_knee", "random_smooth_field", "distance_mm"]
+__all__ = ["Knee", "working_grid", "mirror_left_right", "build_knee", "random_smooth_field", "distance_mm"]
 
 _L = {s.key: s.label for s in DEFAULT_CATALOG.structures}
 BONES = ("femur", "tibia", "fibula", "patella")
@@ -39,6 +40,30 @@ def working_grid(source: sitk.Image, spacing: float, margin_mm: float) -> sitk.I
     grid.SetDirection(tuple(direction.ravel()))
     grid.SetOrigin(tuple(direction @ (lo + spacing / 2)))
     return grid
+
+
+def mirror_left_right(image: sitk.Image) -> sitk.Image:
+    """The same label map as the other knee: mirrored across the patient's left-right axis, in
+    place, so that the labelled anatomy fills the same box (and :func:`working_grid` is the same).
+
+    A source that labels one knee teaches the heads one side only: the SPL atlas, the only
+    training subject with a fibula and menisci, is a left knee, and the held-out pymskt knee
+    is a right one. Its mirror image is a right knee of the same anatomy.
+    """
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    axis = int(np.argmax(np.abs(direction[0])))  # the index axis (i, j, k) nearest to LPS x
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(image > 0, sitk.sitkUInt8))
+    if not stats.GetNumberOfLabels():
+        raise InputError(None, "the label map to mirror has no labelled voxel.")
+    box = stats.GetBoundingBox(1)
+    first, last, n = box[axis], box[axis] + box[3 + axis] - 1, image.GetSize()[axis]
+    mirrored = sitk.GetImageFromArray(np.flip(sitk.GetArrayFromImage(image), axis=2 - axis).copy())
+    mirrored.CopyInformation(image)
+    # the labelled box [first, last] lands on [n-1-last, n-1-first]: move the origin to keep it in place
+    shift = (first - (n - 1 - last)) * image.GetSpacing()[axis] * direction[:, axis]
+    mirrored.SetOrigin(tuple(np.asarray(image.GetOrigin()) + shift))
+    return mirrored
 
 
 def random_smooth_field(shape: tuple[int, ...], rng: np.random.Generator, control: int = 5) -> np.ndarray:

@@ -20,7 +20,7 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from ..labels import DEFAULT_CATALOG, FINDING_KEYS
 from ..progress import CancelToken, ProgressFn, no_progress
 from ..volumes import Case, load_volume
 from .acquire import acquire_views
-from .anatomy import build_knee, working_grid
+from .anatomy import build_knee, mirror_left_right, working_grid
 from .findings import simulate_findings
 from .render import CONTRAST_MIX, CONTRASTS, render_intensity
 from .sheet import contact_sheet
@@ -56,10 +56,18 @@ class SynthConfig:
     margin_mm: float = 25.0
     contact_sheets: bool = True
     deform: bool = True
+    mirror_fraction: float = 0.0  # share of cases drawn as the other knee (the source mirrored)
     finding_prevalence: dict[str, float] = field(default_factory=dict)
 
     def prevalence_of(self) -> dict[str, float]:
         return {k: self.finding_prevalence.get(k, self.prevalence) for k in FINDING_KEYS}
+
+    def mirrored(self, index: int) -> bool:
+        """Whether case ``index`` shows the other knee. Drawn from its own stream, so that
+        the cases of a seed are the same as before mirroring existed when the share is 0."""
+        if self.mirror_fraction <= 0:
+            return False
+        return bool(np.random.default_rng([self.seed, index, 3]).random() < self.mirror_fraction)
 
 
 def split_subjects(subjects: list[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -83,6 +91,9 @@ def render_case(smap: SourceMap, grid: sitk.Image, config: SynthConfig, index: i
         contrast = str(rng.choice(names, p=[CONTRAST_MIX[n] for n in names]))
     else:
         contrast = config.contrast
+    mirrored = config.mirrored(index)
+    if mirrored:
+        smap = replace(smap, image=mirror_left_right(smap.image))
     knee = build_knee(smap, grid, rng, deform=config.deform)
     findings = simulate_findings(knee, rng, config.prevalence_of())
     intensity, render_params = render_intensity(knee.tissue, contrast, rng, knee.spacing)
@@ -108,6 +119,7 @@ def render_case(smap: SourceMap, grid: sitk.Image, config: SynthConfig, index: i
             "contrast": render_params,
             "views": {p: v["params"] for p, v in views.items()},
             "annotated": list(knee.annotated),
+            "mirrored": mirrored,
             "implanted": knee.implanted,
             "findings": {k: r.to_json() for k, r in findings.items()},
         },
@@ -126,7 +138,8 @@ def write_case(case_dir: Path, rendered: dict, header: dict, sheet: bool) -> Non
         contact_sheet(
             {p: (v["image"], v["labels"]) for p, v in rendered["views"].items()},
             case_dir / "contact_sheet.png",
-            title=f"{header['case_id']} ({header['source']}, {rendered['meta']['contrast']['contrast']}) "
+            title=f"{header['case_id']} ({header['source']}{', mirrored' if rendered['meta']['mirrored'] else ''}, "
+            f"{rendered['meta']['contrast']['contrast']}) "
             + ", ".join(k for k, r in rendered["findings"].items() if r.present),
         )
     # case.json last: its presence marks a complete case (an interrupted run is redone).
@@ -176,6 +189,9 @@ def synthesize(
         raise InputError(None, f"unknown contrast {config.contrast!r}.", f"Choose mixed or one of {', '.join(CONTRASTS)}.")
     if config.n < 1:
         raise InputError(None, "--n must be at least 1.")
+    if not 0.0 <= config.mirror_fraction <= 1.0:
+        raise InputError(None, f"--mirror-fraction is {config.mirror_fraction}; it is a share of the cases.",
+                         "Give a number from 0 (no case mirrored) to 1 (every case).")
     maps = load_source_maps(labels_dir, config.source)
     out = Path(out_dir)
     split = split_subjects([m.subject for m in maps], config.val_fraction, config.seed)
