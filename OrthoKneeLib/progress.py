@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from typing import Callable, Protocol, TextIO
 
 from .errors import OrthoKneeError
@@ -48,24 +49,37 @@ def no_progress(done: int, total: int, message: str = "") -> None:
 
 
 class TextProgress:
-    """A one-line text progress bar with rate and ETA, for terminals and CI logs."""
+    """A one-line text progress bar with rate and ETA, for terminals and CI logs.
 
-    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30, unit: str = "item") -> None:
+    The rate is taken over the recent updates (the last ``window``, or a twentieth of the job
+    if that is more), not since the start: when most items are found done (cached features,
+    rendered cases) and the rest take seconds each, a rate since the start would put the ETA
+    ten times too early. The twentieth keeps one slow step (a validation pass) from swinging it.
+    """
+
+    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30, unit: str = "item",
+                 window: int = 20) -> None:
         self.label, self.width, self.unit = label, width, unit
         self.stream = stream or sys.stderr
         self.start = time.perf_counter()
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._first_done: int | None = None  # a resumed job starts counting mid-way
+        self.window = window
+        self._marks: deque[tuple[float, int]] = deque()  # (seconds since start, done) of recent updates
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
         elapsed = time.perf_counter() - self.start
-        if self._first_done is None:
-            self._first_done = max(done - 1, 0)
-        counted = done - self._first_done  # items done since this bar started
+        if not self._marks:  # a resumed job starts counting mid-way, at the first item it does
+            self._marks.append((0.0, max(done - 1, 0)))
+        self._marks.append((elapsed, done))
+        while len(self._marks) > max(self.window, total // 20) + 1:
+            self._marks.popleft()
+        since, first = self._marks[0]
+        counted = done - first
+        per_item = (elapsed - since) / counted if counted > 0 else 0.0
         frac = done / total if total else 1.0
         bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
-        rate = f"{elapsed / counted:.1f} s/{self.unit}" if counted > 0 else ""
-        eta = f"ETA {elapsed / counted * (total - done):.0f} s" if counted > 0 and done < total else f"{elapsed:.0f} s"
+        rate = f"{per_item:.1f} s/{self.unit}" if counted > 0 else ""
+        eta = f"ETA {per_item * (total - done):.0f} s" if counted > 0 and done < total else f"{elapsed:.0f} s"
         line = f"{self.label} [{bar}] {done}/{total} {rate} {eta} {message}".rstrip()
         if self._tty:
             self.stream.write("\r" + line + ("\n" if done >= total else ""))

@@ -113,6 +113,24 @@ def test_progress_rate_of_a_resumed_job():
     assert "502/1000 10.0 s/step ETA 4980 s" in stream.getvalue().splitlines()[-1]
 
 
+def test_progress_rate_follows_the_recent_items():
+    """90 cached cases found at once, then cases that take 5 s each: the ETA is the slow pace."""
+    stream = io.StringIO()
+    bar = TextProgress("features", stream=stream, unit="case", window=20)
+    for done in range(1, 91):
+        bar(done, 130)
+    for done in range(91, 111):
+        bar.start -= 5.0
+        bar(done, 130)
+    assert "110/130 5.0 s/case ETA 100 s" in stream.getvalue().splitlines()[-1]
+    # a long job averages over a twentieth of it: a 45-s validation pass among 0.8-s steps
+    bar = TextProgress("finetune", stream=stream, unit="step", window=20)
+    for done in range(1, 511):
+        bar.start -= 0.8 + (45.0 if done == 501 else 0.0)
+        bar(done, 3000)
+    assert "510/3000 1.1 s/step" in stream.getvalue().splitlines()[-1]
+
+
 def test_usage_errors_read_as_sentences(capsys, tmp_path):
     """Errors the CLI raises itself print the problem and the advice, not a tuple of them."""
     code, _, err = run(capsys, "predict", "--out", str(tmp_path / "out"))
