@@ -555,3 +555,26 @@ ship_heads $DATA/bundles/v21-heads-v5-seed4-9000 $DATA/bundles/v21-heads-v5-seed
     --validation-cases 4 --validate-every 500 --out $DATA/bundles/v21-heads-v5-seed5-12000 --views sagittal --steps 3000 \
     --seed 5 --version 0.8.0 --device cpu
 score_held_out v21-heads-v5-seed5-12000
+
+# 36. The other knee (OrthoKneeLib/synth: --mirror-fraction). The fibula and the menisci are learnt
+#     from one subject, the SPL atlas, a left knee; the held-out subject with them (pymskt) is a right
+#     knee. 24 renders of the atlas mirrored into a right knee (seed 13; every case mirrored) join
+#     step 33's 244 in $V6/train (268), and 0.8.0's heads are continued 3000 steps on them (seed 6),
+#     paired with step 35 (the same start and number of steps on the 244 without the mirrored ones):
+#     python bench/compare_two.py $DATA/bundles/v21-heads-v5-seed5-12000[.findings-test].eval.json \
+#       $DATA/bundles/v22-heads-v6-mirror-seed6-12000[.findings-test].eval.json
+#     and shipped as heads 0.9.0 (the model card's "Heads 0.9.0"), paired with 0.8.0:
+#     python bench/compare_two.py $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.cc.json \
+#       $DATA/bundles/v22-heads-v6-mirror-seed6-12000[.findings-test].eval.json
+V6=$DATA/v6
+orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V6/synth_spl_mirror --n 24 --seed 13 \
+  --mirror-fraction 1 --workers 2 --no-sheets
+link_cases $V6/train train 0 $V4/synth_oai
+link_cases $V6/train all 0 $V4/synth_spl
+link_cases $V6/train all 0 $V6/synth_spl_mirror
+[ -f $DATA/bundles/v22-heads-v6-mirror-seed6-12000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v21-heads-v5-seed4-9000 --cases $V6/train --validation $V2/test \
+    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v22-heads-v6-mirror-seed6-12000 --views sagittal \
+    --steps 3000 --seed 6 --version 0.9.0 --device cpu
+score_held_out v22-heads-v6-mirror-seed6-12000
+ship_heads $DATA/bundles/v22-heads-v6-mirror-seed6-12000 $DATA/bundles/v22-heads-v6-mirror-seed6-12000.eval.json
