@@ -578,3 +578,13 @@ link_cases $V6/train all 0 $V6/synth_spl_mirror
     --steps 3000 --seed 6 --version 0.9.0 --device cpu
 score_held_out v22-heads-v6-mirror-seed6-12000
 ship_heads $DATA/bundles/v22-heads-v6-mirror-seed6-12000 $DATA/bundles/v22-heads-v6-mirror-seed6-12000.eval.json
+
+# 37. 0.9.0 continued 3000 more steps on the same 268 cases (seed 7; a candidate, not shipped; its
+#     metadata says 0.10.0), paired with 0.9.0:
+#     python bench/compare_two.py $DATA/bundles/v22-heads-v6-mirror-seed6-12000[.findings-test].eval.json \
+#       $DATA/bundles/v22-heads-v6-mirror-seed7-15000[.findings-test].eval.json
+[ -f $DATA/bundles/v22-heads-v6-mirror-seed7-15000/weights/heads.pt ] ||
+  orthoknee finetune --bundle $DATA/bundles/v22-heads-v6-mirror-seed6-12000 --cases $V6/train --validation $V2/test \
+    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v22-heads-v6-mirror-seed7-15000 --views sagittal \
+    --steps 3000 --seed 7 --version 0.10.0 --device cpu
+score_held_out v22-heads-v6-mirror-seed7-15000
