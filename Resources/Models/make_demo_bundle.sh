@@ -88,6 +88,16 @@ score_held_out() {
   done
 }
 
+# continue_heads FROM CASES OUT SEED VERSION: bundle FROM's heads continued 3000 steps on the cases of
+# folder CASES with seed SEED, written to $DATA/bundles/OUT (skipped when it has its heads), then
+# scored on both held-out sets (score_held_out OUT).
+continue_heads() {
+  [ -f $DATA/bundles/$3/weights/heads.pt ] ||
+    orthoknee finetune --bundle $DATA/bundles/$1 --cases $2 --validation $V2/test --validation-cases 4 \
+      --validate-every 500 --out $DATA/bundles/$3 --views sagittal --steps 3000 --seed $4 --version $5 --device cpu
+  score_held_out $3
+}
+
 # 1. Synthetic cases from the real label maps for the backbones' pretraining (OAI: 35 subjects).
 #    Rendered with the renderer of commit e15996b (DESS, PD fat-sat, T2 only); today's renderer
 #    draws other contrasts, so rerunning this step makes other images than the backbones saw.
@@ -476,11 +486,7 @@ orthoknee evaluate --bundle $B --cases $DATA/one --json --per-case --no-hd95 --d
 #     shipped), paired with step 26's scores:
 #     python bench/compare_two.py $DATA/bundles/v19-heads-0.6.0-sides[.findings-test].eval.json \
 #       $DATA/bundles/v19-heads-seed1-3000[.findings-test].eval.json
-[ -f $DATA/bundles/v19-heads-seed1-3000/weights/heads.pt ] ||
-  orthoknee finetune --bundle $DATA/bundles/v19-heads-0.6.0-sides --cases $V2/train --validation $V2/test \
-    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v19-heads-seed1-3000 --views sagittal --steps 3000 \
-    --seed 1 --version 0.7.0 --device cpu
-score_held_out v19-heads-seed1-3000
+continue_heads v19-heads-0.6.0-sides $V2/train v19-heads-seed1-3000 1 0.7.0
 
 # 30. Is the argmax the Dice-best labelmap? Dice per structure against a bias on its log-probability
 #     (bench/class_bias.py; the model card's "A bias on thin structures"), chosen on new renders of
@@ -499,21 +505,13 @@ python bench/class_bias.py --bundle $DATA/bundles/v19-heads-0.6.0-sides --cases 
 #     step 26's scores:
 #     python bench/compare_two.py $DATA/bundles/v19-heads-0.6.0-sides[.findings-test].eval.json \
 #       $DATA/bundles/v20-heads-v4-seed2-3000[.findings-test].eval.json
-[ -f $DATA/bundles/v20-heads-v4-seed2-3000/weights/heads.pt ] ||
-  orthoknee finetune --bundle $DATA/bundles/v19-heads-0.6.0-sides --cases $V4/train --validation $V2/test \
-    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v20-heads-v4-seed2-3000 --views sagittal --steps 3000 \
-    --seed 2 --version 0.7.0 --device cpu
-score_held_out v20-heads-v4-seed2-3000
+continue_heads v19-heads-0.6.0-sides $V4/train v20-heads-v4-seed2-3000 2 0.7.0
 
 # 32. 0.7.0's heads continued 3000 more steps on the same 163 cases with new patches (seed 3; a
 #     candidate, version 0.8.0), paired with step 31's scores:
 #     python bench/compare_two.py $DATA/bundles/v20-heads-v4-seed2-3000[.findings-test].eval.json \
 #       $DATA/bundles/v20-heads-v4-seed3-6000[.findings-test].eval.json
-[ -f $DATA/bundles/v20-heads-v4-seed3-6000/weights/heads.pt ] ||
-  orthoknee finetune --bundle $DATA/bundles/v20-heads-v4-seed2-3000 --cases $V4/train --validation $V2/test \
-    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v20-heads-v4-seed3-6000 --views sagittal --steps 3000 \
-    --seed 3 --version 0.8.0 --device cpu
-score_held_out v20-heads-v4-seed3-6000
+continue_heads v20-heads-v4-seed2-3000 $V4/train v20-heads-v4-seed3-6000 3 0.8.0
 
 # 33. Half as many renders again: step 9's synth commands with --n 240 (OAI) and --n 54 (SPL) render
 #     cases 160-239 and 36-53 into the same folders (cases 0-159 and 0-35 are kept, and the subject
@@ -527,11 +525,7 @@ orthoknee synth --labels $SHARED/labels-oai --source oai --out $V4/synth_oai --n
 orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V4/synth_spl --n 54 --seed 12 --workers 2 --no-sheets
 link_cases $V5/train train 0 $V4/synth_oai
 link_cases $V5/train all 0 $V4/synth_spl
-[ -f $DATA/bundles/v21-heads-v5-seed4-9000/weights/heads.pt ] ||
-  orthoknee finetune --bundle $DATA/bundles/v20-heads-v4-seed3-6000 --cases $V5/train --validation $V2/test \
-    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v21-heads-v5-seed4-9000 --views sagittal --steps 3000 \
-    --seed 4 --version 0.8.0 --device cpu
-score_held_out v21-heads-v5-seed4-9000
+continue_heads v20-heads-v4-seed3-6000 $V5/train v21-heads-v5-seed4-9000 4 0.8.0
 
 # 34. Cartilage off its bone (OrthoKneeLib/postprocess.py: drop_detached_cartilage; the model card's
 #     "Heads 0.8.0"). Step 33's heads scored again with it (no training), paired with step 33's scores:
@@ -550,11 +544,7 @@ ship_heads $DATA/bundles/v21-heads-v5-seed4-9000 $DATA/bundles/v21-heads-v5-seed
 #     rule and paired with 0.8.0:
 #     python bench/compare_two.py $DATA/bundles/v21-heads-v5-seed4-9000[.findings-test].eval.cc.json \
 #       $DATA/bundles/v21-heads-v5-seed5-12000[.findings-test].eval.json
-[ -f $DATA/bundles/v21-heads-v5-seed5-12000/weights/heads.pt ] ||
-  orthoknee finetune --bundle $DATA/bundles/v21-heads-v5-seed4-9000 --cases $V5/train --validation $V2/test \
-    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v21-heads-v5-seed5-12000 --views sagittal --steps 3000 \
-    --seed 5 --version 0.8.0 --device cpu
-score_held_out v21-heads-v5-seed5-12000
+continue_heads v21-heads-v5-seed4-9000 $V5/train v21-heads-v5-seed5-12000 5 0.8.0
 
 # 36. The other knee (OrthoKneeLib/synth: --mirror-fraction). The fibula and the menisci are learnt
 #     from one subject, the SPL atlas, a left knee; the held-out subject with them (pymskt) is a right
@@ -572,19 +562,11 @@ orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V6/synth_s
 link_cases $V6/train train 0 $V4/synth_oai
 link_cases $V6/train all 0 $V4/synth_spl
 link_cases $V6/train all 0 $V6/synth_spl_mirror
-[ -f $DATA/bundles/v22-heads-v6-mirror-seed6-12000/weights/heads.pt ] ||
-  orthoknee finetune --bundle $DATA/bundles/v21-heads-v5-seed4-9000 --cases $V6/train --validation $V2/test \
-    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v22-heads-v6-mirror-seed6-12000 --views sagittal \
-    --steps 3000 --seed 6 --version 0.9.0 --device cpu
-score_held_out v22-heads-v6-mirror-seed6-12000
+continue_heads v21-heads-v5-seed4-9000 $V6/train v22-heads-v6-mirror-seed6-12000 6 0.9.0
 ship_heads $DATA/bundles/v22-heads-v6-mirror-seed6-12000 $DATA/bundles/v22-heads-v6-mirror-seed6-12000.eval.json
 
 # 37. 0.9.0 continued 3000 more steps on the same 268 cases (seed 7; a candidate, not shipped; its
 #     metadata says 0.10.0), paired with 0.9.0:
 #     python bench/compare_two.py $DATA/bundles/v22-heads-v6-mirror-seed6-12000[.findings-test].eval.json \
 #       $DATA/bundles/v22-heads-v6-mirror-seed7-15000[.findings-test].eval.json
-[ -f $DATA/bundles/v22-heads-v6-mirror-seed7-15000/weights/heads.pt ] ||
-  orthoknee finetune --bundle $DATA/bundles/v22-heads-v6-mirror-seed6-12000 --cases $V6/train --validation $V2/test \
-    --validation-cases 4 --validate-every 500 --out $DATA/bundles/v22-heads-v6-mirror-seed7-15000 --views sagittal \
-    --steps 3000 --seed 7 --version 0.10.0 --device cpu
-score_held_out v22-heads-v6-mirror-seed7-15000
+continue_heads v22-heads-v6-mirror-seed6-12000 $V6/train v22-heads-v6-mirror-seed7-15000 7 0.10.0
