@@ -24,11 +24,19 @@ BONES = ("femur", "tibia", "fibula", "patella")
 CARTILAGES = ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage")
 
 
+def _labelled_box(image: sitk.Image) -> tuple[int, ...]:
+    """(start i, j, k, size i, j, k) of the voxels with any label: the box the working grid is
+    laid around, and the one a mirrored map must keep in place for that grid to stay."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(image > 0, sitk.sitkUInt8))
+    if not stats.GetNumberOfLabels():
+        raise InputError(None, "the label map has no labelled voxel.", "Check the source's label files.")
+    return stats.GetBoundingBox(1)
+
+
 def working_grid(source: sitk.Image, spacing: float, margin_mm: float) -> sitk.Image:
     """An empty PIR grid of ``spacing`` mm covering the source's labelled voxels plus a margin."""
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(sitk.Cast(source > 0, sitk.sitkUInt8))
-    box = stats.GetBoundingBox(1)  # (start i, j, k, size i, j, k)
+    box = _labelled_box(source)
     corners = box_corners(source, box[:3], box[3:])
     direction = np.asarray(plane_direction("sagittal")).reshape(3, 3)
     local = corners @ direction  # coordinates along the grid's axes
@@ -52,11 +60,7 @@ def mirror_left_right(image: sitk.Image) -> sitk.Image:
     """
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     axis = int(np.argmax(np.abs(direction[0])))  # the index axis (i, j, k) nearest to LPS x
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(sitk.Cast(image > 0, sitk.sitkUInt8))
-    if not stats.GetNumberOfLabels():
-        raise InputError(None, "the label map to mirror has no labelled voxel.")
-    box = stats.GetBoundingBox(1)
+    box = _labelled_box(image)
     first, last, n = box[axis], box[axis] + box[3 + axis] - 1, image.GetSize()[axis]
     mirrored = sitk.GetImageFromArray(np.flip(sitk.GetArrayFromImage(image), axis=2 - axis).copy())
     mirrored.CopyInformation(image)
