@@ -275,6 +275,22 @@ def _cache_dir(args: argparse.Namespace) -> Path:
     return Path(args.cache) if args.cache else default_cache_dir()
 
 
+def _oversample_factors(specs: list[str]) -> dict[str, float]:
+    """``GLOB=FACTOR`` arguments as a dict, refused with the offending argument named."""
+    factors: dict[str, float] = {}
+    for spec in specs:
+        pattern, sep, value = spec.rpartition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if not sep or not pattern or not (factor > 0 and factor != float("inf")):
+            raise InputError(None, f"--oversample {spec!r} is not GLOB=FACTOR with a positive factor.",
+                             "Give e.g. --oversample 'spl-13-*=4' to draw those cases 4 times as often.")
+        factors[pattern] = factor
+    return factors
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     import shlex
 
@@ -283,6 +299,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .progress import TextProgress
     from .train import FinetuneConfig, cache_case, find_cases, finetune
 
+    oversample = _oversample_factors(args.oversample)
     bundle = Bundle.open(args.bundle)
     train = find_cases(args.cases, "train")
     if args.max_cases:
@@ -301,7 +318,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(steps=args.steps, label_fraction=args.label_fraction, seed=args.seed,
                             learning_rate=args.lr, model=args.model, validate_every=args.validate_every,
                             validation_cases=args.validation_cases, from_scratch=args.from_scratch,
-                            views=tuple(args.views) if args.views else None)
+                            views=tuple(args.views) if args.views else None, oversample=oversample)
     out = finetune(bundle, train_c[: len(train)], args.out, config, validation_caches=train_c[len(train):],
                    version=args.version, device=args.device, progress=TextProgress("finetune", unit="step"),
                    command="orthoknee " + " ".join(shlex.quote(str(a)) for a in args.argv))
@@ -519,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-cases", type=int, help="use at most this many training cases")
+    p.add_argument("--oversample", nargs="+", default=[], metavar="GLOB=FACTOR",
+                   help="draw training cases whose id matches GLOB FACTOR times as often as the others, "
+                        "e.g. 'spl-13-*=4' (default: every case equally often)")
     p.add_argument("--views", nargs="+", choices=["sagittal", "coronal", "axial"],
                    help="the backbone views the heads fuse (default: all the cases have)")
     p.add_argument("--from-scratch", action="store_true",

@@ -8,10 +8,11 @@ run costs seconds per epoch instead of a backbone pass per step.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -234,6 +235,9 @@ class FinetuneConfig:
     model: str = "heads"  # or "baseline": a supervised MONAI UNet on the reference series
     from_scratch: bool = False  # False: start from the bundle's heads of the same kind, if it has them
     views: tuple[str, ...] | None = None  # backbone views the heads fuse (None: every view of the cases)
+    # case-id glob -> how many times more often a matching case is drawn than the others; a
+    # case matching several patterns takes their product. Empty: every case equally often.
+    oversample: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -249,9 +253,39 @@ def _replayed_steps(previous: dict, config: FinetuneConfig, n_cases: int) -> int
     before = previous.get("config") or {}
     same_cases = previous.get("cases") == n_cases  # the record keeps the count (and the subjects)
     if (before.get("seed") != config.seed or not same_cases or before.get("model", "heads") != config.model
-            or before.get("label_fraction", 1.0) != config.label_fraction):
+            or before.get("label_fraction", 1.0) != config.label_fraction
+            or (before.get("oversample") or {}) != config.oversample):
         return 0
     return min(int(before.get("steps", 0)), config.steps)
+
+
+def case_draw_weights(case_ids: Sequence[str], oversample: dict[str, float]) -> np.ndarray | None:
+    """Each case's chance of being drawn for a step, or None for uniform draws.
+
+    Oversampling lets a few cases that matter more than their number (an annotator's own
+    corrections, or the only renders of an anatomy, such as the mirrored atlas) take a larger
+    share of the steps without copying them on disk. None keeps uniform draws exactly as
+    before, so that runs without it replay their recorded patches.
+    """
+    if not oversample:
+        return None
+    weights = np.ones(len(case_ids))
+    for pattern, factor in oversample.items():
+        if not (np.isfinite(factor) and factor > 0):
+            raise InputError(None, f"--oversample {pattern}={factor}: the factor must be a positive number.",
+                             "Give e.g. --oversample 'spl-13-*=4' (4 times as often as other cases).")
+        hits = np.array([fnmatch.fnmatchcase(c, pattern) for c in case_ids], dtype=bool)
+        if not hits.any():
+            raise InputError(None, f"--oversample {pattern}={factor:g}: no training case id matches {pattern!r} "
+                             f"(ids look like {', '.join(list(case_ids)[:3])}).",
+                             "Check the pattern against the case folders' names.")
+        weights[hits] *= factor
+    return weights / weights.sum()
+
+
+def draw_case(rng: np.random.Generator, n_cases: int, draw_p: np.ndarray | None) -> int:
+    """The index of the case a step trains on (``draw_p`` from :func:`case_draw_weights`)."""
+    return int(rng.integers(n_cases) if draw_p is None else rng.choice(n_cases, p=draw_p))
 
 
 def labelled_subset(cases: list, fraction: float, seed: int) -> list:
@@ -419,6 +453,11 @@ def finetune(
     if not cases_all:
         raise InputError(None, "no training cases were given.", "Give `orthoknee synth` outputs with a train split.")
     cases = labelled_subset(cases_all, config.label_fraction, config.seed)
+    draw_p = case_draw_weights([c.case_id for c in cases], config.oversample)
+    if draw_p is not None:
+        share = {pattern: float(draw_p[[fnmatch.fnmatchcase(c.case_id, pattern) for c in cases]].sum())
+                 for pattern in config.oversample}
+        log("oversampling: " + ", ".join(f"{k} {100 * v:.0f} % of the steps" for k, v in share.items()))
     val_cases = [CachedCase(c) for c in validation_caches][: config.validation_cases]
     view_channels = {p: int(cases[0].pooled_features[p].shape[0]) for p in cases[0].planes
                      if config.views is None or p in config.views}
@@ -476,7 +515,7 @@ def finetune(
         if cancel:
             cancel.raise_if_cancelled()
         rng = np.random.default_rng([config.seed, step])
-        case = cases[int(rng.integers(len(cases)))]
+        case = cases[draw_case(rng, len(cases), draw_p)]
         if baseline:
             x, y, annotated = _baseline_batch(case, config, rng, dev, catalog)
             loss = marginal_seg_loss(model(x), y, annotated)

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 torch = pytest.importorskip("torch", reason="torch is an engine dependency")
 
 from OrthoKneeLib.bundle import Bundle, BundleError, create_bundle  # noqa: E402
+from OrthoKneeLib.errors import InputError  # noqa: E402
 from OrthoKneeLib.cli import main  # noqa: E402
 from OrthoKneeLib.evaluate import roc_auc  # noqa: E402
 from OrthoKneeLib.labels import DEFAULT_CATALOG  # noqa: E402
@@ -222,6 +223,49 @@ def test_label_fraction_uses_a_subset_of_cases(pipeline, tmp_path):
                    device="cpu", log=lambda *_: None)
     assert out.metadata["heads"]["training"]["labelled_cases"] == 1
     assert out.metadata["heads"]["training"]["cases"] == 3
+
+
+def test_oversampled_cases_take_their_share_of_the_steps():
+    """A case matching --oversample GLOB=F is drawn F times as often as the others; without it
+    the draws are the uniform ones earlier runs recorded."""
+    from OrthoKneeLib.train import case_draw_weights, draw_case
+
+    ids = ["oai-1-0000", "oai-1-0001", "spl-13-0000", "spl-13-0001"]
+    assert case_draw_weights(ids, {}) is None
+    p = case_draw_weights(ids, {"spl-13-*": 4})
+    assert np.allclose(p, [1 / 10, 1 / 10, 4 / 10, 4 / 10])
+    assert np.allclose(case_draw_weights(ids, {"spl-*": 2, "*-0001": 3}), np.array([1, 3, 2, 6]) / 12)  # product
+    draws = [draw_case(np.random.default_rng([7, step]), len(ids), p) for step in range(4000)]
+    assert 0.76 < np.isin(draws, [2, 3]).mean() < 0.84
+    assert [draw_case(np.random.default_rng([7, s]), 4, None) for s in range(50)] == \
+        [int(np.random.default_rng([7, s]).integers(4)) for s in range(50)]
+    with pytest.raises(InputError, match="no training case id matches 'pymskt-\\*'"):
+        case_draw_weights(ids, {"pymskt-*": 4})
+    with pytest.raises(InputError, match="positive"):
+        case_draw_weights(ids, {"spl-*": 0})
+
+
+def test_finetune_records_its_oversampling(pipeline, tmp_path):
+    from OrthoKneeLib.train import _replayed_steps
+
+    one = CachedCase(pipeline["caches"][0]).case_id
+    messages = []
+    out = finetune(pipeline["base"], pipeline["caches"], tmp_path / "b",
+                   FinetuneConfig(steps=2, patch_kji=(4, 24, 24), validation_cases=0, oversample={one: 8}),
+                   device="cpu", log=messages.append)
+    assert out.metadata["heads"]["training"]["config"]["oversample"] == {one: 8}
+    assert f"oversampling: {one} 80 % of the steps" in messages  # 8 / (8 + 1 + 1)
+    previous = out.metadata["heads"]["training"]
+    assert _replayed_steps(previous, FinetuneConfig(steps=2, oversample={one: 8}), 3) == 2
+    assert _replayed_steps(previous, FinetuneConfig(steps=2), 3) == 0  # other draws: nothing replayed
+
+
+def test_finetune_command_refuses_a_malformed_oversample(pipeline, capsys):
+    for bad in ["spl-13-*", "spl-13-*=0", "=4", "spl-13-*=many"]:
+        code = main(["finetune", "--bundle", str(pipeline["base"].path), "--cases", str(pipeline["root"] / "cases"),
+                     "--out", "/nonexistent/never-written", "--oversample", bad])
+        assert code != 0
+        assert "is not GLOB=FACTOR with a positive factor" in capsys.readouterr().err
 
 
 def _heads_state(bundle):

@@ -88,13 +88,13 @@ score_held_out() {
   done
 }
 
-# continue_heads FROM CASES OUT SEED VERSION: bundle FROM's heads continued 3000 steps on the cases of
-# folder CASES with seed SEED, written to $DATA/bundles/OUT (skipped when it has its heads), then
+# continue_heads FROM CASES OUT SEED VERSION [FINETUNE OPTION...]: bundle FROM's heads continued 3000 steps on the cases of
+# folder CASES with seed SEED and any further finetune options, written to $DATA/bundles/OUT (skipped when it has its heads), then
 # scored on both held-out sets (score_held_out OUT).
 continue_heads() {
   [ -f $DATA/bundles/$3/weights/heads.pt ] ||
     orthoknee finetune --bundle $DATA/bundles/$1 --cases $2 --validation $V2/test --validation-cases 4 \
-      --validate-every 500 --out $DATA/bundles/$3 --views sagittal --steps 3000 --seed $4 --version $5 --device cpu
+      --validate-every 500 --out $DATA/bundles/$3 --views sagittal --steps 3000 --seed $4 --version $5 --device cpu "${@:6}"
   score_held_out $3
 }
 
