@@ -261,6 +261,17 @@ def test_mirror_fraction_draws_the_other_knee_and_keeps_the_other_cases(spl_case
         synthesize(smap.path, tmp_path, replace(config, mirror_fraction=1.5))
 
 
+def test_a_worker_mirrors_the_source_once_and_renders_the_same_cases(spl_case, shared_data, tmp_path):
+    """synthesize keeps the mirrored atlas for the next case; the case must not change by it."""
+    _, grid, config, smap = spl_case
+    mirrored = replace(config, mirror_fraction=1.0, n=2, contact_sheets=False)
+    synthesize(_source_dir(shared_data, "spl"), tmp_path, mirrored, workers=1)
+    direct = render_case(smap, grid, mirrored, 1)  # mirrors the atlas itself
+    written = sitk.ReadImage(str(tmp_path / "cases" / "spl-2-0001" / "sagittal.nrrd"))
+    assert np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(direct["views"]["sagittal"]["image"]))
+    assert json.loads((tmp_path / "cases" / "spl-2-0001" / "case.json").read_text())["mirrored"] is True
+
+
 def test_oai_real_lesions_become_real_bone_marrow_lesions(shared_data):
     maps = load_source_maps(_source_dir(shared_data, "oai"), "oai")
     with_lesion = next(m for m in maps if (sitk.GetArrayFromImage(m.image) >= 7).sum() > 500)

@@ -83,8 +83,13 @@ def split_subjects(subjects: list[str], val_fraction: float, seed: int) -> dict[
     return {s: ("validation" if s in val else "train") for s in unique}
 
 
-def render_case(smap: SourceMap, grid: sitk.Image, config: SynthConfig, index: int) -> dict:
-    """Everything one case holds, in memory (written by :func:`write_case`)."""
+def render_case(smap: SourceMap, grid: sitk.Image, config: SynthConfig, index: int,
+                mirrored_source: SourceMap | None = None) -> dict:
+    """Everything one case holds, in memory (written by :func:`write_case`).
+
+    ``mirrored_source`` is ``smap`` already mirrored, for a caller that renders many mirrored
+    cases of one map (mirroring the SPL atlas takes about a sixth of a render).
+    """
     rng = np.random.default_rng([config.seed, index])
     if config.contrast == "mixed":
         names = sorted(CONTRAST_MIX)
@@ -93,7 +98,7 @@ def render_case(smap: SourceMap, grid: sitk.Image, config: SynthConfig, index: i
         contrast = config.contrast
     mirrored = config.mirrored(index)
     if mirrored:
-        smap = replace(smap, image=mirror_left_right(smap.image))
+        smap = mirrored_source or replace(smap, image=mirror_left_right(smap.image))
     knee = build_knee(smap, grid, rng, deform=config.deform)
     findings = simulate_findings(knee, rng, config.prevalence_of())
     intensity, render_params = render_intensity(knee.tissue, contrast, rng, knee.spacing)
@@ -160,6 +165,7 @@ def _init_worker(labels_dir: str, config: SynthConfig, single_thread: bool = Tru
     maps = load_source_maps(labels_dir, config.source)
     _WORKER_STATE["maps"] = {str(m.path): m for m in maps}
     _WORKER_STATE["grids"] = {}
+    _WORKER_STATE["mirrored"] = None  # (map path, that map mirrored)
     _WORKER_STATE["config"] = config
 
 
@@ -171,7 +177,13 @@ def _render_and_write(job: tuple) -> tuple[str, float]:
     grids = _WORKER_STATE["grids"]
     if map_path not in grids:
         grids[map_path] = working_grid(smap.image, config.work_spacing, config.margin_mm)
-    rendered = render_case(smap, grids[map_path], config, index)
+    mirrored_source = None
+    if config.mirrored(index):  # the last map mirrored is kept: all of a one-subject source's cases
+        last = _WORKER_STATE.get("mirrored")
+        if last is None or last[0] != map_path:
+            last = _WORKER_STATE["mirrored"] = (map_path, replace(smap, image=mirror_left_right(smap.image)))
+        mirrored_source = last[1]
+    rendered = render_case(smap, grids[map_path], config, index, mirrored_source)
     write_case(Path(case_dir), rendered, header, config.contact_sheets)
     return header["case_id"], time.perf_counter() - start
 
