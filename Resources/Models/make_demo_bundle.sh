@@ -570,3 +570,12 @@ ship_heads $DATA/bundles/v22-heads-v6-mirror-seed6-12000 $DATA/bundles/v22-heads
 #     python bench/compare_two.py $DATA/bundles/v22-heads-v6-mirror-seed6-12000[.findings-test].eval.json \
 #       $DATA/bundles/v22-heads-v6-mirror-seed7-15000[.findings-test].eval.json
 continue_heads v22-heads-v6-mirror-seed6-12000 $V6/train v22-heads-v6-mirror-seed7-15000 7 0.10.0
+
+# 38. The mirrored atlas drawn more often (orthoknee finetune --oversample GLOB=FACTOR). In step 36 the 24
+#     mirrored renders were 9 % of the steps. 0.9.0 continued 3000 steps on the same 268 cases with them
+#     drawn 4 times as often as the others (28 % of the steps), seed 7: step 37 is the control (same
+#     start, cases, steps and seed, uniform draws):
+#     python bench/compare_two.py $DATA/bundles/v22-heads-v6-mirror-seed7-15000[.findings-test].eval.json \
+#       $DATA/bundles/v23-heads-v6-oversample4-seed7-15000[.findings-test].eval.json
+continue_heads v22-heads-v6-mirror-seed6-12000 $V6/train v23-heads-v6-oversample4-seed7-15000 7 0.10.0 \
+  --oversample 'spl-13-*=4'
