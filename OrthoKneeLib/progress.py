@@ -58,16 +58,17 @@ class TextProgress:
     """
 
     def __init__(self, label: str, stream: TextIO | None = None, width: int = 30, unit: str = "item",
-                 window: int = 20) -> None:
+                 window: int = 20, clock: Callable[[], float] = time.perf_counter) -> None:
         self.label, self.width, self.unit = label, width, unit
         self.stream = stream or sys.stderr
-        self.start = time.perf_counter()
+        self.clock = clock  # seconds; tests pass a fake one so that rates are exact
+        self.start = clock()
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.window = window
         self._marks: deque[tuple[float, int]] = deque()  # (seconds since start, done) of recent updates
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.clock() - self.start
         if not self._marks:  # a resumed job starts counting mid-way, at the first item it does
             self._marks.append((0.0, max(done - 1, 0)))
         self._marks.append((elapsed, done))

@@ -101,32 +101,43 @@ def test_console_script_is_installed():
     assert len(json.loads(result.stdout)["findings"]) == 8
 
 
+class _FakeClock:
+    """Seconds that pass only when the test says so: rates and ETAs are exact under any load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_progress_rate_of_a_resumed_job():
     """A run resumed at step 500 reports its own pace, not 10 s spread over 501 steps."""
-    stream = io.StringIO()
-    bar = TextProgress("finetune", stream=stream, unit="step")
-    bar.start -= 10.0  # the first step after the resume took 10 s
+    stream, clock = io.StringIO(), _FakeClock()
+    bar = TextProgress("finetune", stream=stream, unit="step", clock=clock)
+    clock.now += 10.0  # the first step after the resume took 10 s
     bar(501, 1000, "loss 1.0")
     assert "501/1000 10.0 s/step ETA 4990 s loss 1.0" in stream.getvalue()
-    bar.start -= 10.0
+    clock.now += 10.0
     bar(502, 1000)
     assert "502/1000 10.0 s/step ETA 4980 s" in stream.getvalue().splitlines()[-1]
 
 
 def test_progress_rate_follows_the_recent_items():
     """90 cached cases found at once, then cases that take 5 s each: the ETA is the slow pace."""
-    stream = io.StringIO()
-    bar = TextProgress("features", stream=stream, unit="case", window=20)
+    stream, clock = io.StringIO(), _FakeClock()
+    bar = TextProgress("features", stream=stream, unit="case", window=20, clock=clock)
     for done in range(1, 91):
         bar(done, 130)
     for done in range(91, 111):
-        bar.start -= 5.0
+        clock.now += 5.0
         bar(done, 130)
     assert "110/130 5.0 s/case ETA 100 s" in stream.getvalue().splitlines()[-1]
     # a long job averages over a twentieth of it: a 45-s validation pass among 0.8-s steps
-    bar = TextProgress("finetune", stream=stream, unit="step", window=20)
+    clock = _FakeClock()
+    bar = TextProgress("finetune", stream=stream, unit="step", window=20, clock=clock)
     for done in range(1, 511):
-        bar.start -= 0.8 + (45.0 if done == 501 else 0.0)
+        clock.now += 0.8 + (45.0 if done == 501 else 0.0)
         bar(done, 3000)
     assert "510/3000 1.1 s/step" in stream.getvalue().splitlines()[-1]
 
