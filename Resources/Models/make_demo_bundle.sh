@@ -579,3 +579,9 @@ continue_heads v22-heads-v6-mirror-seed6-12000 $V6/train v22-heads-v6-mirror-see
 #       $DATA/bundles/v23-heads-v6-oversample4-seed7-15000[.findings-test].eval.json
 continue_heads v22-heads-v6-mirror-seed6-12000 $V6/train v23-heads-v6-oversample4-seed7-15000 7 0.10.0 \
   --oversample 'spl-13-*=4'
+
+# 39. Step 37's heads continued 3000 more steps on the same 268 cases (seed 8, uniform draws; 0.9.0 plus
+#     6000 steps; a candidate, not shipped; its metadata says 0.10.0), paired with 0.9.0 and with step 37:
+#     python bench/compare_two.py $DATA/bundles/v22-heads-v6-mirror-seed6-12000[.findings-test].eval.json \
+#       $DATA/bundles/v23-heads-v6-mirror-seed8-18000[.findings-test].eval.json
+continue_heads v22-heads-v6-mirror-seed7-15000 $V6/train v23-heads-v6-mirror-seed8-18000 8 0.10.0
