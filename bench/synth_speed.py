@@ -1,6 +1,6 @@
 """How long rendering training cases takes: seconds per case for a batch (issue: 100 cases < 10 min).
 
-    python bench/synth_speed.py [--n 100] [--source oai] [--workers 2] [--out DIR]
+    python bench/synth_speed.py [--n 100] [--source oai] [--workers 2] [--mirror-fraction F] [--out DIR]
 
 Prints wall time, seconds per case (wall / n) and the ratio to the 10-minute budget.
 """
@@ -30,18 +30,20 @@ def main() -> int:
     parser.add_argument("--source", default="oai", choices=sorted(DIRS))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--mirror-fraction", type=float, default=0.0, help="share of cases drawn as the other knee")
     parser.add_argument("--out", type=Path, help="keep the cases here (default: a temporary folder)")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     args = parser.parse_args()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="orthoknee-synth-bench-"))
-    config = SynthConfig(source=args.source, n=args.n, seed=args.seed)
+    config = SynthConfig(source=args.source, n=args.n, seed=args.seed, mirror_fraction=args.mirror_fraction)
     start = time.perf_counter()
     manifest = synthesize(args.data / DIRS[args.source], out, config, workers=args.workers,
                           progress=TextProgress("synth", unit="case"))
     wall = time.perf_counter() - start
     rendered = manifest["rendered_now"]
-    print(f"source={args.source} cases={rendered} workers={args.workers} cpus={os.cpu_count()}")
+    print(f"source={args.source} cases={rendered} workers={args.workers} cpus={os.cpu_count()} "
+          f"mirror_fraction={args.mirror_fraction:g}")
     print(f"wall {wall:.1f} s, {wall / max(rendered, 1):.2f} s/case (wall), "
           f"{manifest['seconds_per_case'] or 0:.2f} s/case per worker")
     budget = 600.0 * rendered / 100.0
