@@ -297,7 +297,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .model.device import select_device
     from .progress import TextProgress
-    from .train import FinetuneConfig, cache_case, find_cases, finetune
+    from .train import FinetuneConfig, cache_case, case_draw_weights, find_cases, finetune
 
     oversample = _oversample_factors(args.oversample)
     bundle = Bundle.open(args.bundle)
@@ -308,6 +308,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not train:
         raise InputError(None, f"no training cases (split 'train') under {', '.join(map(str, args.cases))}.",
                              "Make some with `orthoknee synth`.")
+    if oversample:  # a pattern that matches no case is refused now, not after the features are cached
+        case_draw_weights([json.loads((c / "case.json").read_text())["case_id"] for c in train], oversample)
     device = select_device(args.device)
     cache = _cache_dir(args)
     bar = TextProgress("features", unit="case")

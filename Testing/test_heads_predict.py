@@ -268,6 +268,15 @@ def test_finetune_command_refuses_a_malformed_oversample(pipeline, capsys):
         assert "is not GLOB=FACTOR with a positive factor" in capsys.readouterr().err
 
 
+def test_finetune_command_refuses_an_unmatched_oversample_before_caching(pipeline, capsys, tmp_path):
+    code = main(["finetune", "--bundle", str(pipeline["base"].path), "--cases", str(pipeline["root"] / "cases"),
+                 "--out", str(tmp_path / "never-written"), "--cache", str(tmp_path / "cache"),
+                 "--oversample", "nomatch-*=4"])
+    assert code != 0
+    assert "no training case id matches 'nomatch-*'" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # no backbone pass was spent on it
+
+
 def _heads_state(bundle):
     return bundle.load_state(bundle.metadata["heads"]["weights"], "heads")
 
