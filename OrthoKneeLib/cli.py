@@ -297,7 +297,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .model.device import select_device
     from .progress import TextProgress
-    from .train import FinetuneConfig, cache_case, case_draw_weights, find_cases, finetune
+    from .train import FinetuneConfig, cache_case, case_draw_weights, check_finetune_config, find_cases, finetune
 
     oversample = _oversample_factors(args.oversample)
     bundle = Bundle.open(args.bundle)
@@ -308,7 +308,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not train:
         raise InputError(None, f"no training cases (split 'train') under {', '.join(map(str, args.cases))}.",
                              "Make some with `orthoknee synth`.")
-    if oversample:  # a pattern that matches no case is refused now, not after the features are cached
+    config = FinetuneConfig(steps=args.steps, label_fraction=args.label_fraction, seed=args.seed,
+                            learning_rate=args.lr, model=args.model, validate_every=args.validate_every,
+                            validation_cases=args.validation_cases, from_scratch=args.from_scratch,
+                            views=tuple(args.views) if args.views else None, oversample=oversample,
+                            train_heads=args.train_heads, hard_negative_cells=args.hard_negative_cells)
+    # mistakes are refused now, not after every case's features are cached
+    check_finetune_config(bundle, config)
+    if oversample:
         case_draw_weights([json.loads((c / "case.json").read_text())["case_id"] for c in train], oversample)
     device = select_device(args.device)
     cache = _cache_dir(args)
@@ -317,10 +324,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     for n, c in enumerate(train + val):
         train_c.append(cache_case(bundle, c, cache, device=device, views=args.views or None))
         bar(n + 1, len(train) + len(val), c.name)
-    config = FinetuneConfig(steps=args.steps, label_fraction=args.label_fraction, seed=args.seed,
-                            learning_rate=args.lr, model=args.model, validate_every=args.validate_every,
-                            validation_cases=args.validation_cases, from_scratch=args.from_scratch,
-                            views=tuple(args.views) if args.views else None, oversample=oversample)
     out = finetune(bundle, train_c[: len(train)], args.out, config, validation_caches=train_c[len(train):],
                    version=args.version, device=args.device, progress=TextProgress("finetune", unit="step"),
                    command="orthoknee " + " ".join(shlex.quote(str(a)) for a in args.argv))
@@ -541,6 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversample", nargs="+", default=[], metavar="GLOB=FACTOR",
                    help="draw training cases whose id matches GLOB FACTOR times as often as the others, "
                         "e.g. 'spl-13-*=4' (default: every case equally often)")
+    p.add_argument("--train-heads", default="both", choices=["both", "segmentation", "findings"],
+                   help="which heads learn; the other keeps its weights exactly (default: both)")
+    p.add_argument("--hard-negative-cells", type=int, default=0, metavar="K",
+                   help="add to the finding cell loss the mean over the K highest-scoring cells away from any "
+                        "lesion, per finding (default 0: off)")
     p.add_argument("--views", nargs="+", choices=["sagittal", "coronal", "axial"],
                    help="the backbone views the heads fuse (default: all the cases have)")
     p.add_argument("--from-scratch", action="store_true",

@@ -238,6 +238,13 @@ class FinetuneConfig:
     # case-id glob -> how many times more often a matching case is drawn than the others; a
     # case matching several patterns takes their product. Empty: every case equally often.
     oversample: dict[str, float] = field(default_factory=dict)
+    # which of the two heads learn: "both", "segmentation" or "findings". One head alone keeps
+    # the other's weights exactly (it is not in the optimizer), so a finding-head experiment
+    # leaves the Dice untouched, and costs ~40 % of a joint step (no segmentation patch).
+    train_heads: str = "both"
+    # > 0: the cell loss also takes, per finding, the mean over this many highest-scoring cells
+    # away from any lesion (one cell of margin). See balanced_cell_loss.
+    hard_negative_cells: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -254,7 +261,8 @@ def _replayed_steps(previous: dict, config: FinetuneConfig, n_cases: int) -> int
     same_cases = previous.get("cases") == n_cases  # the record keeps the count (and the subjects)
     if (before.get("seed") != config.seed or not same_cases or before.get("model", "heads") != config.model
             or before.get("label_fraction", 1.0) != config.label_fraction
-            or (before.get("oversample") or {}) != config.oversample):
+            or (before.get("oversample") or {}) != config.oversample
+            or before.get("train_heads", "both") != config.train_heads):
         return 0
     return min(int(before.get("steps", 0)), config.steps)
 
@@ -286,6 +294,25 @@ def case_draw_weights(case_ids: Sequence[str], oversample: dict[str, float]) -> 
 def draw_case(rng: np.random.Generator, n_cases: int, draw_p: np.ndarray | None) -> int:
     """The index of the case a step trains on (``draw_p`` from :func:`case_draw_weights`)."""
     return int(rng.integers(n_cases) if draw_p is None else rng.choice(n_cases, p=draw_p))
+
+
+def check_finetune_config(bundle: Bundle, config: FinetuneConfig) -> None:
+    """Refuse settings that cannot train, before any feature is cached: a negative hard-negative
+    count, or one head trained alone when the other would be left untrained (or does not exist)."""
+    if config.hard_negative_cells < 0:
+        raise InputError(None, f"--hard-negative-cells {config.hard_negative_cells}: the count cannot be negative.",
+                         "Give 0 (off) or a number of cells, e.g. 32.")
+    if config.train_heads not in ("both", "segmentation", "findings"):
+        raise ValueError(f"train_heads must be both, segmentation or findings, not {config.train_heads!r}")
+    if config.train_heads == "both":
+        return
+    has_heads = (bundle.metadata.get("heads") or {}).get("kind") == "diffusion-heads"
+    if config.model == "baseline" or config.from_scratch or not has_heads:
+        why = ("the supervised baseline has no separate heads" if config.model == "baseline" else
+               "--from-scratch starts both heads afresh" if config.from_scratch else
+               f"{bundle.path} has no trained diffusion heads")
+        raise InputError(None, f"--train-heads {config.train_heads} trains one head and keeps the other as it is, "
+                         f"but {why}.", "Train both heads (--train-heads both), or start from a bundle with trained heads.")
 
 
 def labelled_subset(cases: list, fraction: float, seed: int) -> list:
@@ -356,18 +383,25 @@ def _finding_loss(heads, case: CachedCase, planes: list[str], catalog: Catalog, 
     target = torch.from_numpy(values).to(dev)[None]
     case_loss = F.binary_cross_entropy_with_logits(case_logits[0][known_t], target[0][known_t])
     masks = torch.from_numpy(case.pooled_masks.astype(np.float32))[None].to(dev).clamp(0, 1)
-    cell_loss = balanced_cell_loss(cell_logits, masks, inside)[0][known_t].mean()
+    cell_loss = balanced_cell_loss(cell_logits, masks, inside, config.hard_negative_cells)[0][known_t].mean()
     return config.finding_weight * case_loss + config.cell_weight * cell_loss
 
 
-def balanced_cell_loss(cell_logits, masks, inside):
+def balanced_cell_loss(cell_logits, masks, inside, hard_negatives: int = 0):
     """Per finding (N, F): mean cross-entropy over the lesion's cells plus mean over all others.
 
     A lesion is a few dozen of ~100 000 cells (a torn ACL ~12): weighted by count, or even
     21-fold, the lesion cells were too few to matter and the cells learnt a near-constant. Balanced,
     the lesion weighs as much as the rest of the knee. A case without the finding (or with the
     finding but no mask) has the negative term alone. Cells no view saw are left out.
+
+    The mean over all other cells barely feels a few dozen false alarms: a case without the
+    finding whose map peaks on an intact ACL pays ~1e-4 of its loss for it, and such peaks are
+    what the case score reads (held-out ACL tears are their own case's highest cell, yet the
+    highest cell separates the cases at AUC ~0.6). ``hard_negatives`` K > 0 adds the mean over
+    the K highest cells away from any lesion (more than one cell from it), so those peaks cost.
     """
+    import torch
     import torch.nn.functional as F
 
     bce = F.binary_cross_entropy_with_logits(cell_logits, masks, reduction="none")
@@ -375,7 +409,17 @@ def balanced_cell_loss(cell_logits, masks, inside):
     dims = (2, 3, 4)
     lesion_term = (bce * lesion).sum(dims) / lesion.sum(dims).clamp_min(1e-6)
     rest_term = (bce * rest).sum(dims) / rest.sum(dims).clamp_min(1e-6)
-    return rest_term + (lesion.sum(dims) > 0.5).float() * lesion_term
+    loss = rest_term + (lesion.sum(dims) > 0.5).float() * lesion_term
+    if hard_negatives > 0:
+        near_lesion = F.max_pool3d(masks, 3, stride=1, padding=1) > 0
+        clear = (inside > 0.5) & ~near_lesion
+        negative_logits = cell_logits.masked_fill(~clear, float("-inf")).flatten(2)
+        k = min(hard_negatives, negative_logits.shape[-1])
+        top = negative_logits.topk(k, dim=-1).values  # the highest logits cost the most: softplus grows
+        counted = torch.isfinite(top)
+        hard = (F.softplus(top.masked_fill(~counted, 0.0)) * counted).sum(-1) / counted.sum(-1).clamp_min(1)
+        loss = loss + hard
+    return loss
 
 
 def _seg_batch(case: CachedCase, planes: list[str], config: FinetuneConfig, rng, dev, catalog: Catalog):
@@ -476,6 +520,7 @@ def finetune(
                         HeadsConfig(view_channels=view_channels, n_classes=len(catalog.structures) + 1,
                                     n_findings=len(catalog.findings)))
         model = OrthoKneeHeads(heads_config).to(dev)
+    check_finetune_config(bundle, config)
     if start_from:  # the annotator's loop: corrections refine the heads the bundle already has
         bundle.load_into(model, start_from["weights"], "heads")
         log(f"continuing from the heads of {bundle.path} ({bundle.metadata.get('version')})")
@@ -485,7 +530,9 @@ def finetune(
                 f"0-{replayed - 1} of this run draw the same patches in the same order as that run did "
                 "(pass another --seed for new ones)")
     params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trained = model if baseline or config.train_heads == "both" else (
+        model.segmentation if config.train_heads == "segmentation" else model.findings)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps,
                                                    pct_start=0.1)
     history, losses, first_step, elapsed_before = [], [], 0, 0.0
@@ -524,12 +571,17 @@ def finetune(
             planes = [p for p in usable if p == usable[0] or rng.random() >= config.view_dropout]
             if rng.random() < config.view_dropout / 2 and len(planes) > 1:
                 planes = planes[1:]  # sometimes without the reference view's own features
-            feats, cover, image_f, labels_f, image_r, labels_r, coords, patch, annotated = _seg_batch(
-                case, planes, config, rng, dev, catalog)
-            coarse = model.segmentation.coarse_logits(feats, cover, image_f)
-            refined = model.segmentation.refined_logits(_upsample_patch(coarse, coords, patch), image_r)
-            loss = marginal_seg_loss(refined, labels_r, annotated) + 0.5 * marginal_seg_loss(coarse, labels_f, annotated)
-            if step % config.finding_every == 0:  # a whole pooled case: ~40 % of a step's cost
+            loss = torch.zeros((), device=dev)
+            if config.train_heads != "findings":
+                feats, cover, image_f, labels_f, image_r, labels_r, coords, patch, annotated = _seg_batch(
+                    case, planes, config, rng, dev, catalog)
+                coarse = model.segmentation.coarse_logits(feats, cover, image_f)
+                refined = model.segmentation.refined_logits(_upsample_patch(coarse, coords, patch), image_r)
+                loss = (marginal_seg_loss(refined, labels_r, annotated)
+                        + 0.5 * marginal_seg_loss(coarse, labels_f, annotated))
+            finding_step = (config.train_heads == "findings" or
+                            (config.train_heads == "both" and step % config.finding_every == 0))
+            if finding_step:  # a whole pooled case: ~40 % of a joint step's cost
                 loss = loss + _finding_loss(model, case, planes, catalog, config, dev)
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
@@ -540,7 +592,7 @@ def finetune(
         # gradient (a patch full of a rare class) from throwing the weights off. Each head is
         # clipped on its own: their parameters are disjoint, and a joint norm let the finding
         # loss shrink the segmentation head's steps on every finding step.
-        for part in ([model] if baseline else [model.segmentation, model.findings]):
+        for part in ([model.segmentation, model.findings] if trained is model and not baseline else [trained]):
             torch.nn.utils.clip_grad_norm_(part.parameters(), config.clip_grad_norm)
         optimizer.step()
         schedule.step()

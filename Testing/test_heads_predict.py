@@ -201,6 +201,35 @@ def test_the_cell_loss_weighs_a_small_lesion_as_much_as_the_rest_of_the_knee():
     assert torch.allclose(balanced_cell_loss(wrong_there, masks, unseen), balanced_cell_loss(logits, masks, unseen))
 
 
+def test_hard_negative_cells_make_a_false_alarm_cost():
+    """The mean over all other cells hardly feels a few high cells away from any lesion; the
+    mean over the K highest of them does, and a lesion's own neighbours are not counted."""
+    logits = torch.full((1, 1, 3, 20, 20), -4.0)  # 1200 cells, every one a confident "no"
+    masks = torch.zeros_like(logits)
+    inside = torch.ones(1, 1, 3, 20, 20)
+    alarm = logits.clone()
+    alarm[0, 0, 1, 2:4, 2:4] = 4.0  # four false-alarm cells, far from any lesion
+    plain = float(balanced_cell_loss(alarm, masks, inside) - balanced_cell_loss(logits, masks, inside))
+    hard = float(balanced_cell_loss(alarm, masks, inside, 4) - balanced_cell_loss(logits, masks, inside, 4))
+    assert plain < 0.02 and hard > 3.9  # softplus(4) - softplus(-4) = 4.0 per alarm cell, averaged over K = 4
+    # the gradient of the hard term lands on the alarm cells
+    alarm.requires_grad_(True)
+    balanced_cell_loss(alarm, masks, inside, 4).sum().backward()
+    grad = alarm.grad[0, 0]
+    assert float(grad[1, 2:4, 2:4].min()) > 100 * float(grad[0].max())
+    # a high cell next to a lesion is the lesion's blurred edge, not a false alarm
+    lesion = masks.clone()
+    lesion[0, 0, 1, 10, 10] = 1
+    edge = logits.clone()
+    edge[0, 0, 1, 10, 11] = 4.0
+    assert torch.allclose(balanced_cell_loss(edge, lesion, inside, 4) - balanced_cell_loss(edge, lesion, inside),
+                          balanced_cell_loss(logits, lesion, inside, 4) - balanced_cell_loss(logits, lesion, inside))
+    # cells no view saw are never hard negatives; with fewer clear cells than K, the mean is over those
+    few = torch.zeros_like(inside)
+    few[0, 0, 0, 0, :2] = 1
+    assert torch.isfinite(balanced_cell_loss(alarm.detach(), masks, few, 32)).all()
+
+
 # ------------------------------------------------------------------------------ finetune / evaluate
 
 
@@ -317,6 +346,36 @@ def test_finetune_continues_from_the_bundle_heads_unless_told_otherwise(pipeline
     fresh = finetune(trained, pipeline["caches"][:1], tmp_path / "fresh", config, device="cpu", log=lambda *_: None)
     assert fresh.metadata["heads"]["training"]["started_from"] is None
     assert not all(torch.allclose(before[k], v, atol=1e-4) for k, v in _heads_state(fresh).items())
+
+
+def test_one_head_trains_and_the_other_keeps_its_weights_exactly(pipeline, tmp_path):
+    """--train-heads findings (or segmentation): an experiment on one head cannot move the other."""
+    trained = pipeline["trained"]
+    before = _heads_state(trained)
+    for which, moved, kept in (("findings", "findings.", "segmentation."), ("segmentation", "segmentation.", "findings.")):
+        config = FinetuneConfig(steps=3, patch_kji=(4, 24, 24), validation_cases=0, train_heads=which,
+                                hard_negative_cells=8)
+        out = finetune(trained, pipeline["caches"][:2], tmp_path / which, config, device="cpu", log=lambda *_: None)
+        after = _heads_state(out)
+        assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(kept))
+        assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith(moved))
+        assert out.metadata["heads"]["training"]["config"]["train_heads"] == which
+
+
+def test_one_head_alone_needs_the_other_trained(pipeline, capsys, tmp_path):
+    """Refused before any feature is cached: a bundle without heads, --from-scratch, the baseline,
+    or a negative hard-negative count."""
+    base, trained = str(pipeline["base"].path), str(pipeline["trained"].path)
+    cases = str(pipeline["root"] / "cases")
+    for bundle, extra, message in ((base, [], "has no trained diffusion heads"),
+                                   (trained, ["--from-scratch"], "--from-scratch starts both heads afresh"),
+                                   (trained, ["--model", "baseline"], "the supervised baseline has no separate heads"),
+                                   (trained, ["--train-heads", "both", "--hard-negative-cells", "-1"], "cannot be negative")):
+        code = main(["finetune", "--bundle", bundle, "--cases", cases, "--out", str(tmp_path / "never-written"),
+                     "--cache", str(tmp_path / "cache"), "--train-heads", "findings", *extra])
+        assert code != 0
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_continuation_says_when_it_replays_the_previous_runs_patches():
