@@ -312,7 +312,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                             learning_rate=args.lr, model=args.model, validate_every=args.validate_every,
                             validation_cases=args.validation_cases, from_scratch=args.from_scratch,
                             views=tuple(args.views) if args.views else None, oversample=oversample,
-                            train_heads=args.train_heads, hard_negative_cells=args.hard_negative_cells)
+                            train_heads=args.train_heads, hard_negative_cells=args.hard_negative_cells,
+                            other_lesion_negatives=args.other_lesion_negatives)
     # mistakes are refused now, not after every case's features are cached
     check_finetune_config(bundle, config)
     if oversample:
@@ -549,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-negative-cells", type=int, default=0, metavar="K",
                    help="add to the finding cell loss the mean over the K highest-scoring cells away from any "
                         "lesion, per finding (default 0: off)")
+    p.add_argument("--other-lesion-negatives", action="store_true",
+                   help="add to each finding's cell loss the mean over the other findings' lesion cells, so that "
+                        "a map does not fire on every lesion (default: off)")
     p.add_argument("--views", nargs="+", choices=["sagittal", "coronal", "axial"],
                    help="the backbone views the heads fuse (default: all the cases have)")
     p.add_argument("--from-scratch", action="store_true",

@@ -230,6 +230,28 @@ def test_hard_negative_cells_make_a_false_alarm_cost():
     assert torch.isfinite(balanced_cell_loss(alarm.detach(), masks, few, 32)).all()
 
 
+def test_other_lesion_negatives_make_a_map_pay_for_another_findings_lesion():
+    """Finding 0's map firing on finding 1's lesion: nearly free in the mean over all cells,
+    the full cost with other_lesions; its own lesion, where the two overlap, is never counted."""
+    logits = torch.full((1, 2, 3, 20, 20), -4.0)
+    masks = torch.zeros_like(logits)
+    masks[0, 1, 1, 2:4, 2:4] = 1  # finding 1's lesion, 4 cells
+    masks[0, 0, 1, 15, 15] = 1  # finding 0's own lesion, far away
+    inside = torch.ones(1, 1, 3, 20, 20)
+    fires = logits.clone()
+    fires[0, 0, 1, 2:4, 2:4] = 4.0
+    quiet_plain, quiet_other = balanced_cell_loss(logits, masks, inside), balanced_cell_loss(logits, masks, inside, 0, True)
+    plain = float(balanced_cell_loss(fires, masks, inside)[0, 0] - quiet_plain[0, 0])
+    other = float(balanced_cell_loss(fires, masks, inside, 0, True)[0, 0] - quiet_other[0, 0])
+    assert plain < 0.02 and other > 3.9
+    # finding 1's map pays for its cells on finding 0's one-cell lesion: softplus(-4) there
+    assert torch.allclose(quiet_other[0, 1] - quiet_plain[0, 1], torch.nn.functional.softplus(torch.tensor(-4.0)))
+    overlap = masks.clone()
+    overlap[0, 0, 1, 2:4, 2:4] = 1  # the same cells are finding 0's lesion too: nothing added for it
+    assert torch.allclose(balanced_cell_loss(fires, overlap, inside, 0, True)[0, 0],
+                          balanced_cell_loss(fires, overlap, inside)[0, 0])
+
+
 # ------------------------------------------------------------------------------ finetune / evaluate
 
 
@@ -354,7 +376,7 @@ def test_one_head_trains_and_the_other_keeps_its_weights_exactly(pipeline, tmp_p
     before = _heads_state(trained)
     for which, moved, kept in (("findings", "findings.", "segmentation."), ("segmentation", "segmentation.", "findings.")):
         config = FinetuneConfig(steps=3, patch_kji=(4, 24, 24), validation_cases=0, train_heads=which,
-                                hard_negative_cells=8)
+                                hard_negative_cells=8, other_lesion_negatives=True)
         out = finetune(trained, pipeline["caches"][:2], tmp_path / which, config, device="cpu", log=lambda *_: None)
         after = _heads_state(out)
         assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(kept))
@@ -490,9 +512,21 @@ def test_finding_maps_bench_reads_the_maps_and_the_true_sites(pipeline, capsys, 
                               "--cache", str(pipeline["root"] / "cache")]) == 0
     out = capsys.readouterr().out
     tables = out.split("\n\n")
-    assert len(tables) == 2 and "AUC max cell in the true site" in tables[1]
+    assert len(tables) == 3 and "AUC max cell in the true site" in tables[1] and "peaks on another" in tables[2]
     for key in DEFAULT_CATALOG.finding_keys:
         assert all(f"| {key} |" in table for table in tables)
+
+    cell_map = np.zeros((3, 6, 6))
+    cell_map[1, 2, 2] = 1.0  # the peak
+    masks = np.zeros((3, 3, 6, 6))
+    masks[1, 1, 3, 3] = 0.2  # finding 1's lesion touches the peak's neighbourhood (diagonally)
+    masks[2, 0, 5, 5] = 1.0  # finding 2's lesion lies two cells away
+    inside = np.ones(cell_map.shape, bool)
+    assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [1, 2], own=0) == 1
+    assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [2], own=0) is None
+    assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [1], own=1) is None  # its own lesion
+    inside[1, 2, 2] = False  # an unseen cell is never the peak: the next highest (all 0: the first cell) is
+    assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [1, 2], own=0) is None
 
 
 def test_error_distance_bench_sorts_wrong_voxels_by_where_they_lie(pipeline, capsys, bench_script):

@@ -14,6 +14,10 @@ is the map's peak). "AUC max cell in the true site": the highest cell within the
 structures (the reference labels, one cell of margin), over the cases that annotate them: if
 the map only misfires elsewhere in the knee, this readout separates the cases even though the
 plain maximum does not.
+
+A third table asks what the map finds in the cases *without* its finding: how often its highest
+cell lies on (within one cell of) the lesion of another finding the case has, and which. A map
+that peaks on a torn PCL in a case with an intact ACL reads "a cruciate tear", not "an ACL tear".
 """
 
 from __future__ import annotations
@@ -51,6 +55,19 @@ def true_site(case: CachedCase, labels: np.ndarray, structure_labels: list[int])
     return F.max_pool3d(share, (1, 3, 3), 1, (0, 1, 1))[0, 0].numpy() > 0.1
 
 
+def peak_on_other_lesion(cell_map: np.ndarray, inside: np.ndarray, masks: np.ndarray, present: list[int],
+                         own: int) -> int | None:
+    """The index of a finding in ``present`` (other than ``own``) whose lesion lies within one cell
+    of ``cell_map``'s highest seen cell; None when the peak is on no other lesion. ``masks``:
+    the case's pooled lesion masks (F, k, j, i), any coverage counting as lesion."""
+    peak = np.unravel_index(np.argmax(np.where(inside, cell_map, -np.inf)), cell_map.shape)
+    box = tuple(slice(max(0, c - 1), c + 2) for c in peak)
+    for n in present:
+        if n != own and (masks[n][box] > 0).any():
+            return n
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True)
@@ -73,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = np.asarray(case.array("labels_fusion"))  # read once: several findings' sites use it
         inside = result["cells_inside"]
         seen.append(int(inside.sum()))
+        present = [n for n in range(len(catalog.findings)) if known[n] and values[n] and (case.pooled_masks[n] > 0).any()]
         for n, finding in enumerate(catalog.findings):
             if not known[n]:
                 continue
@@ -82,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             row = {"y": int(values[n]), "score": float(result["finding_probabilities"][n]),
                    "max": float(top[0]), "top30": float(top[:30].mean()), "above": int((cells > 0.5).sum()),
                    "lesion": int(lesion.sum())}
+            if not values[n]:
+                other = peak_on_other_lesion(cell_map, inside, case.pooled_masks, present, n)
+                row["peak_on"] = None if other is None else catalog.findings[other].key
             if values[n] and (lesion & inside).any():
                 best = cell_map[lesion & inside].max()
                 row["outranked_by"] = int((cell_map[inside & (case.pooled_masks[n] == 0)] > best).sum())
@@ -112,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         auc = roc_auc([r["site_max"] for r in sited], [r["y"] for r in sited]) if sited else None
         print(f"| {key} | {_median_range(ranked)} | "
               + (f"{auc:.2f}" if auc is not None else "-") + f" | {len(sited)} ({sum(r['y'] for r in sited)}) |")
+    print()
+    print("| finding | cases without it | their map peaks on another finding's lesion | on which |")
+    print("|---|---|---|---|")
+    for key, found in rows.items():
+        negatives = [r for r in found if not r["y"]]
+        hits = [r["peak_on"] for r in negatives if r.get("peak_on")]
+        which = ", ".join(f"{k} {hits.count(k)}" for k in sorted(set(hits), key=lambda k: -hits.count(k)))
+        print(f"| {key} | {len(negatives)} | {len(hits)} | {which or '-'} |")
     return 0
 
 
