@@ -525,6 +525,9 @@ def test_finding_maps_bench_reads_the_maps_and_the_true_sites(pipeline, capsys, 
     assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [1, 2], own=0) == 1
     assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [2], own=0) is None
     assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [1], own=1) is None  # its own lesion
+    near = finding_maps.near_other_lesions(masks, [1, 2], own=0)
+    assert near.sum() == 27 + 8 - 2 and near[1, 2, 2] and near[0, 4, 4] and not near[1, 0, 0]  # 3x3x3, 2x2x2 at the edge, 2 shared
+    assert not finding_maps.near_other_lesions(masks, [1], own=1).any()
     inside[1, 2, 2] = False  # an unseen cell is never the peak: the next highest (all 0: the first cell) is
     assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [1, 2], own=0) is None
 

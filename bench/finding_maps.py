@@ -16,7 +16,8 @@ the map only misfires elsewhere in the knee, this readout separates the cases ev
 plain maximum does not.
 
 A third table asks what the map finds in the cases *without* its finding: how often its highest
-cell lies on (within one cell of) the lesion of another finding the case has, and which. A map
+cell lies on (within one cell of) the lesion of another finding the case has, and which, against
+how often a cell drawn at random from the seen cells would (an effusion covers a lot of the knee). A map
 that peaks on a torn PCL in a case with an intact ACL reads "a cruciate tear", not "an ACL tear".
 """
 
@@ -27,6 +28,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,11 +57,20 @@ def true_site(case: CachedCase, labels: np.ndarray, structure_labels: list[int])
     return F.max_pool3d(share, (1, 3, 3), 1, (0, 1, 1))[0, 0].numpy() > 0.1
 
 
+def near_other_lesions(masks: np.ndarray, present: list[int], own: int) -> np.ndarray:
+    """Cells within one cell of the lesion of a finding in ``present`` other than ``own``
+    (``masks``: the case's pooled lesion masks (F, k, j, i), any coverage counting as lesion)."""
+    others = [n for n in present if n != own]
+    if not others:
+        return np.zeros(masks.shape[1:], bool)
+    lesion = torch.from_numpy((masks[others] > 0).any(0).astype(np.float32))[None, None]
+    return F.max_pool3d(lesion, 3, 1, 1)[0, 0].numpy() > 0
+
+
 def peak_on_other_lesion(cell_map: np.ndarray, inside: np.ndarray, masks: np.ndarray, present: list[int],
                          own: int) -> int | None:
     """The index of a finding in ``present`` (other than ``own``) whose lesion lies within one cell
-    of ``cell_map``'s highest seen cell; None when the peak is on no other lesion. ``masks``:
-    the case's pooled lesion masks (F, k, j, i), any coverage counting as lesion."""
+    of ``cell_map``'s highest seen cell; None when the peak is on no other lesion."""
     peak = np.unravel_index(np.argmax(np.where(inside, cell_map, -np.inf)), cell_map.shape)
     box = tuple(slice(max(0, c - 1), c + 2) for c in peak)
     for n in present:
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             if not values[n]:
                 other = peak_on_other_lesion(cell_map, inside, case.pooled_masks, present, n)
                 row["peak_on"] = None if other is None else catalog.findings[other].key
+                row["chance"] = float(near_other_lesions(case.pooled_masks, present, n)[inside].mean())
             if values[n] and (lesion & inside).any():
                 best = cell_map[lesion & inside].max()
                 row["outranked_by"] = int((cell_map[inside & (case.pooled_masks[n] == 0)] > best).sum())
@@ -134,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {key} | {_median_range(ranked)} | "
               + (f"{auc:.2f}" if auc is not None else "-") + f" | {len(sited)} ({sum(r['y'] for r in sited)}) |")
     print()
-    print("| finding | cases without it | their map peaks on another finding's lesion | on which |")
-    print("|---|---|---|---|")
+    print("| finding | cases without it | their map peaks on another finding's lesion | a random seen cell would "
+          "(expected cases) | on which |")
+    print("|---|---|---|---|---|")
     for key, found in rows.items():
         negatives = [r for r in found if not r["y"]]
         hits = [r["peak_on"] for r in negatives if r.get("peak_on")]
         which = ", ".join(f"{k} {hits.count(k)}" for k in sorted(set(hits), key=lambda k: -hits.count(k)))
-        print(f"| {key} | {len(negatives)} | {len(hits)} | {which or '-'} |")
+        chance = sum(r["chance"] for r in negatives)
+        print(f"| {key} | {len(negatives)} | {len(hits)} | {chance:.1f} | {which or '-'} |")
     return 0
 
 
