@@ -585,3 +585,34 @@ continue_heads v22-heads-v6-mirror-seed6-12000 $V6/train v23-heads-v6-oversample
 #     python bench/compare_two.py $DATA/bundles/v22-heads-v6-mirror-seed6-12000[.findings-test].eval.json \
 #       $DATA/bundles/v23-heads-v6-mirror-seed8-18000[.findings-test].eval.json
 continue_heads v22-heads-v6-mirror-seed7-15000 $V6/train v23-heads-v6-mirror-seed8-18000 8 0.10.0
+
+# 40. The finding head alone (orthoknee finetune --train-heads findings: the segmentation head keeps
+#     0.9.0's weights exactly, so the Dice is 0.9.0's), 1500 steps from 0.9.0 on the 268 cases of step 36,
+#     seed 9, with and without --hard-negative-cells 32 (the cell loss also pays for the 32 highest cells
+#     away from any lesion, per finding); candidates, not shipped (the model card's "The finding head
+#     alone"), paired with each other and with 0.9.0:
+#     python bench/compare_two.py $DATA/bundles/v24-findings-plain-seed9[.findings-test].eval.json \
+#       $DATA/bundles/v24-findings-hard32-seed9[.findings-test].eval.json
+continue_heads v22-heads-v6-mirror-seed6-12000 $V6/train v24-findings-hard32-seed9 9 0.10.0 \
+  --steps 1500 --train-heads findings --hard-negative-cells 32
+continue_heads v22-heads-v6-mirror-seed6-12000 $V6/train v24-findings-plain-seed9 9 0.10.0 \
+  --steps 1500 --train-heads findings
+#     And with --other-lesion-negatives too (each map also pays for its cells on the case's other lesions),
+#     paired with v24-findings-hard32-seed9:
+continue_heads v22-heads-v6-mirror-seed6-12000 $V6/train v24-findings-hard32-other-seed9 9 0.10.0 \
+  --steps 1500 --train-heads findings --hard-negative-cells 32 --other-lesion-negatives
+
+# 41. Can the finding head separate its own training cases? Every 7th case of $V6/train (39: 28 OAI,
+#     11 SPL) scored like the held-out sets, and the maps read by bench/finding_maps.py (its third table:
+#     where a map peaks in the cases without its finding):
+mkdir -p $V6/train_sample/cases
+ls $V6/train/cases | awk 'NR % 7 == 1' | while read -r c; do
+  ln -sfn "$(readlink -f $V6/train/cases/$c)" $V6/train_sample/cases/$c
+done
+for run in v22-heads-v6-mirror-seed6-12000 v24-findings-hard32-seed9 v24-findings-plain-seed9 v24-findings-hard32-other-seed9; do
+  orthoknee evaluate --bundle $DATA/bundles/$run --cases $V6/train_sample --json --per-case --no-hd95 --device cpu \
+    > $DATA/bundles/$run.train-sample.eval.json
+  for set in $V3/test_findings $V2/test $V6/train_sample; do
+    python bench/finding_maps.py --bundle $DATA/bundles/$run --cases $set
+  done
+done
