@@ -552,6 +552,8 @@ def finetune(
     params = sum(p.numel() for p in model.parameters())
     trained = model if baseline or config.train_heads == "both" else (
         model.segmentation if config.train_heads == "segmentation" else model.findings)
+    # each head is clipped on its own (see the training loop)
+    clipped = [model.segmentation, model.findings] if trained is model and not baseline else [trained]
     optimizer = torch.optim.AdamW(trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps,
                                                    pct_start=0.1)
@@ -612,7 +614,7 @@ def finetune(
         # gradient (a patch full of a rare class) from throwing the weights off. Each head is
         # clipped on its own: their parameters are disjoint, and a joint norm let the finding
         # loss shrink the segmentation head's steps on every finding step.
-        for part in ([model.segmentation, model.findings] if trained is model and not baseline else [trained]):
+        for part in clipped:
             torch.nn.utils.clip_grad_norm_(part.parameters(), config.clip_grad_norm)
         optimizer.step()
         schedule.step()

@@ -72,9 +72,8 @@ def peak_on_other_lesion(cell_map: np.ndarray, inside: np.ndarray, masks: np.nda
     """The index of a finding in ``present`` (other than ``own``) whose lesion lies within one cell
     of ``cell_map``'s highest seen cell; None when the peak is on no other lesion."""
     peak = np.unravel_index(np.argmax(np.where(inside, cell_map, -np.inf)), cell_map.shape)
-    box = tuple(slice(max(0, c - 1), c + 2) for c in peak)
     for n in present:
-        if n != own and (masks[n][box] > 0).any():
+        if n != own and near_other_lesions(masks, [n], own)[peak]:
             return n
     return None
 
