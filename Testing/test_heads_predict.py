@@ -24,7 +24,7 @@ from OrthoKneeLib.labels import DEFAULT_CATALOG  # noqa: E402
 from OrthoKneeLib.model.device import DeviceError  # noqa: E402
 from OrthoKneeLib.model.diffusion import ViewModelConfig, build_unet  # noqa: E402
 from OrthoKneeLib.model.heads import (  # noqa: E402
-    FindingHead, HeadsConfig, grid_of, marginal_seg_loss, pooled, resample_to_grid,
+    FindingHead, Grid, HeadsConfig, grid_of, marginal_seg_loss, pooled, resample_to_grid,
 )
 from OrthoKneeLib.predict import Predictor, window_scale_ladder  # noqa: E402
 from OrthoKneeLib.progress import Cancelled, CancelToken  # noqa: E402
@@ -568,6 +568,33 @@ def test_feature_seams_bench_prints_both_windowings_per_view(pipeline, capsys, b
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| coronal")]
     assert [r[3].strip() for r in rows] == ["16 slices", "spanning the slices"]
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+
+
+def test_depth_recall_bench_bands_the_structure_below_the_tibias_top(pipeline, capsys, bench_script, shared_data):
+    """bench/depth_recall.py: depth runs down the patient's superior axis whatever the index order,
+    recall is counted per band, and both tables come out for a fibula-labelling source."""
+    depth_recall = bench_script("depth_recall")
+    grid = Grid(origin=(0.0, 0.0, 100.0), spacing=(1.0, 1.0, 2.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, -1),
+                size=(4, 4, 10))  # k runs inferior: slice k lies at z = 100 - 2 k
+    mask = np.zeros((10, 4, 4), bool)
+    mask[3, 1, 1] = mask[7, 2, 2] = True
+    assert np.allclose(depth_recall.superior_mm(mask, grid), [94.0, 86.0])
+    assert depth_recall.field_depth_mm(grid, tibia_top_mm=100.0) == 18.0  # the lowest slice, k = 9
+    depth = np.array([1.0, 14.9, 15.0, 29.0, 31.0, 200.0])
+    found = np.array([True, False, True, True, False, True])
+    assert depth_recall.recall_by_band(depth, found, band_mm=15.0, n_bands=3) == [(2, 1), (2, 2), (2, 1)]
+
+    assert depth_recall.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
+                              "--cache", str(pipeline["root"] / "cache"), "--shared", str(shared_data)]) == 0
+    out = capsys.readouterr().out
+    sources, recall = out.split("\n\n")
+    spl = next(line.split("|") for line in sources.splitlines() if line.startswith("| spl:"))
+    top, bottom, field = (float(spl[i]) for i in (3, 4, 5))
+    assert float(spl[2]) > 5 and 0 < top < bottom <= field  # the atlas labels a fibula below the plateau
+    row = recall.splitlines()[-1].split("|")
+    assert int(row[2]) == 3 and all(0 <= float(x) <= 1 for x in row[-2:-1])
+    shares = [float(cell.split("/")[0]) for cell in row[3:-3]]
+    assert len(shares) == 5 and abs(sum(shares) - 1) < 0.02
 
 
 def test_roc_auc_by_ranks_matches_the_pairwise_definition():
