@@ -616,3 +616,11 @@ for run in v22-heads-v6-mirror-seed6-12000 v24-findings-hard32-seed9 v24-finding
     python bench/finding_maps.py --bundle $DATA/bundles/$run --cases $set
   done
 done
+
+# 42. Where the held-out fibula is missed: how far below the tibia's top each fibula-labelling source map
+#     shows it, and the recall by depth of 0.9.0, of 0.8.0 (without the mirrored atlas) and of step 39
+#     (0.9.0 plus 6000 steps) on the second set's 16 pymskt cases, then 0.9.0 on the first set's 8
+#     (the model card's "What blocks the remaining targets"):
+python bench/depth_recall.py --bundle $B $DATA/bundles/v21-heads-v5-seed4-9000 \
+  $DATA/bundles/v23-heads-v6-mirror-seed8-18000 --cases $V3/test_findings
+python bench/depth_recall.py --bundle $B --cases $V2/test
