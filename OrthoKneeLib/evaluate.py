@@ -114,7 +114,7 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
     cartilage off its bone removed, menisci medial and lateral by the fibula's side; False scores
     the raw argmax)."""
     from .postprocess import MAX_CARTILAGE_GAP_MM, SINGLE_PIECE, finish_prediction
-    from .predict import run_baseline, run_heads
+    from .predict import run_on_cached
 
     per_dice: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
     per_hd: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
@@ -124,12 +124,8 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
     for n, case in enumerate(cases):
         if cancel:
             cancel.raise_if_cancelled()
-        if kind == "supervised-baseline":
-            probs = run_baseline(model, np.asarray(case.array("image_reference"), np.float32), device=device)
-            finding_probs = None
-        else:
-            result = run_heads(model, case.fusion_inputs(), device=device, cancel=cancel)
-            probs, finding_probs = result["probabilities"], result["finding_probabilities"]
+        result = run_on_cached(kind, model, case, device=device, cancel=cancel)
+        probs, finding_probs = result["probabilities"], result.get("finding_probabilities")
         probs, labelmap, side = finish_prediction(probs, case.reference_grid, catalog, postprocess)
         truth = np.asarray(case.array("labels_reference"))
         spacing = case.reference_grid.spacing

@@ -308,6 +308,16 @@ def run_baseline(net, image_reference: np.ndarray, device="cpu") -> np.ndarray:
     return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
 
 
+def run_on_cached(kind: str, model, case, device="cpu", cancel: CancelToken | None = None) -> dict:
+    """A model's output on a cached case (train.CachedCase): the heads' whole result, or the
+    baseline's probabilities under the same key, so that scoring and the benches read both
+    kinds of model one way."""
+    if kind == "supervised-baseline":
+        return {"probabilities": run_baseline(model, np.asarray(case.array("image_reference"), np.float32),
+                                              device=device)}
+    return run_heads(model, case.fusion_inputs(), device=device, cancel=cancel)
+
+
 # ------------------------------------------------------------------------------- prediction
 
 CARTILAGE_PLATES = ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage")

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from OrthoKneeLib.errors import InputError
     from OrthoKneeLib.featurecache import default_cache_dir
     from OrthoKneeLib.postprocess import assign_meniscus_sides
-    from OrthoKneeLib.predict import load_heads, run_baseline, run_heads, views_fused
+    from OrthoKneeLib.predict import load_heads, run_on_cached, views_fused
     from OrthoKneeLib.train import CachedCase, cache_case, find_cases
 
     bundle = Bundle.open(args.bundle)
@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
              "structures": bundle.catalog.structure_keys, "rows": []}
     for n, folder in enumerate(folders):
         case = CachedCase(cache_case(bundle, folder, cache, views=views_fused(kind, heads)))
-        if kind == "supervised-baseline":
-            probabilities = run_baseline(heads, np.asarray(case.array("image_reference"), np.float32))
-        else:
-            probabilities = run_heads(heads, case.fusion_inputs())["probabilities"]
+        probabilities = run_on_cached(kind, heads, case)["probabilities"]
         probabilities, _ = assign_meniscus_sides(probabilities, case.reference_grid, bundle.catalog)
         truth = np.asarray(case.array("labels_reference"))
         sweep["rows"].append({"case_id": case.case_id, "contrast": case.contrast,

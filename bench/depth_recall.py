@@ -30,7 +30,7 @@ from OrthoKneeLib.errors import InputError, OrthoKneeError  # noqa: E402
 from OrthoKneeLib.featurecache import default_cache_dir  # noqa: E402
 from OrthoKneeLib.model.heads import Grid, grid_of  # noqa: E402
 from OrthoKneeLib.postprocess import finish_prediction  # noqa: E402
-from OrthoKneeLib.predict import load_heads, run_baseline, run_heads, views_fused  # noqa: E402
+from OrthoKneeLib.predict import load_heads, run_on_cached, views_fused  # noqa: E402
 from OrthoKneeLib.synth.sources import SOURCES, load_source_maps, map_labels  # noqa: E402
 from OrthoKneeLib.train import CachedCase, cache_case, find_cases  # noqa: E402
 
@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             truth = np.asarray(case.array("labels_reference"))
             if key not in case.meta["annotated"] or not (truth == label).any():
                 continue
-            if kind == "supervised-baseline":
-                probs = run_baseline(model, np.asarray(case.array("image_reference"), np.float32))
-            else:
-                probs = run_heads(model, case.fusion_inputs())["probabilities"]
+            probs = run_on_cached(kind, model, case)["probabilities"]
             pred = finish_prediction(probs, case.reference_grid, catalog)[1] == label
             grid = case.reference_grid
             depth = superior_mm(truth == tibia, grid).max() - superior_mm(truth == label, grid)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from OrthoKneeLib.bundle import Bundle  # noqa: E402
 from OrthoKneeLib.errors import InputError, OrthoKneeError  # noqa: E402
 from OrthoKneeLib.featurecache import default_cache_dir  # noqa: E402
-from OrthoKneeLib.predict import load_heads, run_baseline, run_heads, views_fused  # noqa: E402
+from OrthoKneeLib.predict import load_heads, run_on_cached, views_fused  # noqa: E402
 from OrthoKneeLib.train import CachedCase, cache_case, find_cases  # noqa: E402
 
 NEAR_MM, BESIDE_MM = 0.7, 4.5
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = {s: 0 for s in args.structures}
         for folder in folders:
             case = CachedCase(cache_case(bundle, folder, args.cache, views=views_fused(kind, model)))
-            if kind == "supervised-baseline":
-                probs = run_baseline(model, np.asarray(case.array("image_reference"), np.float32))
-            else:
-                probs = run_heads(model, case.fusion_inputs())["probabilities"]
+            probs = run_on_cached(kind, model, case)["probabilities"]
             pred, truth = probs.argmax(0), np.asarray(case.array("labels_reference"))
             for key in args.structures:
                 if key not in case.meta["annotated"] or not (truth == label[key]).any():
