@@ -624,3 +624,5 @@ done
 python bench/depth_recall.py --bundle $B $DATA/bundles/v21-heads-v5-seed4-9000 \
   $DATA/bundles/v23-heads-v6-mirror-seed8-18000 --cases $V3/test_findings
 python bench/depth_recall.py --bundle $B --cases $V2/test
+#     and how much disk the feature cache of all the cases above holds:
+orthoknee cache
