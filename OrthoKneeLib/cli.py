@@ -367,11 +367,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from collections import defaultdict
 
     from .bundle import Bundle
-    from .featurecache import prune_cache, scan_cache
+    from .featurecache import compact_cache, prune_cache, scan_cache
+    from .progress import TextProgress
 
     if args.keep_bundle and not args.prune:
         raise InputError(None, "--keep-bundle only says what `--prune` keeps.", "Add --prune (and --dry-run to look first).")
+    if args.compact and args.prune:
+        raise InputError(None, "--compact and --prune are two runs.", "Run `--prune` first, then `--compact`.")
     root = _cache_dir(args)
+    if args.compact:
+        converted, before, after = compact_cache(root, dry_run=args.dry_run, progress=TextProgress("compact", unit="entry"))
+        verb = "would rewrite" if args.dry_run else "rewrote"
+        print(f"{root}: {verb} the features of {converted} entries in 8 bits: {before / 2**30:.2f} GB -> "
+              f"{after / 2**30:.2f} GB{' (estimated)' if args.dry_run else ''}")
+        return 0
     kept = {}
     for path in args.keep_bundle or []:
         bundle = Bundle.open(path)
@@ -585,7 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove stale entries (case folder gone, case files changed, interrupted writes)")
     p.add_argument("--keep-bundle", type=Path, nargs="+", metavar="BUNDLE",
                    help="with --prune: also remove every entry of a bundle not named here")
-    p.add_argument("--dry-run", action="store_true", help="with --prune: list what would go, remove nothing")
+    p.add_argument("--compact", action="store_true",
+                   help="rewrite the float16 features of entries cached before 8-bit features, in place (half the disk)")
+    p.add_argument("--dry-run", action="store_true", help="with --prune or --compact: say what would change, change nothing")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("demo", help="load the shipped sample case and show what was found")

@@ -1,7 +1,9 @@
 """The feature cache on disk: entry names, what the cache holds, and what can go.
 
-Each (bundle backbone, case, views) gets one folder of float16 arrays, 150-450 MB per case
-(``train.cache_case`` writes them). Nothing ever removes an entry on its own: a new bundle
+Each (bundle backbone, case, views) gets one folder of arrays (``train.cache_case`` writes
+them): the full-resolution features as 8-bit codes per channel (``quantize_channels``; 80-230
+MB per case), everything else float16 or uint8. Entries written before the 8-bit features
+hold them as float16, twice the size; both are read, and ``compact_cache`` converts the old. Nothing ever removes an entry on its own: a new bundle
 version, re-rendered cases or an annotator's edited labels all make new entries and leave the
 old ones behind, so a few months of fine-tuning fill a disk (one development machine reached
 73 GB). This module lets a user see that and free it without guessing which folders still
@@ -18,11 +20,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
 
 from .errors import OrthoKneeError
+from .io import atomic_path
 
-__all__ = ["CACHE_LAYOUT", "default_cache_dir", "cache_key", "CacheEntry", "scan_cache", "prune_cache", "ensure_free_space"]
+__all__ = ["CACHE_LAYOUT", "default_cache_dir", "cache_key", "CacheEntry", "scan_cache", "prune_cache",
+           "ensure_free_space", "quantize_channels", "dequantize_channels", "QuantizedArray", "load_cached_array",
+           "save_features", "compact_cache"]
 
 CACHE_LAYOUT = 1
 CASE_FILES = ("case.json", "sagittal.nrrd", "coronal.nrrd", "axial.nrrd")
@@ -132,3 +139,142 @@ def ensure_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -
             f"{free / 2**20:.0f} MB is free. Free some space: `orthoknee cache --prune` removes the entries "
             "no case or bundle can use, `--keep-bundle B` also those of other bundles; or point --cache "
             "(or $ORTHOKNEE_CACHE) at a larger disk.")
+
+
+# ------------------------------------------------------------------------- 8-bit features
+
+SCALE_SUFFIX = "_scale"  # features_<plane>_scale.npy: (C, 2) float32, each channel's (min, step)
+
+
+def quantize_channels(array: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Codes in 2^bits - 1 even steps over each channel's (axis 0) own [min, max], and the
+    (C, 2) float32 (min, step) that reads them back.
+
+    The features are three quarters of a cache entry, and the heads cannot tell 8 bits from 16
+    on held-out cases (``bench/feature_bits.py``: Dice within 0.0012 in every case), so the
+    cache holds twice the cases on the same disk. Per channel, because channel ranges differ
+    by an order of magnitude.
+    """
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be 1-16, not {bits}")
+    levels = 2 ** bits - 1
+    flat = np.asarray(array).reshape(array.shape[0], -1)
+    scale = np.zeros((array.shape[0], 2), np.float32)
+    codes = np.empty(flat.shape, np.uint8 if bits <= 8 else np.uint16)
+    for c in range(flat.shape[0]):  # a channel at a time: no float32 copy of the whole array
+        values = flat[c].astype(np.float32)
+        lo, hi = float(values.min()), float(values.max())
+        step = (hi - lo) / levels if hi > lo else 1.0
+        scale[c] = lo, step
+        codes[c] = np.rint((values - np.float32(lo)) / np.float32(step))
+    return codes.reshape(array.shape), scale
+
+
+def dequantize_channels(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 values of ``codes`` (C, ...) given each channel's (min, step) in ``scale`` (C, 2)."""
+    shape = (-1,) + (1,) * (codes.ndim - 1)
+    return (scale[:, 0].reshape(shape) + codes.astype(np.float32) * scale[:, 1].reshape(shape)).astype(np.float32)
+
+
+class QuantizedArray:
+    """A cached 8-bit feature array that indexes like the float array it stands for: a read
+    dequantizes only what it reads, so a training patch costs a patch, not the whole volume.
+    The first index picks channels (an int or a slice)."""
+
+    def __init__(self, codes: np.ndarray, scale: np.ndarray) -> None:
+        if scale.shape != (codes.shape[0], 2):
+            raise ValueError(f"scale of shape {scale.shape} does not fit {codes.shape[0]} channels")
+        self.codes, self.scale = codes, np.asarray(scale, np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.codes.ndim
+
+    dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        channels = key[0] if key else slice(None)
+        if not isinstance(channels, (int, np.integer, slice)):
+            raise TypeError(f"the channel index must be an int or a slice, not {type(channels).__name__}")
+        codes = np.asarray(self.codes[key])
+        if isinstance(channels, slice):
+            return dequantize_channels(codes, self.scale[channels])
+        return dequantize_channels(codes[None], self.scale[channels][None])[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = dequantize_channels(np.asarray(self.codes), self.scale)
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+
+def load_cached_array(path: Path, mmap: bool = True) -> np.ndarray | QuantizedArray:
+    """One array of a cache entry; 8-bit features come back as a QuantizedArray."""
+    array = np.load(path, mmap_mode="r" if mmap else None)
+    scale_path = path.with_name(path.stem + SCALE_SUFFIX + ".npy")
+    if array.dtype == np.uint8 and path.stem.startswith("features_"):
+        if not scale_path.is_file():
+            raise OrthoKneeError(f"{path.parent}: the cache entry has 8-bit features without their scale "
+                                 f"({scale_path.name}). Remove the entry (`orthoknee cache --prune` removes stale "
+                                 "ones, or delete the folder); it is computed again when needed.")
+        return QuantizedArray(array, np.load(scale_path))
+    return array  # float16 features of older entries; a scale beside them is one a compaction left
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+
+def save_features(folder: Path, name: str, features: np.ndarray) -> None:
+    """Write ``name`` as 8-bit codes and its scale: the scale first, so that an interrupted
+    write leaves either the old array (which ignores a scale beside it) or both."""
+    codes, scale = quantize_channels(features)
+    _save_npy(folder / f"{name}{SCALE_SUFFIX}.npy", scale)
+    _save_npy(folder / f"{name}.npy", codes)
+
+
+def _npy_dtype(path: Path) -> np.dtype | None:
+    """The dtype in an .npy header; None for a file that is not one (left to --prune)."""
+    try:
+        return np.load(path, mmap_mode="r").dtype
+    except (OSError, ValueError):
+        return None
+
+
+def compact_cache(root: str | os.PathLike, dry_run: bool = False,
+                  progress: Callable[[int, int, str], None] | None = None) -> tuple[int, int, int]:
+    """Rewrite the float16 features of older entries as 8-bit codes, in place.
+
+    Returns (entries converted, bytes before, bytes after) over those entries (with ``dry_run``
+    the after is estimated and nothing is written). Entries still being written are skipped.
+    """
+    todo = []
+    for entry in scan_cache(root):
+        if entry.meta is None:
+            continue
+        old = [f for f in sorted(entry.path.glob("features_*.npy"))
+               if not f.stem.endswith(SCALE_SUFFIX) and _npy_dtype(f) == np.float16]
+        if old:
+            todo.append((entry, old))
+    converted, before, after = 0, 0, 0
+    for n, (entry, files) in enumerate(todo):
+        for f in files:
+            size = f.stat().st_size
+            before += size
+            if dry_run:
+                after += size // 2
+                continue
+            save_features(entry.path, f.stem, np.load(f, mmap_mode="r"))
+            after += f.stat().st_size + f.with_name(f.stem + SCALE_SUFFIX + ".npy").stat().st_size
+        converted += 1
+        if progress:
+            progress(n + 1, len(todo), entry.path.name)
+    return converted, before, after

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from .bundle import Bundle, derive_bundle
 from .errors import InputError
-from .featurecache import CACHE_LAYOUT, cache_key, ensure_free_space
+from .featurecache import CACHE_LAYOUT, cache_key, ensure_free_space, load_cached_array, save_features
 from .io import atomic_path, write_json_atomic
 from .labels import Catalog
 from .progress import CancelToken, ProgressFn, no_progress
@@ -55,7 +55,7 @@ def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str |
     """Compute (or find) the cached head inputs of one training case; returns its cache folder.
 
     ``views`` limits the backbone passes to the views the heads fuse: each view costs a
-    backbone pass and ~150 MB of cache per case, wasted when the heads ignore it. Empty
+    backbone pass and ~40-120 MB of cache per case, wasted when the heads ignore it. Empty
     ``views`` (the supervised baseline, which reads only the reference image and labels that
     every entry holds) takes any entry the case already has, else the cheapest: the reference
     view's alone.
@@ -81,8 +81,9 @@ def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str |
     warnings: list[str] = []
     fi = fusion_inputs(bundle, sc.case, device=device, cancel=cancel, warnings=warnings, use=views)
     ref_plane = sc.case.reference_plane
-    arrays = [fi.image_reference, fi.image_fusion, *fi.features.values(), *fi.coverage.values()]
-    needed = int(1.15 * 2 * sum(a.size for a in arrays))  # float16, plus pooled copies, labels, masks
+    arrays = [fi.image_reference, fi.image_fusion, *fi.coverage.values()]
+    needed = int(1.15 * (2 * sum(a.size for a in arrays)  # float16, plus pooled copies, labels, masks
+                         + sum(f.size for f in fi.features.values())))  # 8-bit features
     ensure_free_space(out.parent, needed, f"the feature cache entry of {case_folder.name}")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -98,7 +99,7 @@ def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str |
     save("image_reference", fi.image_reference)
     save("image_fusion", fi.image_fusion)
     for plane in fi.features:
-        save(f"features_{plane}", fi.features[plane])
+        save_features(out, f"features_{plane}", fi.features[plane])
         save(f"coverage_{plane}", fi.coverage[plane])
         save(f"pooled_features_{plane}", pooled(fi.features[plane], pool_kji).numpy())
         save(f"pooled_coverage_{plane}", pooled(fi.coverage[plane], pool_kji).numpy())
@@ -155,8 +156,9 @@ class CachedCase:
         self.pooled_masks = self.array("pooled_finding_masks", mmap=False)
 
     def array(self, name: str, mmap: bool = True) -> np.ndarray:
-        """A cached array, memory-mapped unless ``mmap`` is False."""
-        return np.load(self.folder / f"{name}.npy", mmap_mode="r" if mmap else None)
+        """A cached array, memory-mapped unless ``mmap`` is False (8-bit features: a
+        featurecache.QuantizedArray, which reads back float32 slices)."""
+        return load_cached_array(self.folder / f"{name}.npy", mmap)
 
     @property
     def case_id(self) -> str:

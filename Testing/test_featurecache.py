@@ -6,12 +6,14 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from OrthoKneeLib.cli import main
 from OrthoKneeLib.errors import OrthoKneeError
 from OrthoKneeLib.featurecache import (
-    CACHE_LAYOUT, INCOMPLETE_GRACE_S, cache_key, ensure_free_space, prune_cache, scan_cache,
+    CACHE_LAYOUT, INCOMPLETE_GRACE_S, QuantizedArray, cache_key, compact_cache, dequantize_channels,
+    ensure_free_space, load_cached_array, prune_cache, quantize_channels, scan_cache,
 )
 
 
@@ -109,3 +111,77 @@ def test_free_space_check_fails_before_writing_with_advice(tmp_path):
     ensure_free_space(tmp_path / "not" / "yet", 1024, "an entry")  # checks the nearest existing folder
     with pytest.raises(OrthoKneeError, match=r"needs about .* MB of disk .* `orthoknee cache --prune`"):
         ensure_free_space(tmp_path, 2**62, "the feature cache entry of case-1")
+
+
+# ------------------------------------------------------------------------- 8-bit features
+
+def _features(rng, channels=3):
+    values = np.stack([rng.normal(0, 1, (4, 6, 5)), np.full((4, 6, 5), 0.25), rng.uniform(-1.4, 0.3, (4, 6, 5))])
+    return values[:channels].astype(np.float16)
+
+
+def test_8_bit_codes_read_back_within_half_a_step_whichever_way_they_are_indexed():
+    features = _features(np.random.default_rng(0))
+    codes, scale = quantize_channels(features)
+    assert codes.dtype == np.uint8 and scale.shape == (3, 2) and codes.max() == 255 and codes.min() == 0
+    values = dequantize_channels(codes, scale)
+    error = np.abs(values - features.astype(np.float32))
+    for c in (0, 2):
+        step = np.ptp(features[c].astype(np.float32)) / 255
+        assert step / 10 < error[c].max() <= step / 2 + 1e-6
+    assert np.all(values[1] == np.float32(0.25))  # a constant channel stays exact
+    lazy = QuantizedArray(codes, scale)
+    assert lazy.shape == features.shape and len(lazy) == 3
+    assert np.array_equal(np.asarray(lazy, np.float32), values)
+    for key in (np.s_[:, 1:3, 2:5, :], np.s_[2], np.s_[1:, 0], np.s_[0, :, 3]):
+        assert np.array_equal(lazy[key], values[key]), key
+    with pytest.raises(TypeError, match="channel index"):
+        lazy[[0, 2]]
+
+
+def _old_entry(cache: Path, folder: Path, features: np.ndarray) -> Path:
+    entry = _entry(cache, folder, "bundle1", planes=("sagittal",), views=("sagittal",))
+    for name, array in (("features_sagittal", features), ("pooled_features_sagittal", features[:, ::2])):
+        np.save(entry / f"{name}.npy", array)  # float16, as entries were written before 8-bit features
+    return entry
+
+
+def test_compact_rewrites_old_float16_features_in_place(tmp_path, capsys):
+    features = _features(np.random.default_rng(1))
+    features = np.tile(features, (1, 8, 8, 8))  # large enough that the 2 x 4 bytes of scale a channel are small
+    entry = _old_entry(tmp_path / "cache", _case(tmp_path, "a"), features)
+    before = (entry / "features_sagittal.npy").stat().st_size
+
+    assert main(["cache", "--cache", str(tmp_path / "cache"), "--compact", "--dry-run"]) == 0
+    assert "would rewrite the features of 1 entries" in capsys.readouterr().out
+    assert np.load(entry / "features_sagittal.npy").dtype == np.float16
+
+    assert main(["cache", "--cache", str(tmp_path / "cache"), "--compact"]) == 0
+    assert "rewrote the features of 1 entries" in capsys.readouterr().out
+    assert np.load(entry / "features_sagittal.npy").dtype == np.uint8
+    assert (entry / "features_sagittal.npy").stat().st_size < 0.52 * before
+    assert np.load(entry / "pooled_features_sagittal.npy").dtype == np.float16  # small, read whole: kept
+    read = load_cached_array(entry / "features_sagittal.npy")
+    assert isinstance(read, QuantizedArray)
+    assert np.abs(np.asarray(read) - features.astype(np.float32)).max() <= np.ptp(features.astype(np.float32)) / 255
+    assert compact_cache(tmp_path / "cache") == (0, 0, 0)  # nothing left to do
+
+
+def test_an_interrupted_compaction_leaves_a_readable_entry(tmp_path):
+    """The scale is written before the codes: stopped between the two, the float16 array is read
+    as it was; codes without their scale are refused with advice, never read as values."""
+    features = _features(np.random.default_rng(2))
+    entry = _old_entry(tmp_path / "cache", _case(tmp_path, "a"), features)
+    np.save(entry / "features_sagittal_scale.npy", quantize_channels(features)[1])
+    read = load_cached_array(entry / "features_sagittal.npy")
+    assert isinstance(read, np.ndarray) and np.array_equal(read, features)
+
+    (entry / "features_sagittal_scale.npy").unlink()
+    np.save(entry / "features_sagittal.npy", quantize_channels(features)[0])
+    with pytest.raises(OrthoKneeError, match="without their scale"):
+        load_cached_array(entry / "features_sagittal.npy")
+
+
+def test_compact_and_prune_are_separate_runs(tmp_path, capsys):
+    assert main(["cache", "--cache", str(tmp_path), "--compact", "--prune"]) != 0
+    assert "two runs" in capsys.readouterr().err

@@ -597,6 +597,32 @@ def test_depth_recall_bench_bands_the_structure_below_the_tibias_top(pipeline, c
     assert len(shares) == 5 and abs(sum(shares) - 1) < 0.02
 
 
+def test_feature_bits_bench_rounds_each_channel_within_half_a_step(pipeline, capsys, bench_script):
+    """bench/feature_bits.py: rounding keeps each channel's range, errs by at most half a step,
+    keeps a constant channel exactly; the tables compare both precisions on the same cases."""
+    feature_bits = bench_script("feature_bits")
+    rng = np.random.default_rng(0)
+    features = np.stack([rng.normal(0, 1, (4, 5, 6)), np.full((4, 5, 6), 0.25), rng.uniform(-3, 9, (4, 5, 6))])
+    rounded = feature_bits.quantized(features.astype(np.float16), bits=4)
+    for channel, step in ((0, np.ptp(features[0]) / 15), (2, np.ptp(features[2]) / 15)):
+        error = np.abs(rounded[channel] - features[channel])
+        assert error.max() <= step / 2 + 1e-2 and error.max() > step / 10  # coarse, and no coarser
+        assert len(np.unique(rounded[channel])) <= 16
+    assert np.all(rounded[1] == np.float32(np.float16(0.25)))
+
+    assert feature_bits.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
+                              "--cache", str(pipeline["root"] / "cache"), "--bits", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "0.50 x" in out.splitlines()[0]  # half a byte a value rounds up to a whole byte: 8 of 16 bits
+    dice_rows = [line.split("|") for line in out.split("\n\n")[1].splitlines()[2:]]
+    assert {r[1].strip() for r in dice_rows} >= {"femur", "tibia"} and all(int(r[2]) == 3 for r in dice_rows)
+    assert all(0 <= float(r[i]) <= 1 for r in dice_rows for i in (3, 4, 5))
+    assert all(abs(float(r[6])) <= abs(float(r[7])) + 1e-4 for r in dice_rows)  # a mean is no larger than the largest
+    with pytest.raises(Exception, match="out of range"):
+        feature_bits.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
+                           "--bits", "1"])
+
+
 def test_roc_auc_by_ranks_matches_the_pairwise_definition():
     rng = np.random.default_rng(3)
     scores = np.round(rng.random(300), 1)  # many ties
@@ -706,6 +732,25 @@ def test_cache_of_a_view_subset_holds_only_those_views_and_matches_the_full_cach
     np.testing.assert_array_equal(subset.array("labels_fusion"), full.array("labels_fusion"))
     every = cache_case(pipeline["base"], folder, pipeline["root"] / "cache", views=["axial", "coronal", "sagittal"])
     assert every == pipeline["caches"][0]
+
+
+def test_the_cache_holds_8_bit_features_that_read_back_within_half_a_step(pipeline):
+    """Each channel's codes span its own range; what training and evaluation read is the
+    Predictor's float32 features to within half a step."""
+    from OrthoKneeLib.featurecache import QuantizedArray
+    from OrthoKneeLib.predict import fusion_inputs
+
+    cached = CachedCase(pipeline["caches"][0])
+    assert np.load(cached.folder / "features_sagittal.npy", mmap_mode="r").dtype == np.uint8
+    lazy = cached.array("features_sagittal")
+    assert isinstance(lazy, QuantizedArray)
+    fresh = fusion_inputs(pipeline["base"], read_case(pipeline["folders"][0]).case)
+    for plane, values in cached.fusion_inputs().features.items():
+        assert values.dtype == np.float32 and values.shape == fresh.features[plane].shape
+        step = np.ptp(fresh.features[plane].reshape(len(values), -1), axis=1) / 255
+        error = np.abs(values - fresh.features[plane]).reshape(len(values), -1).max(1)
+        assert np.all(error <= step / 2 + 1e-5), plane
+    assert np.array_equal(lazy[:, 1:3, 4:9, 2:6], np.asarray(lazy)[:, 1:3, 4:9, 2:6])
 
 
 def test_cancel_from_another_thread_stops_within_a_second(predictor, case):
