@@ -55,7 +55,7 @@ def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str |
     """Compute (or find) the cached head inputs of one training case; returns its cache folder.
 
     ``views`` limits the backbone passes to the views the heads fuse: each view costs a
-    backbone pass and ~40-120 MB of cache per case, wasted when the heads ignore it. Empty
+    backbone pass and ~60-120 MB of cache per case, wasted when the heads ignore it. Empty
     ``views`` (the supervised baseline, which reads only the reference image and labels that
     every entry holds) takes any entry the case already has, else the cheapest: the reference
     view's alone.
