@@ -3,12 +3,14 @@
 Each (bundle backbone, case, views) gets one folder of arrays (``train.cache_case`` writes
 them): the full-resolution features as 8-bit codes per channel (``quantize_channels``; 80-230
 MB per case), everything else float16 or uint8. Entries written before the 8-bit features
-hold them as float16, twice the size; both are read, and ``compact_cache`` converts the old. Nothing ever removes an entry on its own: a new bundle
-version, re-rendered cases or an annotator's edited labels all make new entries and leave the
-old ones behind, so a few months of fine-tuning fill a disk (one development machine reached
-73 GB). This module lets a user see that and free it without guessing which folders still
-matter: an entry is stale when its case folder is gone or its files changed since it was
-cached (its name no longer matches), and unused when it belongs to no bundle the user keeps.
+hold them as float16, twice the size; both are read, and ``compact_cache`` converts the old.
+
+Nothing ever removes an entry on its own: a new bundle version, re-rendered cases or an
+annotator's edited labels all make new entries and leave the old ones behind, so a few months
+of fine-tuning fill a disk (one development machine reached 73 GB). This module lets a user
+see that and free it without guessing which folders still matter: an entry is stale when its
+case folder is gone or its files changed since it was cached (its name no longer matches),
+and unused when it belongs to no bundle the user keeps.
 """
 
 from __future__ import annotations

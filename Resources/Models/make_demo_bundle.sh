@@ -626,3 +626,25 @@ python bench/depth_recall.py --bundle $B $DATA/bundles/v21-heads-v5-seed4-9000 \
 python bench/depth_recall.py --bundle $B --cases $V2/test
 #     and how much disk the feature cache of all the cases above holds:
 orthoknee cache
+
+# 43. 8-bit features in the cache (OrthoKneeLib/featurecache.py: quantize_channels). What they change,
+#     against the float32 features the Predictor computes and the float16 ones the cache held before,
+#     on the first held-out set (features computed afresh; about 20 s a case):
+python bench/feature_bits.py --bundle $B --cases $V2/test
+#     then every entry cached above rewritten in place (55.35 GB of features -> 27.68 GB):
+orthoknee cache --compact
+#     Twice the renders of step 36's subjects: the same synth commands with --n 420 (OAI), 90 (SPL) and
+#     48 (mirrored SPL) render cases 240-419, 54-89 and 24-47 into the same folders; $V7/train links every
+#     training case of the three, and 0.9.0's heads are continued 3000 steps on them with seed 7: step 37
+#     (the same start, steps and seed on step 36's 268 cases) is the control.
+#     python bench/compare_two.py $DATA/bundles/v22-heads-v6-mirror-seed7-15000[.findings-test].eval.json \
+#       $DATA/bundles/v25-heads-v7-seed7-15000[.findings-test].eval.json
+V7=$DATA/v7
+orthoknee synth --labels $SHARED/labels-oai --source oai --out $V4/synth_oai --n 420 --seed 123 --workers 2 --no-sheets
+orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V4/synth_spl --n 90 --seed 12 --workers 2 --no-sheets
+orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V6/synth_spl_mirror --n 48 --seed 13 \
+  --mirror-fraction 1 --workers 2 --no-sheets
+link_cases $V7/train train 0 $V4/synth_oai
+link_cases $V7/train all 0 $V4/synth_spl
+link_cases $V7/train all 0 $V6/synth_spl_mirror
+continue_heads v22-heads-v6-mirror-seed6-12000 $V7/train v25-heads-v7-seed7-15000 7 0.10.0
