@@ -637,8 +637,6 @@ orthoknee cache --compact
 #     48 (mirrored SPL) render cases 240-419, 54-89 and 24-47 into the same folders; $V7/train links every
 #     training case of the three, and 0.9.0's heads are continued 3000 steps on them with seed 7: step 37
 #     (the same start, steps and seed on step 36's 268 cases) is the control.
-#     python bench/compare_two.py $DATA/bundles/v22-heads-v6-mirror-seed7-15000[.findings-test].eval.json \
-#       $DATA/bundles/v25-heads-v7-seed7-15000[.findings-test].eval.json
 V7=$DATA/v7
 orthoknee synth --labels $SHARED/labels-oai --source oai --out $V4/synth_oai --n 420 --seed 123 --workers 2 --no-sheets
 orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V4/synth_spl --n 90 --seed 12 --workers 2 --no-sheets
@@ -648,3 +646,11 @@ link_cases $V7/train train 0 $V4/synth_oai
 link_cases $V7/train all 0 $V4/synth_spl
 link_cases $V7/train all 0 $V6/synth_spl_mirror
 continue_heads v22-heads-v6-mirror-seed6-12000 $V7/train v25-heads-v7-seed7-15000 7 0.10.0
+#     Step 37 scored again on the compacted (8-bit) cache for the pairing, and the run shipped as heads
+#     0.10.0 (the model card's "Heads 0.10.0"), paired with 0.9.0 and with step 37:
+#     python bench/compare_two.py $DATA/bundles/v22-heads-v6-mirror-seed6-12000[.findings-test].eval.json \
+#       $DATA/bundles/v25-heads-v7-seed7-15000[.findings-test].eval.json
+#     python bench/compare_two.py $DATA/bundles/v22-heads-v6-mirror-seed7-15000[.findings-test].eval.8bit.json \
+#       $DATA/bundles/v25-heads-v7-seed7-15000[.findings-test].eval.json
+score_held_out v22-heads-v6-mirror-seed7-15000 .8bit
+ship_heads $DATA/bundles/v25-heads-v7-seed7-15000 $DATA/bundles/v25-heads-v7-seed7-15000.eval.json
