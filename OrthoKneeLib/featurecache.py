@@ -31,7 +31,7 @@ from .io import atomic_path
 
 __all__ = ["CACHE_LAYOUT", "default_cache_dir", "cache_key", "CacheEntry", "scan_cache", "prune_cache",
            "ensure_free_space", "quantize_channels", "dequantize_channels", "QuantizedArray", "load_cached_array",
-           "save_features", "compact_cache"]
+           "save_npy", "save_features", "compact_cache"]
 
 CACHE_LAYOUT = 1
 CASE_FILES = ("case.json", "sagittal.nrrd", "coronal.nrrd", "axial.nrrd")
@@ -229,7 +229,8 @@ def load_cached_array(path: Path, mmap: bool = True) -> np.ndarray | QuantizedAr
     return array  # float16 features of older entries; a scale beside them is one a compaction left
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """One array of a cache entry, written to a temporary name and renamed."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, array)
@@ -239,8 +240,8 @@ def save_features(folder: Path, name: str, features: np.ndarray) -> None:
     """Write ``name`` as 8-bit codes and its scale: the scale first, so that an interrupted
     write leaves either the old array (which ignores a scale beside it) or both."""
     codes, scale = quantize_channels(features)
-    _save_npy(folder / f"{name}{SCALE_SUFFIX}.npy", scale)
-    _save_npy(folder / f"{name}.npy", codes)
+    save_npy(folder / f"{name}{SCALE_SUFFIX}.npy", scale)
+    save_npy(folder / f"{name}.npy", codes)
 
 
 def _npy_dtype(path: Path) -> np.dtype | None:

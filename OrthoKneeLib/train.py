@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from .bundle import Bundle, derive_bundle
 from .errors import InputError
-from .featurecache import CACHE_LAYOUT, cache_key, ensure_free_space, load_cached_array, save_features
+from .featurecache import CACHE_LAYOUT, cache_key, ensure_free_space, load_cached_array, save_features, save_npy
 from .io import atomic_path, write_json_atomic
 from .labels import Catalog
 from .progress import CancelToken, ProgressFn, no_progress
@@ -88,9 +88,7 @@ def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str |
     out.mkdir(parents=True, exist_ok=True)
 
     def save(name: str, array: np.ndarray, dtype=np.float16) -> None:
-        with atomic_path(out / f"{name}.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(array, dtype=dtype))
+        save_npy(out / f"{name}.npy", np.ascontiguousarray(array, dtype=dtype))
 
     fusion_ref = fi.fusion_grid.image()
     labels_ref = sc.labels[ref_plane]

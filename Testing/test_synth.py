@@ -21,7 +21,7 @@ BONES = ("femur", "tibia", "patella")
 
 
 def _source_dir(shared_data, source):
-    return shared_data / {"oai": "labels-oai", "pymskt": "labels-pymskt", "spl": "labels-spl-atlas"}[source]
+    return shared_data / SOURCES[source].shared_folder
 
 
 @pytest.mark.parametrize("source", ["pymskt", "spl", "oai"])

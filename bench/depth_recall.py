@@ -34,9 +34,6 @@ from OrthoKneeLib.predict import load_heads, run_on_cached, views_fused  # noqa:
 from OrthoKneeLib.synth.sources import SOURCES, load_source_maps, map_labels  # noqa: E402
 from OrthoKneeLib.train import CachedCase, cache_case, find_cases  # noqa: E402
 
-FOLDERS = {"pymskt": "labels-pymskt", "spl": "labels-spl-atlas", "oai": "labels-oai"}
-
-
 def superior_mm(mask: np.ndarray, grid: Grid) -> np.ndarray:
     """Patient-superior coordinate (LPS z, mm) of each voxel of ``mask`` (k, j, i), in
     ``np.argwhere`` order, which is also the order of ``array[mask]``."""
@@ -62,11 +59,11 @@ def recall_by_band(depth_mm: np.ndarray, found: np.ndarray, band_mm: float, n_ba
 def source_rows(shared: Path, key: str, catalog) -> list[str]:
     label, tibia = catalog.structure(key).label, catalog.structure("tibia").label
     rows = []
-    for source, folder in FOLDERS.items():
-        if key not in SOURCES[source].structures.values():
+    for source, spec in SOURCES.items():
+        if key not in spec.structures.values():
             rows.append(f"| {source} | (labels no {key}) | | | | |")
             continue
-        for m in load_source_maps(shared / folder, source):
+        for m in load_source_maps(shared / spec.shared_folder, source):
             labels = map_labels(m.source, sitk.GetArrayFromImage(m.image))[0]
             grid = grid_of(m.image)
             top = superior_mm(labels == tibia, grid).max()

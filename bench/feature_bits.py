@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     probs_by: dict[str, list[np.ndarray]] = {p: [] for p in precisions}
     truths, known = [], []
     bytes_16 = bytes_n = 0
+    views = views_fused(kind, heads)
     for folder in folders:
-        views = views_fused(kind, heads)
         case = CachedCase(cache_case(bundle, folder, args.cache, views=views))
         inputs = fusion_inputs(bundle, read_case(folder).case, use=views)
         variants = {

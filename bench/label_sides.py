@@ -26,20 +26,17 @@ from OrthoKneeLib.model.heads import grid_of  # noqa: E402
 from OrthoKneeLib.postprocess import knee_side  # noqa: E402
 from OrthoKneeLib.synth.sources import SOURCES, load_source_maps, map_labels  # noqa: E402
 
-FOLDERS = {"pymskt": "labels-pymskt", "spl": "labels-spl-atlas", "oai": "labels-oai"}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = parser.parse_args()
     keys = ("fibula", "medial_meniscus", "lateral_meniscus")
     print(f"{'source map':<58} {'side':>6}  " + "  ".join(f"{k + ' x, y, z':>26}" for k in keys))
-    for source, folder in FOLDERS.items():
-        if "fibula" not in SOURCES[source].structures.values():
+    for source, spec in SOURCES.items():
+        if "fibula" not in spec.structures.values():
             print(f"{source:<58} {'-':>6}  (the source labels no fibula)")
             continue
-        for m in load_source_maps(Path(args.shared) / folder, source):
+        for m in load_source_maps(Path(args.shared) / spec.shared_folder, source):
             labels = map_labels(m.source, sitk.GetArrayFromImage(m.image))[0]
             grid = grid_of(m.image)
             side = knee_side(labels, grid, DEFAULT_CATALOG)

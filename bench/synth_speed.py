@@ -20,14 +20,13 @@ sys.path.insert(0, str(REPO))
 
 from OrthoKneeLib.progress import TextProgress  # noqa: E402
 from OrthoKneeLib.synth import SynthConfig, synthesize  # noqa: E402
-
-DIRS = {"oai": "labels-oai", "pymskt": "labels-pymskt", "spl": "labels-spl-atlas"}
+from OrthoKneeLib.synth.sources import SOURCES  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--source", default="oai", choices=sorted(DIRS))
+    parser.add_argument("--source", default="oai", choices=sorted(SOURCES))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--mirror-fraction", type=float, default=0.0, help="share of cases drawn as the other knee")
@@ -38,7 +37,7 @@ def main() -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="orthoknee-synth-bench-"))
     config = SynthConfig(source=args.source, n=args.n, seed=args.seed, mirror_fraction=args.mirror_fraction)
     start = time.perf_counter()
-    manifest = synthesize(args.data / DIRS[args.source], out, config, workers=args.workers,
+    manifest = synthesize(args.data / SOURCES[args.source].shared_folder, out, config, workers=args.workers,
                           progress=TextProgress("synth", unit="case"))
     wall = time.perf_counter() - start
     rendered = manifest["rendered_now"]

@@ -62,6 +62,7 @@ class LabelSource:
     structures: dict[int, str]  # source value -> catalog structure key
     extras: dict[int, tuple[int, str | None]] = field(default_factory=dict)  # value -> (tissue, role)
     subject_regex: str | None = None  # group(1) of the file name is the subject id
+    shared_folder: str = ""  # the folder of ../shared/data that holds this collection
 
     @property
     def annotated(self) -> tuple[str, ...]:
@@ -88,6 +89,7 @@ SOURCES: dict[str, LabelSource] = {
     "pymskt": LabelSource(
         name="pymskt",
         pattern="SAG_3D_DESS_*-label.nrrd",
+        shared_folder="labels-pymskt",
         structures={
             1: "femoral_cartilage", 2: "tibial_cartilage", 3: "tibial_cartilage", 4: "patellar_cartilage",
             5: "femur", 6: "tibia", 7: "patella", 8: "fibula", 9: "lateral_meniscus", 10: "medial_meniscus",
@@ -96,6 +98,7 @@ SOURCES: dict[str, LabelSource] = {
     "spl": LabelSource(
         name="spl",
         pattern="seg.nrrd",
+        shared_folder="labels-spl-atlas",
         structures={
             31: "acl", 32: "pcl", 81: "lateral_meniscus", 82: "medial_meniscus", 83: "femoral_cartilage",
             84: "tibial_cartilage", 85: "tibial_cartilage", 86: "patellar_cartilage",
@@ -106,6 +109,7 @@ SOURCES: dict[str, LabelSource] = {
     "oai": LabelSource(
         name="oai",
         pattern="*/*.nii.gz",
+        shared_folder="labels-oai",
         structures={1: "femur", 2: "femoral_cartilage", 3: "tibia", 4: "tibial_cartilage", 5: "patella", 6: "patellar_cartilage"},
         # Bone lesions lie inside their bone: structure = the bone, plus a real finding mask.
         extras={7: (Tissue.EDEMA_MARROW, BONE_LESION), 8: (Tissue.EDEMA_MARROW, BONE_LESION), 9: (Tissue.EDEMA_MARROW, BONE_LESION)},
