@@ -336,7 +336,9 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
         if ask and not slicer.util.confirmOkCancelDisplay(
                 "OrthoKnee needs PyTorch and MONAI (about 1 GB with CUDA support). Install them now?"):
             return False
-        requirements = [r for r in REQUIREMENTS.read_text().split() if r and not r.startswith("#")]
+        # one requirement per line; comments (whole-line or trailing) are not package names
+        lines = (line.split("#", 1)[0].strip() for line in REQUIREMENTS.read_text().splitlines())
+        requirements = [r for r in lines if r]
         if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
             slicer.packaging.pip_ensure(requirements)  # Slicer >= 5.8
         else:

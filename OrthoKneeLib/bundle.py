@@ -117,6 +117,73 @@ def derive_bundle(bundle: "Bundle", out: str | os.PathLike, version: str | None 
     return Bundle.open(out, verify=True)
 
 
+_SHA256_CHARS = set("0123456789abcdef")
+
+
+def _check_weight_entry(meta_path: Path, where: str, entry: Any) -> None:
+    """A weights entry names a file inside the bundle and its sha256: a path that climbs out of
+    the bundle (``../``) or is absolute is refused, so metadata cannot point the loader elsewhere."""
+    if not isinstance(entry, dict):
+        raise BundleError(meta_path, f"{where} is a {type(entry).__name__}, not an object.", _RESTORE)
+    relative = entry.get("weights")
+    if not isinstance(relative, str) or not relative:
+        raise BundleError(meta_path, f"{where}.weights is {relative!r}, not a file name.", _RESTORE)
+    parts = Path(relative).parts
+    if Path(relative).is_absolute() or ".." in parts or (parts and parts[0] != "weights"):
+        raise BundleError(meta_path, f"{where}.weights {relative!r} points outside the bundle's weights/ folder.",
+                          "Do not use this bundle: its metadata.json was altered. Restore it from its source.")
+    digest = entry.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _SHA256_CHARS:
+        raise BundleError(meta_path, f"{where}.sha256 is {digest!r}, not a sha256 hex digest.", _RESTORE)
+
+
+_RESTORE = "Restore the bundle from its source."
+
+
+def _check_metadata(meta_path: Path, metadata: Any) -> None:
+    """Every value the loader reads has the type it needs; a malformed one is named, not a KeyError later."""
+    if not isinstance(metadata, dict):
+        raise BundleError(meta_path, f"holds a {type(metadata).__name__}, not an object.", _RESTORE)
+    for key in ("name", "version"):
+        if not isinstance(metadata.get(key), str):
+            raise BundleError(meta_path, f"'{key}' is {metadata.get(key)!r}, not a string.", _RESTORE)
+    views = metadata.get("views")
+    if not isinstance(views, dict):
+        raise BundleError(meta_path, f"'views' is {views!r}, not an object.", _RESTORE)
+    for plane, entry in views.items():
+        if plane not in ("sagittal", "coronal", "axial"):
+            raise BundleError(meta_path, f"'views' names {plane!r}, not sagittal, coronal or axial.", _RESTORE)
+        _check_weight_entry(meta_path, f"views.{plane}", entry)
+        try:
+            config = ViewModelConfig.from_json(entry["model"])
+            ok = all(v > 0 for k in ("spacing", "patch", "window", "channels") for v in getattr(config, k))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(meta_path, f"views.{plane}.model is not a valid architecture ({exc}).",
+                              _RESTORE) from None
+        if not ok:
+            raise BundleError(meta_path, f"views.{plane}.model has a size or spacing that is not positive.", _RESTORE)
+    features = metadata.get("features")
+    try:
+        timesteps = features["timesteps"]
+        valid = all(isinstance(t, int) and 0 <= t < 1000 for plane in timesteps.values() for t in plane)
+        valid = valid and int(features["budget_per_block"]) > 0 and 0 <= float(features["overlap"]) < 1
+    except (KeyError, TypeError, ValueError, AttributeError):
+        valid = False
+    if not valid:
+        raise BundleError(meta_path, "'features' lacks valid timesteps (0-999), budget_per_block (> 0) or overlap "
+                          "([0, 1)).", _RESTORE)
+    heads = metadata.get("heads")
+    if heads is not None:
+        _check_weight_entry(meta_path, "heads", heads)
+        if not isinstance(heads.get("kind"), str):
+            raise BundleError(meta_path, f"heads.kind is {heads.get('kind')!r}, not a string.", _RESTORE)
+    try:
+        Catalog.from_json(metadata["catalog"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(meta_path, f"'catalog' is not a valid label catalog ({type(exc).__name__}: {exc}).",
+                          _RESTORE) from None
+
+
 def next_version(version: str) -> str:
     """The next minor version ("0.5.0" -> "0.6.0"); an unparsable one gets ".1" appended."""
     parts = version.split(".")
@@ -153,6 +220,7 @@ class Bundle:
         if version != FORMAT_VERSION:
             raise BundleError(meta_path, f"has bundle format version {version!r}; this OrthoKnee reads version "
                               f"{FORMAT_VERSION}.", "Use the OrthoKnee release that made the bundle, or re-export it.")
+        _check_metadata(meta_path, metadata)
         bundle = cls(path, metadata)
         if verify:
             bundle.verify()

@@ -16,6 +16,18 @@ from typing import Sequence
 
 from . import __version__
 from .errors import InputError, OrthoKneeError
+from .cliargs import (
+    OneLineParser,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    probability,
+)
+from .inputcheck import DEFAULT_MAX_VOXELS
+from .io import json_text
 
 __all__ = ["main"]
 
@@ -39,11 +51,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     volumes, errors = [], []
     for path in args.paths:
         try:
-            volumes.extend(v.describe() for v in list_volumes(path))
+            volumes.extend(v.describe() for v in list_volumes(path, max_voxels=args.max_voxels))
         except OrthoKneeError as exc:
             errors.append({"path": str(path), "error": str(exc), "type": type(exc).__name__})
     if args.json:
-        print(json.dumps({"volumes": volumes, "errors": errors}, indent=2))
+        print(json_text({"volumes": volumes, "errors": errors}))
     else:
         header = f"{'plane':9} {'size':13} {'spacing (mm)':22} {'orient':6} {'TE (ms)':10} {'description':34} path"
         print(header)
@@ -69,7 +81,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     from .labels import DEFAULT_CATALOG
 
     if args.json:
-        print(json.dumps(DEFAULT_CATALOG.to_json(), indent=2))
+        print(json_text(DEFAULT_CATALOG.to_json()))
         return 0
     for title, entries in (("Structures", DEFAULT_CATALOG.structures), ("Findings", DEFAULT_CATALOG.findings)):
         print(title)
@@ -87,13 +99,29 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- reformat
 
 
+_IMAGE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")
+
+
+def _check_image_out(path: Path) -> None:
+    """An --out image file that can be written, checked before the input is read."""
+    from .outfolder import check_output_folder
+
+    if path.is_dir():
+        raise InputError(path, "is a folder; --out names the image file to write.", "Give e.g. --out out.nrrd.")
+    if not path.name.lower().endswith(_IMAGE_SUFFIXES):
+        raise InputError(path, "does not end in an image format OrthoKnee writes.",
+                         f"End --out in one of {', '.join(_IMAGE_SUFFIXES)}.")
+    check_output_folder(path.parent)
+
+
 def cmd_reformat(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
     from .io import write_image_atomic
     from .volumes import detect_plane, load_volume, orientation_code, reformat
 
-    volume = load_volume(args.input, series=args.series, echo=args.echo)
+    _check_image_out(args.out)
+    volume = load_volume(args.input, series=args.series, echo=args.echo, max_voxels=args.max_voxels)
     image = reformat(volume, args.plane, args.in_plane, args.thickness, slice_gap=args.gap)
     write_image_atomic(image, args.out)
     print(
@@ -111,7 +139,8 @@ def cmd_resample(args: argparse.Namespace) -> int:
     from .io import write_image_atomic
     from .volumes import load_volume, resample_to_spacing
 
-    volume = load_volume(args.input, series=args.series, echo=args.echo)
+    _check_image_out(args.out)
+    volume = load_volume(args.input, series=args.series, echo=args.echo, max_voxels=args.max_voxels)
     image = resample_to_spacing(volume.image, args.spacing, kind="label" if args.label else "linear")
     write_image_atomic(image, args.out)
     print(f"{args.out}: {_fmt_size(image.GetSize())} at {_fmt_spacing(image.GetSpacing())} mm")
@@ -213,18 +242,25 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _load_case(args: argparse.Namespace):
+    """The case the arguments name; every volume goes through the same checks (in Case)."""
     from .volumes import Case, list_volumes, load_volume
 
-    named = {p: load_volume(getattr(args, p)) for p in ("sagittal", "coronal", "axial") if getattr(args, p)}
+    def load(path):
+        return load_volume(path, series=args.series, echo=args.echo, max_voxels=args.max_voxels)
+
+    named = {p: load(getattr(args, p)) for p in ("sagittal", "coronal", "axial") if getattr(args, p)}
     loose = []
     for path in args.paths:
-        volumes = [v for v in list_volumes(path) if "label" not in Path(v.path).name.lower()]
+        if args.series is not None or args.echo is not None:
+            loose.append(load(path))
+            continue
+        volumes = [v for v in list_volumes(path, max_voxels=args.max_voxels) if "label" not in Path(v.path).name.lower()]
         if len(volumes) > 1 and Path(path).is_file():
-            volumes = [load_volume(path)]  # one file of a series: its own series only
+            volumes = [load(path)]  # one file of a series: its own series only
         loose.extend(volumes)
     if not named and not loose:
         raise InputError(None, "no input series were given.",
-                             "Give files or DICOM folders, or --sagittal/--coronal/--axial.")
+                         "Give files or DICOM folders, or --sagittal/--coronal/--axial.")
     case = Case.from_volumes(loose) if loose else None
     views = dict(case.views) if case else {}
     views.update(named)
@@ -233,17 +269,19 @@ def _load_case(args: argparse.Namespace):
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .montage import montage
+    from .outfolder import check_output_folder, locked_folder
     from .predict import Predictor
     from .progress import TextProgress
 
-    case = _load_case(args)
-    predictor = Predictor(args.bundle, device=args.device, postprocess=not args.raw)
-    prediction = predictor.predict(case, progress=TextProgress("predict", unit="stage"))
-    written = prediction.save(args.out)
-    if not args.no_montage:
-        written["montage"] = montage(prediction, case, Path(args.out) / "montage.png")
+    check_output_folder(args.out)  # before minutes of compute, not after
+    with locked_folder(args.out):  # a second run into the same folder is refused now, not mixed in later
+        case = _load_case(args)
+        predictor = Predictor(args.bundle, device=args.device, postprocess=not args.raw)
+        prediction = predictor.predict(case, progress=TextProgress("predict", unit="stage"))
+        extra = {} if args.no_montage else {"montage.png": lambda path: montage(prediction, case, path)}
+        written = prediction.save(args.out, extra=extra)
     if args.json:
-        print(json.dumps({**prediction.summary(), "files": {k: str(v) for k, v in written.items()}}, indent=2))
+        print(json_text({**prediction.summary(), "files": {k: str(v) for k, v in written.items()}}))
         return 0
     print(f"{case.name}: views {', '.join(case.planes)} (reference {case.reference_plane}), "
           f"bundle {prediction.bundle['name']} {prediction.bundle['version']}, {prediction.timings['total']:.1f} s "
@@ -352,7 +390,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              progress=TextProgress("evaluate", unit="step"), with_hd95=not args.no_hd95,
                              postprocess=not args.raw)
     if args.json:
-        print(json.dumps({k: v for k, v in scores.items() if args.per_case or k != "per_case"}, indent=2))
+        print(json_text({k: v for k, v in scores.items() if args.per_case or k != "per_case"}))
     else:
         print(f"{bundle.metadata.get('name')} {bundle.metadata.get('version')} ({scores['bundle']['kind']}) "
               f"on {scores['cases']} cases")
@@ -419,40 +457,43 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .labels import DEFAULT_CATALOG
+    """The whole product on the shipped real sample: load its three series, predict with the
+    shipped bundle, write the outputs and the montage, say how to look at them."""
+    import argparse as _argparse
+
     from .resources import SAMPLE_VIEWS, sample_case_dir
-    from .volumes import Case, load_volume
 
     folder = Path(args.sample) if args.sample else sample_case_dir()
-    views = {plane: load_volume(folder / name) for plane, name in SAMPLE_VIEWS.items()}
-    case = Case(**views, name="OrthoKnee sample (DESS)")
-    print(f"Case '{case.name}' from {folder}")
-    print(f"  reference view: {case.reference_plane}")
-    for plane, volume in case.views.items():
-        print(
-            f"  {plane:9} detected {volume.plane:9} {_fmt_size(volume.size):12} "
-            f"at {_fmt_spacing(volume.spacing):20} mm  {volume.orientation}  {Path(volume.path).name}"
-        )
-    for warning in case.warnings:
-        print(f"  warning: {warning}")
-    print(
-        f"The model reports {len(DEFAULT_CATALOG.structures)} structures and "
-        f"{len(DEFAULT_CATALOG.findings)} findings (`orthoknee catalog`)."
-    )
-    return 0
+    paths = {plane: folder / name for plane, name in SAMPLE_VIEWS.items()}
+    print(f"OrthoKnee demo: the shipped sample case (real sagittal DESS knee MRI and two reformats) from {folder}")
+    predict_args = _argparse.Namespace(
+        paths=[], sagittal=paths["sagittal"], coronal=paths["coronal"], axial=paths["axial"], bundle=args.bundle,
+        out=args.out, series=None, echo=None, max_voxels=DEFAULT_MAX_VOXELS, name="OrthoKnee sample (DESS)",
+        device=args.device, raw=False, no_montage=False, json=False)
+    code = cmd_predict(predict_args)
+    out = Path(args.out).resolve()
+    print(f"\nOpen the result: montage {out / 'montage.png'}; in 3D Slicer load {out / 'structures.seg.nrrd'} "
+          f"over {paths['sagittal']} (and overlays/*.nrrd as probability maps). Not for clinical use.")
+    return code
 
 
 # --------------------------------------------------------------------------- main
 
 
+def _max_voxels_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-voxels", type=positive_int, default=DEFAULT_MAX_VOXELS, metavar="N",
+                   help=f"refuse a series whose header claims more voxels (default {DEFAULT_MAX_VOXELS:,})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orthoknee", description="Knee MRI: 11 structures and 8 findings.")
+    parser = OneLineParser(prog="orthoknee", description="Knee MRI: 11 structures and 8 findings.")
     parser.add_argument("--version", action="version", version=f"orthoknee {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="list the volumes a file or folder holds")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="NIfTI/NRRD/MHA file or DICOM folder")
     p.add_argument("--json", action="store_true", help="print JSON (key 'volumes') instead of a table")
+    _max_voxels_option(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("catalog", help="print the structures and findings with colors and codes")
@@ -462,38 +503,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reformat", help="make a thick-slice series in another plane from a volume")
     p.add_argument("input", type=Path, help="volume file or DICOM folder")
     p.add_argument("--plane", required=True, choices=["sagittal", "coronal", "axial"])
-    p.add_argument("--in-plane", type=float, required=True, metavar="MM", help="in-plane pixel spacing")
-    p.add_argument("--thickness", type=float, required=True, metavar="MM", help="slice thickness")
-    p.add_argument("--gap", type=float, default=0.0, metavar="MM", help="gap between slices (default 0)")
+    p.add_argument("--in-plane", type=positive_float, required=True, metavar="MM", help="in-plane pixel spacing")
+    p.add_argument("--thickness", type=positive_float, required=True, metavar="MM", help="slice thickness")
+    p.add_argument("--gap", type=nonnegative_float, default=0.0, metavar="MM", help="gap between slices (default 0)")
     p.add_argument("--series", help="series UID, number or description, when the folder holds several")
-    p.add_argument("--echo", type=int, help="echo number of a multi-echo series")
+    p.add_argument("--echo", type=positive_int, help="echo number of a multi-echo series")
     p.add_argument("--out", type=Path, required=True, help="output file (.nrrd, .nii.gz, .mha)")
+    _max_voxels_option(p)
     p.set_defaults(func=cmd_reformat)
 
     p = sub.add_parser("resample", help="resample a volume to a new voxel spacing, same field of view")
     p.add_argument("input", type=Path, help="volume file or DICOM folder")
-    p.add_argument("--spacing", type=float, nargs=3, required=True, metavar=("I", "J", "K"), help="mm per axis")
+    p.add_argument("--spacing", type=positive_float, nargs=3, required=True, metavar=("I", "J", "K"), help="mm per axis")
     p.add_argument("--label", action="store_true", help="input is a label map (nearest neighbour)")
     p.add_argument("--series", help="series UID, number or description, when the folder holds several")
-    p.add_argument("--echo", type=int, help="echo number of a multi-echo series")
+    p.add_argument("--echo", type=positive_int, help="echo number of a multi-echo series")
     p.add_argument("--out", type=Path, required=True, help="output file (.nrrd, .nii.gz, .mha)")
+    _max_voxels_option(p)
     p.set_defaults(func=cmd_resample)
 
     p = sub.add_parser("synth", help="render training cases from real label maps (synthetic MR images)")
     p.add_argument("--labels", type=Path, required=True, help="folder (or file) of the source's label maps")
     p.add_argument("--source", required=True, choices=["oai", "pymskt", "spl"], help="which label set it is")
     p.add_argument("--out", type=Path, required=True, help="output folder (existing complete cases are kept)")
-    p.add_argument("--n", type=int, required=True, help="number of cases")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, required=True, help="number of cases")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--contrast", default="mixed", choices=["mixed", "dess", "pdfs", "t2", "random"],
                    help="tissue contrast; mixed draws DESS, random (SynthSeg-like), PD fat-sat and T2")
-    p.add_argument("--prevalence", type=float, default=0.35, help="probability of each simulated finding")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of *subjects* held out")
-    p.add_argument("--work-spacing", type=float, default=0.9, metavar="MM", help="rendering grid spacing")
-    p.add_argument("--mirror-fraction", type=float, default=0.0, metavar="F",
+    p.add_argument("--prevalence", type=probability, default=0.35, help="probability of each simulated finding")
+    p.add_argument("--val-fraction", type=open_fraction, default=0.2, help="fraction of *subjects* held out")
+    p.add_argument("--work-spacing", type=positive_float, default=0.9, metavar="MM", help="rendering grid spacing")
+    p.add_argument("--mirror-fraction", type=probability, default=0.0, metavar="F",
                    help="share of the cases drawn as the other knee (the label map mirrored left-right); "
                         "0 keeps every case the side its source is")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel processes")
     p.add_argument("--no-sheets", action="store_true", help="skip the PNG contact sheets")
     p.set_defaults(func=cmd_synth)
 
@@ -502,21 +545,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, nargs="+", required=True, metavar="PATH",
                    help="DICOM folders, volume files, `orthoknee synth` outputs (no labels are used)")
     p.add_argument("--out", type=Path, required=True, help="bundle folder (created or updated)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("I", "J", "K"),
+    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--lr", type=positive_float, default=2e-4)
+    p.add_argument("--spacing", type=positive_float, nargs=3, metavar=("I", "J", "K"),
                    help="model spacing in mm along the view's in-plane and through-plane axes (default 1 1 3)")
-    p.add_argument("--patch", type=int, nargs=3, metavar=("I", "J", "K"), help="training patch (default 64 64 16)")
-    p.add_argument("--window", type=int, nargs=3, metavar=("I", "J", "K"),
+    p.add_argument("--patch", type=positive_int, nargs=3, metavar=("I", "J", "K"), help="training patch (default 64 64 16)")
+    p.add_argument("--window", type=positive_int, nargs=3, metavar=("I", "J", "K"),
                    help="largest sliding window for feature extraction (default 256 256 16)")
-    p.add_argument("--channels", type=int, nargs="+", help="block widths (default 8 16 32)")
+    p.add_argument("--channels", type=positive_int, nargs="+", help="block widths (default 8 16 32)")
     p.add_argument("--init-from", type=Path, metavar="BUNDLE",
                    help="continue the pretraining of BUNDLE's backbone for --view: same architecture, its weights "
                         "as the start; --out becomes a new version of BUNDLE (its other backbones copied, no heads)")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--max-volumes", type=int, help="use at most this many volumes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=positive_int, default=100)
+    p.add_argument("--max-volumes", type=positive_int, help="use at most this many volumes")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint instead of resuming")
     p.add_argument("--name", default="orthoknee", help="bundle name, when creating it")
@@ -530,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{plane}", type=Path, help=f"the {plane} series (overrides plane detection)")
     p.add_argument("--bundle", type=Path, help="model bundle (default: the shipped demo bundle)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--series", help="series UID, number or description, when a folder holds several")
+    p.add_argument("--echo", type=positive_int, help="echo number of a multi-echo series (or frame of a 4D file)")
+    _max_voxels_option(p)
     p.add_argument("--name", help="case name (default: from the reference series)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--no-montage", action="store_true", help="skip montage.png")
@@ -544,19 +590,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=Path, nargs="+", required=True, help="`orthoknee synth` outputs or case folders")
     p.add_argument("--validation", type=Path, nargs="+", help="validation cases (default: split 'validation' of --cases)")
     p.add_argument("--out", type=Path, required=True, help="new bundle folder")
-    p.add_argument("--label-fraction", type=float, default=1.0, help="use the labels of this fraction of cases")
+    p.add_argument("--label-fraction", type=fraction, default=1.0, help="use the labels of this fraction of cases")
     p.add_argument("--model", default="heads", choices=["heads", "baseline"],
                    help="heads on diffusion features, or the supervised MONAI UNet baseline")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-cases", type=int, help="use at most this many training cases")
+    p.add_argument("--steps", type=positive_int, default=600)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--max-cases", type=positive_int, help="use at most this many training cases")
     p.add_argument("--oversample", nargs="+", default=[], metavar="GLOB=FACTOR",
                    help="draw training cases whose id matches GLOB FACTOR times as often as the others, "
                         "e.g. 'spl-13-*=4' (default: every case equally often)")
     p.add_argument("--train-heads", default="both", choices=["both", "segmentation", "findings"],
                    help="which heads learn; the other keeps its weights exactly (default: both)")
-    p.add_argument("--hard-negative-cells", type=int, default=0, metavar="K",
+    p.add_argument("--hard-negative-cells", type=nonnegative_int, default=0, metavar="K",
                    help="add to the finding cell loss the mean over the K highest-scoring cells away from any "
                         "lesion, per finding (default 0: off)")
     p.add_argument("--other-lesion-negatives", action="store_true",
@@ -566,8 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the backbone views the heads fuse (default: all the cases have)")
     p.add_argument("--from-scratch", action="store_true",
                    help="fresh heads even when --bundle has trained ones (default: continue from them)")
-    p.add_argument("--validate-every", type=int, default=100, metavar="STEPS")
-    p.add_argument("--validation-cases", type=int, default=4)
+    p.add_argument("--validate-every", type=positive_int, default=100, metavar="STEPS")
+    p.add_argument("--validation-cases", type=nonnegative_int, default=4)
     p.add_argument("--version", help="version of the new bundle (default: next minor)")
     p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee/features)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
@@ -577,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--cases", type=Path, nargs="+", required=True, help="`orthoknee synth` outputs or case folders")
     p.add_argument("--split", default="all", help="which split to score: validation, train or all (default)")
-    p.add_argument("--max-cases", type=int)
+    p.add_argument("--max-cases", type=positive_int)
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     p.add_argument("--raw", action="store_true",
                    help="score the heads' raw argmax, without the post-processing: femur, tibia and patella "
@@ -599,21 +645,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="with --prune or --compact: say what would change, change nothing")
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("demo", help="load the shipped sample case and show what was found")
+    p = sub.add_parser("demo", help="predict the shipped real sample case and write the outputs and the montage")
+    p.add_argument("--out", type=Path, default=Path("orthoknee-demo-output"),
+                   help="output folder (default ./orthoknee-demo-output)")
     p.add_argument("--sample", type=Path, help="folder holding the sample case (default: the shipped one)")
+    p.add_argument("--bundle", type=Path, help="model bundle (default: the shipped demo bundle)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: files being written are discarded, one line is printed."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in bundles, so a model card can quote the exact command
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.func(args) or 0)
     except OrthoKneeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE_OR_INPUT
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, _Terminated) else "cancelled"
+        print(f"orthoknee {args.command}: {what}; files being written were discarded, earlier results are "
+              "as they were.", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

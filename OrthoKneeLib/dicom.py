@@ -44,6 +44,11 @@ class DicomSeries:
     positions: list[tuple[float, float, float]] = field(repr=False)
     echoes_in_series: int = 1
     laterality: str | None = None  # "left" / "right" from the Laterality tags; None when absent or not L/R
+    # why this group is not one 3D volume (e.g. a 4D series); raised only when it is the one chosen,
+    # so one 4D series in a folder does not block the others
+    problem: str | None = None
+    # DICOM files in the folder that could not be parsed (named when a slice is missing)
+    unreadable: list[str] = field(default_factory=list, repr=False)
 
     @property
     def normal(self) -> np.ndarray:
@@ -118,17 +123,21 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> list
     groups of fewer than 2 slices are dropped because they are not volumes.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     folder = Path(folder)
     groups: dict[tuple, list[tuple[str, object]]] = {}
+    unreadable: list[str] = []
     for path in _candidate_files(folder, recursive):
         if not is_dicom_file(path):
             continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, AttributeError, EOFError) as exc:
+        except Exception as exc:  # pydicom raises many kinds on damaged files; each one is a damaged file
             _log.warning("%s: skipped, not a readable DICOM file (%s)", path, exc)
+            unreadable.append(str(path))
+            continue
+        if "SOPClassUID" not in ds:  # every DICOM object names its class; garbage after a preamble does not
+            unreadable.append(str(path))
             continue
         if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds or "Rows" not in ds:
             continue  # not an image with geometry (e.g. a structured report)
@@ -158,14 +167,11 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> list
         members.sort(key=lambda m: float(np.dot(normal, np.asarray(m[1].ImagePositionPatient, dtype=float))))
         positions = [tuple(float(v) for v in m[1].ImagePositionPatient) for m in members]
         along = np.asarray(positions) @ normal
+        problem = None
         if np.any(np.diff(along) < 1e-3):
             repeats = len(along) - len(np.unique(np.round(along, 3)))
-            raise ImageDimensionError(
-                members[0][0],
-                f"series {uid} holds {len(members)} images at only {len(along) - repeats} slice positions: "
-                "several images share a position (a 4D series, e.g. several time points or b-values).",
-                "OrthoKnee reads 3D series; export one time point per folder first.",
-            )
+            problem = (f"series {uid} holds {len(members)} images at only {len(along) - repeats} slice positions: "
+                       "several images share a position (a 4D series, e.g. several time points or b-values).")
         ps = first.get("PixelSpacing", [1.0, 1.0])
         result.append(
             DicomSeries(
@@ -183,6 +189,8 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> list
                 positions=positions,
                 echoes_in_series=len(echoes_per_series[uid]),
                 laterality=laterality_of(first),
+                problem=problem,
+                unreadable=unreadable,
             )
         )
     result.sort(key=lambda s: (s.series_number or 0, s.series_uid, s.echo_number or 0, s.echo_time or 0.0))
@@ -192,6 +200,10 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> list
 def read_dicom_series(series: DicomSeries):
     """The series as a SimpleITK image (LPS), slices in the order scan_dicom_folder sorted them."""
     import SimpleITK as sitk
+
+    if series.problem:
+        raise ImageDimensionError(series.files[0], series.problem,
+                                  "OrthoKnee reads 3D series; export one time point per folder first.")
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(series.files)

@@ -7,7 +7,7 @@ relative attention), over the 3-mm cells of every case that knows the finding, l
 
 Scores are computed on the reference series' own grid (where a reader sees the result),
 only for the structures a case annotates and the findings whose presence it knows. The
-heads run on the same cached inputs the Predictor would compute (train.cache_case uses the
+heads run on the same cached inputs the Predictor would compute (cachedcase.cache_case uses the
 Predictor's feature stage), so these numbers are the Predictor's numbers.
 """
 
@@ -219,7 +219,7 @@ def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_roo
     """Cache (if needed) and score every case folder; warns about subjects the heads trained on."""
     from .model.device import select_device
     from .predict import load_heads, views_fused
-    from .train import CachedCase, cache_case
+    from .cachedcase import CachedCase, cache_case
 
     dev = select_device(device)
     kind, model = load_heads(bundle, device=dev)

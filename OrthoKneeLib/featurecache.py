@@ -217,8 +217,15 @@ class QuantizedArray:
 
 
 def load_cached_array(path: Path, mmap: bool = True) -> np.ndarray | QuantizedArray:
-    """One array of a cache entry; 8-bit features come back as a QuantizedArray."""
-    array = np.load(path, mmap_mode="r" if mmap else None)
+    """One array of a cache entry; 8-bit features come back as a QuantizedArray.
+
+    Read with numpy's default ``allow_pickle=False``: an entry holding Python objects (a planted
+    pickle) is refused as a damaged entry, never unpickled."""
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as exc:
+        raise OrthoKneeError(f"{path}: not a plain array of a feature cache entry ({exc}). Delete the entry "
+                             f"folder {path.parent.name}; it is computed again when needed.") from None
     scale_path = path.with_name(path.stem + SCALE_SUFFIX + ".npy")
     if array.dtype == np.uint8 and path.stem.startswith("features_"):
         if not scale_path.is_file():

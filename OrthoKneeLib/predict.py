@@ -19,12 +19,13 @@ import os
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from .bundle import Bundle, BundleError, file_sha256
+from .errors import OrthoKneeError
 from .progress import CancelToken, ProgressFn, no_progress
 from .volumes import Case, normalize_intensity, resample_to_spacing
 
@@ -364,6 +365,8 @@ class Prediction:
     device: str = "cpu"
     # {"side": "left" | "right" | None, "from": how it was told, "dicom_laterality": what the headers say}
     knee_side: dict = field(default_factory=dict)
+    # {"plausible": bool, "knee_found": bool, "checks": [{"check", "ok", "detail"}]} (plausibility.py)
+    plausibility: dict = field(default_factory=dict)
 
     def labelmap_image(self) -> sitk.Image:
         return self.reference_grid.image(self.labelmap.astype(np.uint8))
@@ -393,6 +396,7 @@ class Prediction:
                          for k, v in self.finding_probabilities.items()},
             "measurements": self.measurements,
             "knee_side": self.knee_side,
+            "plausibility": self.plausibility,
             "bundle": self.bundle,
             "input_sha256": self.input_hashes,
             "device": self.device,
@@ -401,32 +405,47 @@ class Prediction:
             "not_for_clinical_use": True,
         }
 
-    def save(self, folder: str | os.PathLike, cancel: CancelToken | None = None) -> dict[str, Path]:
-        """Write structures.seg.nrrd, overlays/<finding>.nrrd and findings.json into ``folder``.
+    def save(self, folder: str | os.PathLike, cancel: CancelToken | None = None,
+             extra: dict[str, Callable[[Path], Path]] | None = None) -> dict[str, Path]:
+        """Write structures.seg.nrrd, overlays/<finding>.nrrd, findings.json and any ``extra``
+        files (file name -> writer given the path to write to; listed by stem) into ``folder``, as one unit.
 
-        Every file is written to a temporary name and renamed, so an interrupted save leaves
-        whole files only. A structures.seg.nrrd that differs from what the last save wrote (the
-        user edited it) is never replaced: the new one gets the next free name and a warning.
+        The folder is locked against a second writer; every file is staged and the files are
+        moved into place together (outfolder.py), so an interrupted or failed save leaves the
+        earlier result whole. A structures.seg.nrrd that differs from what the last save wrote
+        (the user edited it) is never replaced: the new one gets the next free name and a warning.
         """
         from .io import write_image_atomic, write_json_atomic
+        from .outfolder import locked_folder, staged_files
         from .segfile import catalog_segments, write_seg_nrrd
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        written: dict[str, Path] = {}
-        seg_path = _free_segmentation_path(folder, self.warnings)
-        written["structures"] = write_seg_nrrd(self.labelmap_image(), catalog_segments(self.catalog), seg_path)
-        for key in self.overlays:
-            if cancel:
-                cancel.raise_if_cancelled()
-            # rounded to 1e-3 (invisible on a probability map): gzip then packs the smooth map
-            # 5x smaller and 4x faster than the full float noise of its low bits
-            written[f"overlay:{key}"] = write_image_atomic(self.overlay_image(key, decimals=3),
-                                                           folder / "overlays" / f"{key}.nrrd")
-        summary = self.summary()
-        summary["files"] = {k: str(p.relative_to(folder)) for k, p in written.items()}
-        summary["structures_sha256"] = file_sha256(seg_path)
-        written["findings"] = write_json_atomic(summary, folder / "findings.json")
+        bad = [k for k, p in self.finding_probabilities.items() if not np.isfinite(p)]
+        if bad:
+            raise OrthoKneeError(f"{self.case_name}: the model gave no number for {', '.join(bad)} (NaN); nothing "
+                                 "was written. Check the input series; report this with the bundle version.")
+        with locked_folder(folder) as folder, staged_files(folder) as stage:
+            written: dict[str, Path] = {}
+            seg_path = _free_segmentation_path(folder, self.warnings)
+            write_seg_nrrd(self.labelmap_image(), catalog_segments(self.catalog), stage.path(seg_path.name))
+            written["structures"] = seg_path
+            for key in self.overlays:
+                if cancel:
+                    cancel.raise_if_cancelled()
+                # rounded to 1e-3 (invisible on a probability map): gzip then packs the smooth map
+                # 5x smaller and 4x faster than the full float noise of its low bits
+                target = Path("overlays") / f"{key}.nrrd"
+                write_image_atomic(self.overlay_image(key, decimals=3), stage.path(target))
+                written[f"overlay:{key}"] = folder / target
+            for name, writer in (extra or {}).items():
+                if cancel:
+                    cancel.raise_if_cancelled()
+                writer(stage.path(name))
+                written[Path(name).stem] = folder / name
+            summary = self.summary()
+            summary["files"] = {k: str(p.relative_to(folder)) for k, p in written.items()}
+            summary["structures_sha256"] = file_sha256(stage.folder / seg_path.name)
+            write_json_atomic(summary, stage.path("findings.json"))
+            written["findings"] = folder / "findings.json"
         return written
 
 
@@ -538,6 +557,12 @@ class Predictor:
         if side is not None:
             prediction.knee_side = {"side": side.side, "from": side.reason, "dicom_laterality": case.laterality}
         prediction.measurements = measure(prediction.labelmap_image(), catalog)
+        if {"femur", "tibia"} <= set(catalog.structure_keys):  # a knee catalog: is this reading a knee's?
+            from .plausibility import check_reading, summarize, warnings_for
+
+            prediction.plausibility = summarize(check_reading(prediction.labelmap_image(),
+                                                              prediction.measurements["volume_ml"], catalog))
+            prediction.warnings.extend(warnings_for(prediction.plausibility))
         prediction.timings = dict(timings, total=time.perf_counter() - t0)
         progress(n_steps, n_steps, "done")
         return prediction

@@ -19,14 +19,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dicom import DicomSeries, is_dicom_file, read_dicom_series, scan_dicom_folder
+from .inputcheck import DEFAULT_MAX_VOXELS, check_dicom_extent, check_file_header, check_voxel_values
 from .errors import (
     AmbiguousSeriesError,
     DuplicatePlaneError,
     EchoChoiceRequiredError,
-    EmptyVolumeError,
     ImageDimensionError,
     InputError,
-    InvalidVoxelsError,
     MissingFileError,
     NoOverlapError,
     UnreadableFileError,
@@ -297,7 +296,8 @@ def _frames(image: sitk.Image, path: Path) -> list[sitk.Image]:
     raise ImageDimensionError(path, f"has {dim} dimensions; OrthoKnee reads 3D volumes.", "Give a 3D series.")
 
 
-def _file_sources(path: Path) -> list[tuple[sitk.Image, VolumeSource]]:
+def _file_sources(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> list[tuple[sitk.Image, VolumeSource]]:
+    check_file_header(path, max_voxels)
     image = _read_image_file(path)
     frames = _frames(image, path)
     if len(frames) == 1:
@@ -357,29 +357,48 @@ def _list(path: str | os.PathLike) -> _Listing:
     return _Listing(path, dicom=dicom, files=files)
 
 
-def list_volumes(path: str | os.PathLike) -> list[Volume]:
+def list_volumes(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> list[Volume]:
     """Every 3D volume a file or folder holds: each DICOM series, each echo, each 4D frame."""
     listing = _list(path)
-    volumes = [Volume(_read_dicom(series), _dicom_source(series)) for series in listing.dicom]
+    volumes = [Volume(_read_dicom(series, max_voxels), _dicom_source(series)) for series in listing.dicom]
     for f in listing.files:
-        volumes.extend(Volume(image, source) for image, source in _file_sources(f))
+        volumes.extend(Volume(image, source) for image, source in _file_sources(f, max_voxels))
     return volumes
 
 
-def _read_dicom(series: DicomSeries) -> sitk.Image:
+def _check_even_slices(series: DicomSeries) -> None:
+    """Refuse a series with a missing slice: stitching it at the median spacing would put
+    every later slice out of place."""
+    along = np.asarray(series.positions) @ series.normal
+    steps = np.diff(along)
+    if not steps.size:
+        return
+    median = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - median) > 0.1 * median)
+    if uneven.size:
+        n = int(uneven[0])
+        before, after = Path(series.files[n]).name, Path(series.files[n + 1]).name
+        unreadable = (f" The folder also holds unreadable DICOM files: "
+                      f"{', '.join(Path(f).name for f in series.unreadable[:3])}." if series.unreadable else "")
+        raise UnreadableFileError(
+            series.folder,
+            f"series '{series.label}' is not evenly spaced: slices {before} and {after} are {steps[n]:.2f} mm apart "
+            f"where the others are {median:.2f} mm (a slice is missing or corrupt).{unreadable}",
+            "Export the whole series again.",
+        )
+
+
+def _read_dicom(series: DicomSeries, max_voxels: int = DEFAULT_MAX_VOXELS) -> sitk.Image:
+    check_dicom_extent(series.folder, series.rows, series.columns, len(series.files), max_voxels)
+    if not series.problem:
+        _check_even_slices(series)
     warn = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # we check slice uniformity ourselves
     try:
         image = read_dicom_series(series)
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warn)
-    along = np.asarray(series.positions) @ series.normal
-    steps = np.diff(along)
-    if steps.size and (steps.max() - steps.min()) > 0.1 * np.median(steps):
-        _log.warning(
-            "%s: slice spacing varies from %.3f to %.3f mm (missing slices?); resampling assumes %.3f mm",
-            series.folder, steps.min(), steps.max(), np.median(steps),
-        )
+    steps = np.diff(np.asarray(series.positions) @ series.normal)
     # Spacing along the true normal, from all slice positions (ITK uses only the first two).
     spacing = list(image.GetSpacing())
     spacing[2] = float(np.median(steps)) if steps.size else spacing[2]
@@ -392,13 +411,15 @@ def load_volume(
     series: str | int | None = None,
     echo: int | None = None,
     check: bool = True,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> Volume:
     """Read one 3D volume from a file or a DICOM folder.
 
     ``series`` picks a series in a folder holding several: its SeriesInstanceUID, its
     SeriesNumber, or its description. ``echo`` picks an echo (1-based echo number) of a
     multi-echo series or a frame of a 4D file. Without them an ambiguous input is an error
-    that lists the choices; nothing is guessed.
+    that lists the choices; nothing is guessed. ``max_voxels`` refuses, from the header and
+    before anything is allocated, a file claiming more voxels.
     """
     listing = _list(path)
     candidates: list[tuple[str, object]] = [("dicom", s) for s in listing.dicom]
@@ -432,7 +453,7 @@ def load_volume(
     (label, members), = groups.items()
 
     if len(members) == 1 and members[0][0] == "file":
-        frames = [Volume(img, src) for img, src in _file_sources(members[0][1])]
+        frames = [Volume(img, src) for img, src in _file_sources(members[0][1], max_voxels)]
         if len(frames) == 1:
             volume = frames[0]  # a 3D file: there is no echo to choose
         else:
@@ -440,7 +461,8 @@ def load_volume(
             volume = _pick_echo(options, echo, listing.path, f"is a 4D image with {len(frames)} frames (echoes)")
     else:
         series = [m[1] for m in members]
-        options = [(s.echo_number, s.echo_time, lambda s=s: Volume(_read_dicom(s), _dicom_source(s))) for s in series]
+        options = [(s.echo_number, s.echo_time, lambda s=s: Volume(_read_dicom(s, max_voxels), _dicom_source(s)))
+                   for s in series]
         holds = (f"series '{series[0].description or series[0].series_uid}' holds {len(series)} echoes "
                  "(a multi-echo acquisition)")
         volume = _pick_echo(options, echo, listing.path, holds)
@@ -490,34 +512,11 @@ def _pick_echo(options: list[tuple[int | None, float | None, Callable[[], Volume
 
 
 def check_volume(volume: Volume) -> None:
-    """Refuse volumes no model should see: single slices, NaN/inf voxels, no contrast."""
-    image, path = volume.image, volume.path
-    size = image.GetSize()
-    if image.GetDimension() != 3:
-        raise ImageDimensionError(path, f"is {image.GetDimension()}D; a 3D volume is needed.", "Give a 3D series.")
-    thin = [n for n in size if n < 2]
-    if thin:
-        raise ImageDimensionError(
-            path,
-            f"is a single slice ({size[0]}x{size[1]}x{size[2]} voxels), i.e. a 2D image.",
-            "Give the whole series (all its slices).",
-        )
-    array = sitk.GetArrayViewFromImage(image)
-    if array.size == 0:
-        raise EmptyVolumeError(path, "has no voxels.", "Give a non-empty series.")
-    if np.issubdtype(array.dtype, np.floating):
-        bad = ~np.isfinite(array)
-        if bad.any():
-            raise InvalidVoxelsError(
-                path,
-                f"has {int(bad.sum())} NaN or infinite voxels.",
-                "Re-export the series; a reconstruction or conversion step failed.",
-            )
-    lo, hi = array.min(), array.max()
-    if lo == hi:
-        raise EmptyVolumeError(
-            path, f"has no contrast: every voxel is {lo}.", "The series is blank; check the export."
-        )
+    """Refuse volumes no model should see (inputcheck.check_voxel_values); each volume is checked once."""
+    if getattr(volume, "_checked", False):
+        return
+    check_voxel_values(volume.image, volume.path)
+    volume._checked = True
 
 
 # --------------------------------------------------------------------------- Case
@@ -539,6 +538,17 @@ class Case:
         min_overlap: float = 0.05,
     ) -> None:
         given = {"sagittal": sagittal, "coronal": coronal, "axial": axial}
+        for role, volume in given.items():
+            if volume is not None and not isinstance(volume, Volume):
+                raise InputError(None, f"the {role} view is a {type(volume).__name__}, not a Volume.",
+                                 "Read series with OrthoKneeLib.volumes.load_volume(path), or wrap a SimpleITK "
+                                 "image as Volume(image, VolumeSource(name)).")
+            if volume is not None:
+                if not isinstance(volume.image, sitk.Image):
+                    raise InputError(volume.path, f"holds a {type(volume.image).__name__}, not a SimpleITK image.",
+                                     "Build the Volume from a SimpleITK image (sitk.GetImageFromArray and the "
+                                     "spacing, origin and direction).")
+                check_volume(volume)  # one validation path, however the volume arrived
         self.views: dict[str, Volume] = {p: v for p, v in given.items() if v is not None}
         self.warnings: list[str] = []
         if not self.views:
@@ -687,6 +697,9 @@ def resample_like(
 
 def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], kind: str = "linear") -> sitk.Image:
     """Same field of view and orientation, new voxel size (e.g. the model's spacing)."""
+    if len(spacing) != image.GetDimension() or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(None, f"spacing {tuple(spacing)} is not {image.GetDimension()} positive numbers (mm).",
+                         "Give one positive spacing per axis, e.g. 0.625 0.625 1.5.")
     old_size = np.asarray(image.GetSize(), dtype=float)
     old_spacing = np.asarray(image.GetSpacing(), dtype=float)
     new_spacing = np.asarray(spacing, dtype=float)
@@ -740,8 +753,13 @@ def reformat(
     between series, at no extra resampling cost.
     """
     image = volume.image if isinstance(volume, Volume) else volume
-    if slice_thickness <= 0 or in_plane_spacing <= 0 or slice_gap < 0:
-        raise ValueError("spacing and thickness must be positive, the gap non-negative")
+    finite = all(math.isfinite(v) for v in (in_plane_spacing, slice_thickness, slice_gap))
+    if not finite or slice_thickness <= 0 or in_plane_spacing <= 0 or slice_gap < 0:
+        raise InputError(None, f"in-plane spacing {in_plane_spacing}, thickness {slice_thickness} and gap "
+                         f"{slice_gap} mm: spacing and thickness must be positive, the gap zero or more.",
+                         "Give e.g. in-plane 0.625, thickness 3, gap 0.")
+    if plane not in _PLANE_AXES:
+        raise InputError(None, f"plane {plane!r} is not sagittal, coronal or axial.", "Choose one of those.")
     axes = np.asarray(_PLANE_AXES[plane], dtype=float)  # rows: row dir, col dir, normal
     corners = box_corners(image) @ axes.T  # coordinates of the source's corners in the new frame
     lo, hi = corners.min(axis=0), corners.max(axis=0)

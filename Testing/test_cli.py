@@ -63,11 +63,13 @@ def test_catalog_table(capsys):
     assert code == 0 and "Posterior cruciate ligament" in out and "Joint effusion" in out
 
 
-def test_demo_loads_the_shipped_sample_case(capsys):
-    code, out, _ = run(capsys, "demo")
+def test_demo_predicts_the_shipped_sample_case(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"), "--device", "cpu")
     assert code == 0
-    for plane in ("sagittal", "coronal", "axial"):
-        assert f"{plane:9} detected {plane}" in out
+    assert "views sagittal, coronal, axial" in out and "Open the result" in out
+    findings = json.loads((tmp_path / "demo" / "findings.json").read_text())
+    assert len(findings["findings"]) == 8 and findings["plausibility"]["knee_found"]
+    assert (tmp_path / "demo" / "structures.seg.nrrd").is_file() and (tmp_path / "demo" / "montage.png").is_file()
 
 
 def test_demo_with_an_incomplete_sample_folder_explains(capsys, tmp_path):

@@ -24,8 +24,11 @@ from conftest import make_image
 
 
 def knee_like(shape=(20, 30, 30), seed=0):
+    """Smooth anatomy-like contrast (a bright blob) plus a little noise: passes the not-a-knee check."""
     rng = np.random.default_rng(seed)
-    return (rng.random(shape) * 1000).astype(np.int16)
+    _, j, i = np.indices(shape)
+    blob = 800 * np.exp(-((j - shape[1] / 2) ** 2 + (i - shape[2] / 2) ** 2) / (2 * (shape[1] / 4) ** 2))
+    return (blob + 100 + rng.random(shape) * 50).astype(np.int16)
 
 
 def assert_names(error: pytest.ExceptionInfo, path) -> None:
@@ -87,7 +90,7 @@ def test_folder_with_several_series_and_none_chosen(tmp_path, shared_data):
 
 def test_2d_image(tmp_path):
     path = tmp_path / "slice.nrrd"
-    sitk.WriteImage(sitk.GetImageFromArray(knee_like((30, 30))), str(path))
+    sitk.WriteImage(sitk.GetImageFromArray(knee_like((1, 30, 30))[0]), str(path))
     with pytest.raises(ImageDimensionError) as info:
         load_volume(path)
     assert_names(info, path)

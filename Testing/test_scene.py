@@ -174,7 +174,9 @@ def test_views_are_assigned_by_plane_detection(app):
     rng = np.random.default_rng(1)
 
     def centred(direction):
-        image = make_image(rng.random((6, 20, 20)).astype(np.float32), spacing=(0.5, 0.5, 3.0), direction=direction)
+        smooth = np.add.outer(np.zeros(6), np.add.outer(np.arange(20.0), np.arange(20.0)) ** 2)  # anatomy-like
+        array = (smooth + rng.random((6, 20, 20)) * 5).astype(np.float32)
+        image = make_image(array, spacing=(0.5, 0.5, 3.0), direction=direction)
         centre = np.array(image.TransformContinuousIndexToPhysicalPoint([9.5, 9.5, 2.5]))
         image.SetOrigin(tuple(np.array(image.GetOrigin()) - centre))
         return image

@@ -199,7 +199,7 @@ def pretrain(
     """
     import torch
 
-    from ..io import atomic_path
+    from ..io import atomic_path, load_checkpoint
     from .device import select_device
 
     dev = select_device(device)
@@ -222,7 +222,7 @@ def pretrain(
         model.load_state_dict(init_state)
         ema.load_state_dict(init_state)
     if resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=dev, weights_only=False)
+        state = load_checkpoint(checkpoint_path, dev)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,215 @@
+"""Cases as training and evaluation read them: labelled case folders, and their backbone
+features computed once and cached.
+
+Both fine-tuning (train.py) and evaluation (evaluate.py) read cases through here, so neither
+imports the other for it. Features are computed by the Predictor's own feature stage
+(predict.fusion_inputs) and cached per (bundle backbone, case); training then reads random
+patches and whole pooled cases from memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .bundle import Bundle
+from .errors import InputError
+from .featurecache import CACHE_LAYOUT, cache_key, ensure_free_space, load_cached_array, save_features, save_npy
+from .io import write_json_atomic
+from .labels import Catalog
+from .progress import CancelToken
+
+__all__ = ["find_cases", "cache_case", "CachedCase"]
+
+
+# ------------------------------------------------------------------------------------ cases
+
+
+def find_cases(folders: Sequence[str | os.PathLike], split: str | None = None) -> list[Path]:
+    """Case folders under `orthoknee synth` outputs (or case folders themselves), optionally one split."""
+    out: list[Path] = []
+    for folder in folders:
+        folder = Path(folder)
+        if (folder / "case.json").is_file():
+            candidates = [folder]
+        elif (folder / "cases").is_dir():
+            candidates = sorted(p for p in (folder / "cases").iterdir() if (p / "case.json").is_file())
+        else:
+            raise InputError(folder, "holds no training cases (no case.json, no cases/ folder).",
+                             "Give the output folder of `orthoknee synth` or of the Slicer module's export.")
+        for c in candidates:
+            if split in (None, "all") or json.loads((c / "case.json").read_text()).get("split") == split:
+                out.append(c)
+    return out
+
+
+def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str | os.PathLike,
+               pool_kji: Sequence[int] = (1, 3, 3), device="cpu", cancel: CancelToken | None = None,
+               views: Sequence[str] | None = None) -> Path:
+    """Compute (or find) the cached head inputs of one training case; returns its cache folder.
+
+    ``views`` limits the backbone passes to the views the heads fuse: each view costs a
+    backbone pass and ~60-120 MB of cache per case, wasted when the heads ignore it. Empty
+    ``views`` (the supervised baseline, which reads only the reference image and labels that
+    every entry holds) takes any entry the case already has, else the cheapest: the reference
+    view's alone.
+    """
+    from .model.heads import pooled, pooled_grid
+    from .predict import fusion_inputs
+    from .synth.dataset import read_case
+    from .volumes import resample_like
+
+    case_folder = Path(case_folder)
+    if views is not None and not views:
+        for candidate in (None, *((p,) for p in bundle.planes)):
+            found = Path(cache_root) / f"{case_folder.name}-{cache_key(bundle.hash, case_folder, candidate)}"
+            if (found / "meta.json").is_file():
+                return found
+        views = (read_case(case_folder).case.reference_plane,)
+    if views is not None and set(bundle.planes) <= set(views):
+        views = None  # every view: the same entry as when none are named
+    out = Path(cache_root) / f"{case_folder.name}-{cache_key(bundle.hash, case_folder, views)}"
+    if (out / "meta.json").is_file():
+        return out
+    sc = read_case(case_folder)
+    warnings: list[str] = []
+    fi = fusion_inputs(bundle, sc.case, device=device, cancel=cancel, warnings=warnings, use=views)
+    ref_plane = sc.case.reference_plane
+    arrays = [fi.image_reference, fi.image_fusion, *fi.coverage.values()]
+    needed = int(1.15 * (2 * sum(a.size for a in arrays)  # float16, plus pooled copies, labels, masks
+                         + sum(f.size for f in fi.features.values())))  # 8-bit features
+    ensure_free_space(out.parent, needed, f"the feature cache entry of {case_folder.name}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, array: np.ndarray, dtype=np.float16) -> None:
+        save_npy(out / f"{name}.npy", np.ascontiguousarray(array, dtype=dtype))
+
+    fusion_ref = fi.fusion_grid.image()
+    labels_ref = sc.labels[ref_plane]
+    save("labels_reference", sitk.GetArrayFromImage(labels_ref), np.uint8)
+    save("labels_fusion", sitk.GetArrayFromImage(resample_like(labels_ref, fusion_ref, kind="label")), np.uint8)
+    save("image_reference", fi.image_reference)
+    save("image_fusion", fi.image_fusion)
+    for plane in fi.features:
+        save_features(out, f"features_{plane}", fi.features[plane])
+        save(f"coverage_{plane}", fi.coverage[plane])
+        save(f"pooled_features_{plane}", pooled(fi.features[plane], pool_kji).numpy())
+        save(f"pooled_coverage_{plane}", pooled(fi.coverage[plane], pool_kji).numpy())
+    save("pooled_image", pooled(fi.image_fusion, pool_kji).numpy())
+    findings = sc.findings
+    masks = []
+    for key in bundle.catalog.finding_keys:
+        mask = sc.finding_mask(key)
+        if mask is None:
+            masks.append(np.zeros(fi.image_fusion.shape[1:], np.float32))
+        else:
+            m = resample_like(sitk.Cast(mask > 0, sitk.sitkFloat32), fusion_ref, kind="linear")
+            masks.append(sitk.GetArrayFromImage(m))
+    save("pooled_finding_masks", pooled(np.stack(masks), pool_kji).numpy())
+    meta = {
+        "layout": CACHE_LAYOUT,
+        "case_id": sc.meta["case_id"],
+        "case_folder": str(case_folder),
+        "subject": sc.meta.get("subject"),
+        "split": sc.meta.get("split"),
+        "source": sc.meta.get("source"),
+        "contrast": (sc.meta.get("contrast") or {}).get("contrast"),
+        "planes": list(fi.features),
+        "reference_plane": ref_plane,
+        "annotated": list(sc.annotated),
+        "findings": findings,
+        "fusion_grid": fi.fusion_grid.to_json(),
+        "reference_grid": fi.reference_grid.to_json(),
+        "pooled_grid": pooled_grid(fi.fusion_grid, pool_kji[::-1]).to_json(),
+        "pool_kji": list(pool_kji),
+        "timings": fi.timings,
+        "warnings": warnings,
+        "bundle_hash": bundle.hash,
+    }
+    write_json_atomic(meta, out / "meta.json")  # last: its presence marks a complete entry
+    return out
+
+
+class CachedCase:
+    """One cached training case: arrays memory-mapped, pooled finding inputs in memory."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        from .model.heads import Grid
+
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.planes: list[str] = self.meta["planes"]
+        self.fusion_grid = Grid(**{k: tuple(v) for k, v in self.meta["fusion_grid"].items()})
+        self.reference_grid = Grid(**{k: tuple(v) for k, v in self.meta["reference_grid"].items()})
+        self.pooled_grid = Grid(**{k: tuple(v) for k, v in self.meta["pooled_grid"].items()})
+        self.pooled_features = {p: self.array(f"pooled_features_{p}", mmap=False) for p in self.planes}
+        self.pooled_coverage = {p: self.array(f"pooled_coverage_{p}", mmap=False) for p in self.planes}
+        self.pooled_image = self.array("pooled_image", mmap=False)
+        self.pooled_masks = self.array("pooled_finding_masks", mmap=False)
+
+    def array(self, name: str, mmap: bool = True) -> np.ndarray:
+        """A cached array, memory-mapped unless ``mmap`` is False (8-bit features: a
+        featurecache.QuantizedArray, which reads back float32 slices)."""
+        return load_cached_array(self.folder / f"{name}.npy", mmap)
+
+    @property
+    def case_id(self) -> str:
+        return self.meta["case_id"]
+
+    @property
+    def contrast(self) -> str | None:
+        """The synthetic render's contrast ("dess", "t2", ...); None for a real case.
+
+        Scores differ by contrast far more than by subject, so evaluation reports them per
+        contrast. Entries cached before the field existed read it from the case folder.
+        """
+        if "contrast" in self.meta:
+            return self.meta["contrast"]
+        folder = self.meta.get("case_folder")
+        case_json = Path(folder) / "case.json" if folder else None
+        if case_json is None or not case_json.is_file():
+            return None
+        return (json.loads(case_json.read_text()).get("contrast") or {}).get("contrast")
+
+    def annotated_mask(self, catalog: Catalog) -> np.ndarray:
+        """(n_classes,) bool: background and the structures this case annotates."""
+        keys = set(self.meta["annotated"])
+        return np.array([True] + [s.key in keys for s in catalog.structures])
+
+    def finding_targets(self, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
+        """(values, known) per finding; unknown (null) findings are ignored by losses and AUC."""
+        f = self.meta["findings"]
+        values = np.array([float(f.get(k) or 0) for k in catalog.finding_keys], np.float32)
+        known = np.array([f.get(k) is not None for k in catalog.finding_keys])
+        return values, known
+
+    def fusion_inputs(self):
+        """The same object the Predictor builds, read back from the cache."""
+        from .predict import FusionInputs
+
+        return FusionInputs(
+            self.fusion_grid, self.reference_grid,
+            {p: np.asarray(self.array(f"features_{p}"), np.float32) for p in self.planes},
+            {p: np.asarray(self.array(f"coverage_{p}"), np.float32) for p in self.planes},
+            np.asarray(self.array("image_fusion"), np.float32),
+            np.asarray(self.array("image_reference"), np.float32),
+        )
+
+
+def _axis_map(fusion, reference) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis (scale, offset) with fusion_index = scale * reference_index + offset (i, j, k).
+
+    The fusion grid is the reference series resampled to the backbone spacing, so both share
+    their direction and the map is axis-aligned.
+    """
+    d = np.asarray(fusion.direction).reshape(3, 3)
+    if not np.allclose(d, np.asarray(reference.direction).reshape(3, 3), atol=1e-4):
+        raise ValueError("fusion and reference grids must share their direction")
+    scale = np.asarray(reference.spacing) / np.asarray(fusion.spacing)
+    offset = (d.T @ (np.asarray(reference.origin) - np.asarray(fusion.origin))) / np.asarray(fusion.spacing)
+    return scale, offset
