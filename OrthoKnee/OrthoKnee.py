@@ -28,7 +28,10 @@ try:  # inside Slicer
     from slicer import vtkMRMLScalarVolumeNode
     from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
     from slicer.ScriptedLoadableModule import (
-        ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget,
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
     )
     from slicer.util import VTKObservationMixin
 
@@ -40,9 +43,13 @@ except ImportError:  # guarded path: no Slicer application (tests check syntax, 
         """Stand-in base: the classes below can be defined (not used) without Slicer."""
 
     class ScriptedLoadableModule(_Unavailable): ...
+
     class ScriptedLoadableModuleLogic(_Unavailable): ...
+
     class ScriptedLoadableModuleTest(_Unavailable): ...
+
     class ScriptedLoadableModuleWidget(_Unavailable): ...
+
     class VTKObservationMixin: ...
 
     vtkMRMLScalarVolumeNode = object
@@ -52,6 +59,7 @@ except ImportError:  # guarded path: no Slicer application (tests check syntax, 
 
     def WithinRange(lo, hi):  # noqa: D103,N802 - stand-in
         return None
+
 
 DEVICES = ("auto", "cuda", "cpu")
 REQUIREMENTS = _HERE / "Resources" / "requirements.txt"
@@ -65,11 +73,20 @@ def review_record(prediction_summary: dict, decisions: dict[str, dict]) -> dict:
     findings = {}
     for key, entry in prediction_summary.get("findings", {}).items():
         d = decisions.get(key, {})
-        findings[key] = {"name": entry["name"], "probability": entry["probability"],
-                         "decision": d.get("decision"), "note": d.get("note", "")}
-    return {"case": prediction_summary.get("case"), "bundle": prediction_summary.get("bundle"),
-            "knee_side": prediction_summary.get("knee_side"), "findings": findings,
-            "warnings": prediction_summary.get("warnings", []), "not_for_clinical_use": True}
+        findings[key] = {
+            "name": entry["name"],
+            "probability": entry["probability"],
+            "decision": d.get("decision"),
+            "note": d.get("note", ""),
+        }
+    return {
+        "case": prediction_summary.get("case"),
+        "bundle": prediction_summary.get("bundle"),
+        "knee_side": prediction_summary.get("knee_side"),
+        "findings": findings,
+        "warnings": prediction_summary.get("warnings", []),
+        "not_for_clinical_use": True,
+    }
 
 
 def review_html(review: dict, key_slices: dict[str, str] | None = None) -> str:
@@ -78,16 +95,22 @@ def review_html(review: dict, key_slices: dict[str, str] | None = None) -> str:
 
     rows = "".join(
         f"<tr><td>{escape(f['name'])}</td><td>{f['probability']:.2f}</td><td>{escape(f['decision'] or '-')}</td>"
-        f"<td>{escape(f['note'])}</td></tr>" for f in review["findings"].values())
-    images = "".join(f"<figure><img src='{escape(p)}' width='480'><figcaption>{escape(k)}</figcaption></figure>"
-                     for k, p in (key_slices or {}).items())
+        f"<td>{escape(f['note'])}</td></tr>"
+        for f in review["findings"].values()
+    )
+    images = "".join(
+        f"<figure><img src='{escape(p)}' width='480'><figcaption>{escape(k)}</figcaption></figure>"
+        for k, p in (key_slices or {}).items()
+    )
     bundle = review.get("bundle") or {}
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>OrthoKnee review: {escape(str(review['case']))}"
-            f"</title></head><body><h1>OrthoKnee review: {escape(str(review['case']))}</h1>"
-            f"<p>Model {escape(str(bundle.get('name')))} {escape(str(bundle.get('version')))}. "
-            "Research demonstration, not for clinical use.</p>"
-            f"<table border='1'><tr><th>finding</th><th>probability</th><th>decision</th><th>note</th></tr>{rows}</table>"
-            f"{images}</body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>OrthoKnee review: {escape(str(review['case']))}"
+        f"</title></head><body><h1>OrthoKnee review: {escape(str(review['case']))}</h1>"
+        f"<p>Model {escape(str(bundle.get('name')))} {escape(str(bundle.get('version')))}. "
+        "Research demonstration, not for clinical use.</p>"
+        f"<table border='1'><tr><th>finding</th><th>probability</th><th>decision</th><th>note</th></tr>{rows}</table>"
+        f"{images}</body></html>"
+    )
 
 
 # ------------------------------------------------------------------------------- module
@@ -103,11 +126,13 @@ class OrthoKnee(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segments 11 knee structures and scores 8 abnormalities (each with a probability overlay) from a "
             "case's sagittal, coronal and axial MRI series, with features of per-view 3D diffusion models "
-            "(OrthoDiffusion). Research and demonstration only; not for clinical use.")
+            "(OrthoDiffusion). Research and demonstration only; not for clinical use."
+        )
         self.parent.acknowledgementText = (
             "Method after OrthoDiffusion (arXiv 2602.20752). Built on 3D Slicer, MONAI, PyTorch and SimpleITK. "
             "The demo model was trained on synthetic images rendered from public label maps (OAI ZIB, pymskt, "
-            "SPL knee atlas).")
+            "SPL knee atlas)."
+        )
 
 
 @parameterNodeWrapper
@@ -243,8 +268,9 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(str(job["error"]))
             return
         p = self._parameterNode
-        self._result = self.logic.showPrediction(job["prediction"], reference=p.sagittal or p.coronal or p.axial,
-                                                 threshold=p.threshold, opacity=p.opacity)
+        self._result = self.logic.showPrediction(
+            job["prediction"], reference=p.sagittal or p.coronal or p.axial, threshold=p.threshold, opacity=p.opacity
+        )
         self._decisions = {}
         self._fillFindingsTable(job["prediction"])
         self.ui.statusLabel.text = "; ".join(self._result["warnings"] + job["prediction"].warnings) or "Done."
@@ -270,8 +296,9 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._result:
             from OrthoKneeLib.scene import show_overlay
 
-            show_overlay(slicer.mrmlScene, self._result["reference"], self._result["overlays"][key],
-                         self._parameterNode.opacity)
+            show_overlay(
+                slicer.mrmlScene, self._result["reference"], self._result["overlays"][key], self._parameterNode.opacity
+            )
 
     def onFindingEdited(self, row: int, column: int) -> None:
         key = self.ui.findingsTable.item(row, 0).data(qt.Qt.UserRole)
@@ -304,8 +331,9 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = qt.QFileDialog.getExistingDirectory(None, "Export training case to")
         if folder:
             p = self._parameterNode
-            out = self.logic.exportCase(self._result, {"sagittal": p.sagittal, "coronal": p.coronal, "axial": p.axial},
-                                        self._decisions, folder)
+            out = self.logic.exportCase(
+                self._result, {"sagittal": p.sagittal, "coronal": p.coronal, "axial": p.axial}, self._decisions, folder
+            )
             self.ui.statusLabel.text = f"Training case written: {out}"
 
 
@@ -334,7 +362,8 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
         if all(importlib.util.find_spec(m) is not None for m in ("torch", "monai")):
             return True
         if ask and not slicer.util.confirmOkCancelDisplay(
-                "OrthoKnee needs PyTorch and MONAI (about 1 GB with CUDA support). Install them now?"):
+            "OrthoKnee needs PyTorch and MONAI (about 1 GB with CUDA support). Install them now?"
+        ):
             return False
         # one requirement per line; comments (whole-line or trailing) are not package names
         lines = (line.split("#", 1)[0].strip() for line in REQUIREMENTS.read_text().splitlines())
@@ -374,7 +403,8 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
         def work():
             try:
                 job["prediction"] = predictor.predict(
-                    case, progress=lambda d, t, m="": job.__setitem__("progress", (d, t, m)), cancel=job["cancel"])
+                    case, progress=lambda d, t, m="": job.__setitem__("progress", (d, t, m)), cancel=job["cancel"]
+                )
             except Exception as exc:  # reported by the GUI thread
                 job["error"] = exc
 
@@ -394,8 +424,9 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
     def showPrediction(prediction, reference, threshold=0.5, opacity=0.6) -> dict:
         from OrthoKneeLib.scene import add_prediction
 
-        result = add_prediction(slicer.mrmlScene, prediction, reference_node=reference, threshold=threshold,
-                                opacity=opacity)
+        result = add_prediction(
+            slicer.mrmlScene, prediction, reference_node=reference, threshold=threshold, opacity=opacity
+        )
         result["prediction"] = prediction
         return result
 
@@ -427,8 +458,14 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
 
         review = review_record(result["prediction"].summary(), decisions)["findings"]
         name = result["prediction"].case_name.replace(" ", "_")
-        return export_training_case(Path(folder) / name, result["segmentation"], view_nodes,
-                                    result["prediction"].catalog, review=review, case_id=name)
+        return export_training_case(
+            Path(folder) / name,
+            result["segmentation"],
+            view_nodes,
+            result["prediction"].catalog,
+            review=review,
+            case_id=name,
+        )
 
 
 class OrthoKneeTest(ScriptedLoadableModuleTest):

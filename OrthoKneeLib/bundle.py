@@ -30,15 +30,28 @@ from .io import atomic_path, write_json_atomic
 from .labels import DEFAULT_CATALOG, Catalog
 from .model.diffusion import ViewModelConfig
 
-__all__ = ["FORMAT_VERSION", "BundleError", "Bundle", "create_bundle", "derive_bundle", "next_version", "file_sha256",
-           "DEFAULT_FEATURES"]
+__all__ = [
+    "FORMAT_VERSION",
+    "BundleError",
+    "Bundle",
+    "create_bundle",
+    "derive_bundle",
+    "next_version",
+    "file_sha256",
+    "DEFAULT_FEATURES",
+]
 
 FORMAT_VERSION = 1
 # span_slices: each backbone window covers the whole slice axis (no seams between slices;
 # model/features.py). Bundles made before it lack the key and tile the slices, as they were
 # trained; the key is part of the bundle hash, so their feature caches stay valid.
-DEFAULT_FEATURES = {"timesteps": {"sagittal": [50, 200], "coronal": [100], "axial": [100]}, "budget_per_block": 16,
-                    "seed": 0, "overlap": 0.1, "span_slices": True}
+DEFAULT_FEATURES = {
+    "timesteps": {"sagittal": [50, 200], "coronal": [100], "axial": [100]},
+    "budget_per_block": 16,
+    "seed": 0,
+    "overlap": 0.1,
+    "span_slices": True,
+}
 
 
 class BundleError(OrthoKneeError):
@@ -61,8 +74,9 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def create_bundle(path: str | os.PathLike, name: str, version: str, catalog: Catalog = DEFAULT_CATALOG,
-                  description: str = "") -> "Bundle":
+def create_bundle(
+    path: str | os.PathLike, name: str, version: str, catalog: Catalog = DEFAULT_CATALOG, description: str = ""
+) -> "Bundle":
     """Start a new (empty) bundle folder, or return the existing one at ``path``."""
     path = Path(path)
     if (path / "metadata.json").is_file():
@@ -95,8 +109,9 @@ def derive_bundle(bundle: "Bundle", out: str | os.PathLike, version: str | None 
     """
     out = Path(out)
     if out.resolve() == bundle.path.resolve():
-        raise InputError(out, "is the input bundle; the new version needs a folder of its own.",
-                         "Give another --out folder.")
+        raise InputError(
+            out, "is the input bundle; the new version needs a folder of its own.", "Give another --out folder."
+        )
     if (out / "metadata.json").is_file():
         existing = json.loads((out / "metadata.json").read_text())
         if existing.get("heads"):
@@ -109,8 +124,11 @@ def derive_bundle(bundle: "Bundle", out: str | os.PathLike, version: str | None 
                 shutil.copyfile(bundle.path / rel, tmp)
     metadata = json.loads(json.dumps(bundle.metadata))
     metadata["version"] = version or next_version(bundle.metadata.get("version", "0.0.0"))
-    metadata["parent"] = {"name": bundle.metadata.get("name"), "version": bundle.metadata.get("version"),
-                          "hash": bundle.hash}
+    metadata["parent"] = {
+        "name": bundle.metadata.get("name"),
+        "version": bundle.metadata.get("version"),
+        "hash": bundle.hash,
+    }
     metadata["heads"] = None
     metadata["metrics"] = {}
     write_json_atomic(metadata, out / "metadata.json")
@@ -130,8 +148,11 @@ def _check_weight_entry(meta_path: Path, where: str, entry: Any) -> None:
         raise BundleError(meta_path, f"{where}.weights is {relative!r}, not a file name.", _RESTORE)
     parts = Path(relative).parts
     if Path(relative).is_absolute() or ".." in parts or (parts and parts[0] != "weights"):
-        raise BundleError(meta_path, f"{where}.weights {relative!r} points outside the bundle's weights/ folder.",
-                          "Do not use this bundle: its metadata.json was altered. Restore it from its source.")
+        raise BundleError(
+            meta_path,
+            f"{where}.weights {relative!r} points outside the bundle's weights/ folder.",
+            "Do not use this bundle: its metadata.json was altered. Restore it from its source.",
+        )
     digest = entry.get("sha256")
     if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _SHA256_CHARS:
         raise BundleError(meta_path, f"{where}.sha256 is {digest!r}, not a sha256 hex digest.", _RESTORE)
@@ -158,8 +179,9 @@ def _check_metadata(meta_path: Path, metadata: Any) -> None:
             config = ViewModelConfig.from_json(entry["model"])
             ok = all(v > 0 for k in ("spacing", "patch", "window", "channels") for v in getattr(config, k))
         except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(meta_path, f"views.{plane}.model is not a valid architecture ({exc}).",
-                              _RESTORE) from None
+            raise BundleError(
+                meta_path, f"views.{plane}.model is not a valid architecture ({exc}).", _RESTORE
+            ) from None
         if not ok:
             raise BundleError(meta_path, f"views.{plane}.model has a size or spacing that is not positive.", _RESTORE)
     features = metadata.get("features")
@@ -170,8 +192,9 @@ def _check_metadata(meta_path: Path, metadata: Any) -> None:
     except (KeyError, TypeError, ValueError, AttributeError):
         valid = False
     if not valid:
-        raise BundleError(meta_path, "'features' lacks valid timesteps (0-999), budget_per_block (> 0) or overlap "
-                          "([0, 1)).", _RESTORE)
+        raise BundleError(
+            meta_path, "'features' lacks valid timesteps (0-999), budget_per_block (> 0) or overlap ([0, 1)).", _RESTORE
+        )
     heads = metadata.get("heads")
     if heads is not None:
         _check_weight_entry(meta_path, "heads", heads)
@@ -180,8 +203,9 @@ def _check_metadata(meta_path: Path, metadata: Any) -> None:
     try:
         Catalog.from_json(metadata["catalog"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise BundleError(meta_path, f"'catalog' is not a valid label catalog ({type(exc).__name__}: {exc}).",
-                          _RESTORE) from None
+        raise BundleError(
+            meta_path, f"'catalog' is not a valid label catalog ({type(exc).__name__}: {exc}).", _RESTORE
+        ) from None
 
 
 def next_version(version: str) -> str:
@@ -206,20 +230,29 @@ class Bundle:
         path = Path(path)
         meta_path = path / "metadata.json"
         if not path.exists():
-            raise BundleError(path, "no such bundle folder.",
-                              "Give a bundle folder (the shipped demo bundle is Resources/Models/orthoknee-demo), "
-                              "or make one with `orthoknee pretrain` and `orthoknee finetune`.")
+            raise BundleError(
+                path,
+                "no such bundle folder.",
+                "Give a bundle folder (the shipped demo bundle is Resources/Models/orthoknee-demo), "
+                "or make one with `orthoknee pretrain` and `orthoknee finetune`.",
+            )
         if not meta_path.is_file():
-            raise BundleError(path, "is not a model bundle (no metadata.json).",
-                              "Make one with `orthoknee pretrain` and `orthoknee finetune`.")
+            raise BundleError(
+                path,
+                "is not a model bundle (no metadata.json).",
+                "Make one with `orthoknee pretrain` and `orthoknee finetune`.",
+            )
         try:
             metadata = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(meta_path, f"is not valid JSON ({exc}).", "Restore the bundle from its source.") from None
         version = metadata.get("format_version")
         if version != FORMAT_VERSION:
-            raise BundleError(meta_path, f"has bundle format version {version!r}; this OrthoKnee reads version "
-                              f"{FORMAT_VERSION}.", "Use the OrthoKnee release that made the bundle, or re-export it.")
+            raise BundleError(
+                meta_path,
+                f"has bundle format version {version!r}; this OrthoKnee reads version {FORMAT_VERSION}.",
+                "Use the OrthoKnee release that made the bundle, or re-export it.",
+            )
         _check_metadata(meta_path, metadata)
         bundle = cls(path, metadata)
         if verify:
@@ -237,12 +270,19 @@ class Bundle:
         for what, entry in self._weight_entries():
             f = self.path / entry["weights"]
             if not f.is_file():
-                raise BundleError(f, f"is missing ({what} weights listed in metadata.json).",
-                                  "The bundle is incomplete; copy it again or retrain that part.")
+                raise BundleError(
+                    f,
+                    f"is missing ({what} weights listed in metadata.json).",
+                    "The bundle is incomplete; copy it again or retrain that part.",
+                )
             digest = file_sha256(f)
             if digest != entry["sha256"]:
-                raise BundleError(f, f"has sha256 {digest[:12]}... but metadata.json records {entry['sha256'][:12]}...: "
-                                  "the file was changed or corrupted.", "Restore the bundle from its source.")
+                raise BundleError(
+                    f,
+                    f"has sha256 {digest[:12]}... but metadata.json records {entry['sha256'][:12]}...: "
+                    "the file was changed or corrupted.",
+                    "Restore the bundle from its source.",
+                )
 
     # ------------------------------------------------------------------ contents
     @property
@@ -287,8 +327,11 @@ class Bundle:
         except FileNotFoundError:
             raise BundleError(f, f"is missing ({what}).", "The bundle is incomplete.") from None
         except Exception as exc:  # unpickling refused or corrupt archive
-            raise BundleError(f, f"could not be read as plain weights ({type(exc).__name__}: {exc}).",
-                              "Only tensor state dicts are accepted; re-export the bundle.") from None
+            raise BundleError(
+                f,
+                f"could not be read as plain weights ({type(exc).__name__}: {exc}).",
+                "Only tensor state dicts are accepted; re-export the bundle.",
+            ) from None
 
     def load_into(self, module, relative: str, what: str) -> None:
         """Load a state dict into ``module``, turning shape mismatches into a clear error."""
@@ -296,7 +339,11 @@ class Bundle:
         own = module.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
-        wrong = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if k in state and state[k].shape != own[k].shape]
+        wrong = [
+            (k, tuple(state[k].shape), tuple(own[k].shape))
+            for k in own
+            if k in state and state[k].shape != own[k].shape
+        ]
         if missing or unexpected or wrong:
             detail = []
             if wrong:
@@ -306,8 +353,11 @@ class Bundle:
                 detail.append(f"{len(missing)} tensors are missing (e.g. {missing[0]})")
             if unexpected:
                 detail.append(f"{len(unexpected)} are unexpected (e.g. {unexpected[0]})")
-            raise BundleError(self.path / relative, f"does not fit the architecture in metadata.json ({what}): "
-                              + "; ".join(detail) + ".", "The weights and metadata.json come from different models.")
+            raise BundleError(
+                self.path / relative,
+                f"does not fit the architecture in metadata.json ({what}): " + "; ".join(detail) + ".",
+                "The weights and metadata.json come from different models.",
+            )
         module.load_state_dict(state)
 
     def load_backbone(self, plane: str, device: str = "cpu"):
@@ -331,8 +381,12 @@ class Bundle:
     def set_view(self, plane: str, config: ViewModelConfig, state_dict: dict, training: dict) -> None:
         relative = f"weights/backbone_{plane}.pt"
         digest = self.save_weights(relative, state_dict)
-        self.metadata["views"][plane] = {"model": config.to_json(), "weights": relative, "sha256": digest,
-                                         "training": training}
+        self.metadata["views"][plane] = {
+            "model": config.to_json(),
+            "weights": relative,
+            "sha256": digest,
+            "training": training,
+        }
         self.save_metadata()
 
     def save_metadata(self) -> None:

@@ -40,17 +40,26 @@ def find_cases(folders: Sequence[str | os.PathLike], split: str | None = None) -
         elif (folder / "cases").is_dir():
             candidates = sorted(p for p in (folder / "cases").iterdir() if (p / "case.json").is_file())
         else:
-            raise InputError(folder, "holds no training cases (no case.json, no cases/ folder).",
-                             "Give the output folder of `orthoknee synth` or of the Slicer module's export.")
+            raise InputError(
+                folder,
+                "holds no training cases (no case.json, no cases/ folder).",
+                "Give the output folder of `orthoknee synth` or of the Slicer module's export.",
+            )
         for c in candidates:
             if split in (None, "all") or json.loads((c / "case.json").read_text()).get("split") == split:
                 out.append(c)
     return out
 
 
-def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str | os.PathLike,
-               pool_kji: Sequence[int] = (1, 3, 3), device="cpu", cancel: CancelToken | None = None,
-               views: Sequence[str] | None = None) -> Path:
+def cache_case(
+    bundle: Bundle,
+    case_folder: str | os.PathLike,
+    cache_root: str | os.PathLike,
+    pool_kji: Sequence[int] = (1, 3, 3),
+    device="cpu",
+    cancel: CancelToken | None = None,
+    views: Sequence[str] | None = None,
+) -> Path:
     """Compute (or find) the cached head inputs of one training case; returns its cache folder.
 
     ``views`` limits the backbone passes to the views the heads fuse: each view costs a
@@ -81,8 +90,13 @@ def cache_case(bundle: Bundle, case_folder: str | os.PathLike, cache_root: str |
     fi = fusion_inputs(bundle, sc.case, device=device, cancel=cancel, warnings=warnings, use=views)
     ref_plane = sc.case.reference_plane
     arrays = [fi.image_reference, fi.image_fusion, *fi.coverage.values()]
-    needed = int(1.15 * (2 * sum(a.size for a in arrays)  # float16, plus pooled copies, labels, masks
-                         + sum(f.size for f in fi.features.values())))  # 8-bit features
+    needed = int(
+        1.15
+        * (
+            2 * sum(a.size for a in arrays)  # float16, plus pooled copies, labels, masks
+            + sum(f.size for f in fi.features.values())
+        )
+    )  # 8-bit features
     ensure_free_space(out.parent, needed, f"the feature cache entry of {case_folder.name}")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -193,7 +207,8 @@ class CachedCase:
         from .predict import FusionInputs
 
         return FusionInputs(
-            self.fusion_grid, self.reference_grid,
+            self.fusion_grid,
+            self.reference_grid,
             {p: np.asarray(self.array(f"features_{p}"), np.float32) for p in self.planes},
             {p: np.asarray(self.array(f"coverage_{p}"), np.float32) for p in self.planes},
             np.asarray(self.array("image_fusion"), np.float32),

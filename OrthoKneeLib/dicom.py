@@ -153,7 +153,7 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> list
         groups.setdefault(key, []).append((str(path), ds))
 
     echoes_per_series: dict[str, set] = {}
-    for (uid, _iop, _r, _c, echo_no, echo_time) in groups:
+    for uid, _iop, _r, _c, echo_no, echo_time in groups:
         echoes_per_series.setdefault(uid, set()).add((echo_no, echo_time))
 
     result: list[DicomSeries] = []
@@ -170,8 +170,10 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> list
         problem = None
         if np.any(np.diff(along) < 1e-3):
             repeats = len(along) - len(np.unique(np.round(along, 3)))
-            problem = (f"series {uid} holds {len(members)} images at only {len(along) - repeats} slice positions: "
-                       "several images share a position (a 4D series, e.g. several time points or b-values).")
+            problem = (
+                f"series {uid} holds {len(members)} images at only {len(along) - repeats} slice positions: "
+                "several images share a position (a 4D series, e.g. several time points or b-values)."
+            )
         ps = first.get("PixelSpacing", [1.0, 1.0])
         result.append(
             DicomSeries(
@@ -202,8 +204,9 @@ def read_dicom_series(series: DicomSeries):
     import SimpleITK as sitk
 
     if series.problem:
-        raise ImageDimensionError(series.files[0], series.problem,
-                                  "OrthoKnee reads 3D series; export one time point per folder first.")
+        raise ImageDimensionError(
+            series.files[0], series.problem, "OrthoKnee reads 3D series; export one time point per folder first."
+        )
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(series.files)
@@ -217,4 +220,3 @@ def read_dicom_series(series: DicomSeries):
             "Check that the files are complete; compressed transfer syntaxes need GDCM support.",
         ) from None
     return image
-

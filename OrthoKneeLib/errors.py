@@ -37,7 +37,7 @@ def itk_error_detail(exc: BaseException) -> str:
 
 
 def advised_message(path: str | PathLike | None, problem: str, advice: str = "") -> str:
-    """"where: what is wrong. What to do." Front ends print messages as they are, so every
+    """ "where: what is wrong. What to do." Front ends print messages as they are, so every
     error class that has a place, a problem and advice lays them out in this one way."""
     where = f"{path}: " if path else ""
     return f"{where}{problem}" + (f" {advice}" if advice else "")

@@ -57,8 +57,9 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing_ijk: Sequence[float]) -> f
     for a, b in ((p, t), (t, p)):
         image = sitk.GetImageFromArray(b.astype(np.uint8))
         image.SetSpacing(tuple(float(s) for s in spacing_ijk))
-        dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
-                                                                   useImageSpacing=True))
+        dist = sitk.GetArrayFromImage(
+            sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+        )
         distances.append(np.percentile(np.abs(dist[_surface(a)]), 95))
     return float(max(distances))
 
@@ -84,8 +85,10 @@ class _LesionCells:
     the lesion, which the case-level AUC cannot."""
 
     def __init__(self, keys: Sequence[str]) -> None:
-        self.values: dict[str, dict[str, list[np.ndarray]]] = {"cell_auc": {k: [] for k in keys},
-                                                               "overlay_auc": {k: [] for k in keys}}
+        self.values: dict[str, dict[str, list[np.ndarray]]] = {
+            "cell_auc": {k: [] for k in keys},
+            "overlay_auc": {k: [] for k in keys},
+        }
         self.lesion: dict[str, list[np.ndarray]] = {k: [] for k in keys}
 
     def add(self, key: str, cells: np.ndarray, overlay: np.ndarray, mask: np.ndarray, inside: np.ndarray) -> None:
@@ -106,9 +109,17 @@ class _LesionCells:
         return out
 
 
-def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", with_hd95: bool = True,
-                    progress: ProgressFn = no_progress, cancel: CancelToken | None = None,
-                    postprocess: bool = True) -> dict:
+def evaluate_cached(
+    kind: str,
+    model,
+    cases,
+    catalog: Catalog,
+    device="cpu",
+    with_hd95: bool = True,
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+    postprocess: bool = True,
+) -> dict:
     """Scores of a heads (or baseline) module on cached cases (train.CachedCase), on the labelmap
     ``orthoknee predict`` writes (``postprocess``: femur, tibia and patella each in one piece,
     cartilage off its bone removed, menisci medial and lateral by the fibula's side; False scores
@@ -130,8 +141,14 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         truth = np.asarray(case.array("labels_reference"))
         spacing = case.reference_grid.spacing
         annotated = set(case.meta["annotated"])
-        row = {"case_id": case.case_id, "subject": case.meta.get("subject"), "contrast": case.contrast,
-               "dice": {}, "hd95": {}, "knee_side": side.side if side else None}
+        row = {
+            "case_id": case.case_id,
+            "subject": case.meta.get("subject"),
+            "contrast": case.contrast,
+            "dice": {},
+            "hd95": {},
+            "knee_side": side.side if side else None,
+        }
         for s in catalog.structures:
             if s.key not in annotated:
                 continue
@@ -158,8 +175,13 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
                 inside = result["cells_inside"]
                 for index, (f, k) in enumerate(zip(catalog.findings, known)):
                     if k:
-                        lesion_cells.add(f.key, result["cell_probabilities"][index], result["overlay_cells"][index],
-                                         masks[index], inside)
+                        lesion_cells.add(
+                            f.key,
+                            result["cell_probabilities"][index],
+                            result["overlay_cells"][index],
+                            masks[index],
+                            inside,
+                        )
         per_case.append(row)
         progress(n + 1, len(cases), case.case_id)
     dice_mean = {k: float(np.mean(v)) for k, v in per_dice.items() if v}
@@ -182,9 +204,13 @@ def evaluate_cached(kind: str, model, cases, catalog: Catalog, device="cpu", wit
         "mean_auc": float(np.mean(list(auc.values()))) if auc else None,
         "cases": len(cases),
         # outputs written before this key existed scored the raw argmax
-        "postprocessing": (f"largest connected component of {', '.join(SINGLE_PIECE)}; cartilage pieces farther "
-                           f"than {MAX_CARTILAGE_GAP_MM:g} mm from their bone removed; menisci split by the "
-                           "fibula's side" if postprocess else "none"),
+        "postprocessing": (
+            f"largest connected component of {', '.join(SINGLE_PIECE)}; cartilage pieces farther "
+            f"than {MAX_CARTILAGE_GAP_MM:g} mm from their bone removed; menisci split by the "
+            "fibula's side"
+            if postprocess
+            else "none"
+        ),
         "by_contrast": dice_by_contrast(per_case),
         "per_case": per_case,
     }
@@ -208,18 +234,28 @@ def dice_by_contrast(per_case: Sequence[dict]) -> dict[str, dict]:
         rows = groups[contrast]
         keys = sorted({k for r in rows for k, v in r["dice"].items() if v is not None})  # None: nothing to score
         means = {k: float(np.mean([r["dice"][k] for r in rows if r["dice"].get(k) is not None])) for k in keys}
-        out[contrast] = {"cases": len(rows), "dice": means,
-                         "mean_dice": float(np.mean(list(means.values()))) if means else None}
+        out[contrast] = {
+            "cases": len(rows),
+            "dice": means,
+            "mean_dice": float(np.mean(list(means.values()))) if means else None,
+        }
     return out
 
 
-def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_root: str | os.PathLike,
-                    device: str = "auto", progress: ProgressFn = no_progress, cancel: CancelToken | None = None,
-                    with_hd95: bool = True, postprocess: bool = True) -> dict:
+def evaluate_bundle(
+    bundle,
+    case_folders: Sequence[str | os.PathLike],
+    cache_root: str | os.PathLike,
+    device: str = "auto",
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+    with_hd95: bool = True,
+    postprocess: bool = True,
+) -> dict:
     """Cache (if needed) and score every case folder; warns about subjects the heads trained on."""
+    from .cachedcase import CachedCase, cache_case
     from .model.device import select_device
     from .predict import load_heads, views_fused
-    from .cachedcase import CachedCase, cache_case
 
     dev = select_device(device)
     kind, model = load_heads(bundle, device=dev)
@@ -228,15 +264,28 @@ def evaluate_bundle(bundle, case_folders: Sequence[str | os.PathLike], cache_roo
     for n, folder in enumerate(case_folders):
         cases.append(CachedCase(cache_case(bundle, folder, cache_root, device=dev, cancel=cancel, views=views)))
         progress(n + 1, 2 * len(case_folders), f"features {Path(folder).name}")
-    scores = evaluate_cached(kind, model, cases, bundle.catalog, device=dev, with_hd95=with_hd95, cancel=cancel,
-                             progress=lambda d, t, m: progress(len(case_folders) + d, 2 * len(case_folders), m),
-                             postprocess=postprocess)
+    scores = evaluate_cached(
+        kind,
+        model,
+        cases,
+        bundle.catalog,
+        device=dev,
+        with_hd95=with_hd95,
+        cancel=cancel,
+        progress=lambda d, t, m: progress(len(case_folders) + d, 2 * len(case_folders), m),
+        postprocess=postprocess,
+    )
     trained = set((bundle.metadata["heads"].get("training") or {}).get("subjects", []))
     seen = sorted({c.meta.get("subject") for c in cases} & trained)
-    scores["warnings"] = ([f"{len(seen)} evaluated subject(s) were used to train these heads: {', '.join(seen)}; "
-                           "these scores are not held-out."] if seen else [])
-    scores["bundle"] = {"name": bundle.metadata.get("name"), "version": bundle.metadata.get("version"),
-                        "kind": kind}
+    scores["warnings"] = (
+        [
+            f"{len(seen)} evaluated subject(s) were used to train these heads: {', '.join(seen)}; "
+            "these scores are not held-out."
+        ]
+        if seen
+        else []
+    )
+    scores["bundle"] = {"name": bundle.metadata.get("name"), "version": bundle.metadata.get("version"), "kind": kind}
     return scores
 
 
@@ -260,22 +309,27 @@ def format_table(scores: dict, catalog: Catalog) -> str:
             c = scores.get("finding_counts", {}).get(f.key)
             if a is None and c is None:
                 continue
-            lines.append(f"{f.key:<28} {a if a is not None else nan:6.3f} "
-                         f"{(str(c['cases']) + ' (' + str(c['positive']) + ')') if c else '-':>18} "
-                         f"{scores.get('cell_auc', {}).get(f.key, nan):9.3f} "
-                         f"{scores.get('overlay_auc', {}).get(f.key, nan):12.3f}")
+            lines.append(
+                f"{f.key:<28} {a if a is not None else nan:6.3f} "
+                f"{(str(c['cases']) + ' (' + str(c['positive']) + ')') if c else '-':>18} "
+                f"{scores.get('cell_auc', {}).get(f.key, nan):9.3f} "
+                f"{scores.get('overlay_auc', {}).get(f.key, nan):12.3f}"
+            )
     by_contrast = scores.get("by_contrast") or {}
     if by_contrast:
         lines.append("")
-        lines.append(f"{'Dice by contrast':<24}" + "".join(f" {c + ' (' + str(g['cases']) + ')':>12}"
-                                                         for c, g in by_contrast.items()))
+        lines.append(
+            f"{'Dice by contrast':<24}"
+            + "".join(f" {c + ' (' + str(g['cases']) + ')':>12}" for c, g in by_contrast.items())
+        )
         for s in catalog.structures:
             if not any(s.key in g["dice"] for g in by_contrast.values()):
                 continue
-            lines.append(f"{s.key:<24}" + "".join(f" {g['dice'].get(s.key, nan):12.3f}"
-                                                  for g in by_contrast.values()))
-        lines.append(f"{'mean':<24}" + "".join(f" {g['mean_dice'] if g['mean_dice'] is not None else nan:12.3f}"
-                                              for g in by_contrast.values()))
+            lines.append(f"{s.key:<24}" + "".join(f" {g['dice'].get(s.key, nan):12.3f}" for g in by_contrast.values()))
+        lines.append(
+            f"{'mean':<24}"
+            + "".join(f" {g['mean_dice'] if g['mean_dice'] is not None else nan:12.3f}" for g in by_contrast.values())
+        )
     for w in scores.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)

@@ -29,9 +29,22 @@ import numpy as np
 from .errors import OrthoKneeError
 from .io import atomic_path
 
-__all__ = ["CACHE_LAYOUT", "default_cache_dir", "cache_key", "CacheEntry", "scan_cache", "prune_cache",
-           "ensure_free_space", "quantize_channels", "dequantize_channels", "QuantizedArray", "load_cached_array",
-           "save_npy", "save_features", "compact_cache"]
+__all__ = [
+    "CACHE_LAYOUT",
+    "default_cache_dir",
+    "cache_key",
+    "CacheEntry",
+    "scan_cache",
+    "prune_cache",
+    "ensure_free_space",
+    "quantize_channels",
+    "dequantize_channels",
+    "QuantizedArray",
+    "load_cached_array",
+    "save_npy",
+    "save_features",
+    "compact_cache",
+]
 
 CACHE_LAYOUT = 1
 CASE_FILES = ("case.json", "sagittal.nrrd", "coronal.nrrd", "axial.nrrd")
@@ -106,8 +119,9 @@ def scan_cache(root: str | os.PathLike) -> list[CacheEntry]:
     return entries
 
 
-def prune_cache(root: str | os.PathLike, keep_bundle_hashes: Iterable[str] | None = None,
-                dry_run: bool = False) -> list[tuple[CacheEntry, str]]:
+def prune_cache(
+    root: str | os.PathLike, keep_bundle_hashes: Iterable[str] | None = None, dry_run: bool = False
+) -> list[tuple[CacheEntry, str]]:
     """Remove the stale entries, and with ``keep_bundle_hashes`` every entry of another bundle.
 
     Returns (entry, reason) for each entry removed (or that would be, with ``dry_run``). Entries
@@ -140,7 +154,8 @@ def ensure_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -
             f"{folder}: {what} needs about {needed_bytes / 2**20:.0f} MB of disk and only "
             f"{free / 2**20:.0f} MB is free. Free some space: `orthoknee cache --prune` removes the entries "
             "no case or bundle can use, `--keep-bundle B` also those of other bundles; or point --cache "
-            "(or $ORTHOKNEE_CACHE) at a larger disk.")
+            "(or $ORTHOKNEE_CACHE) at a larger disk."
+        )
 
 
 # ------------------------------------------------------------------------- 8-bit features
@@ -159,7 +174,7 @@ def quantize_channels(array: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.
     """
     if not 1 <= bits <= 16:
         raise ValueError(f"bits must be 1-16, not {bits}")
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     flat = np.asarray(array).reshape(array.shape[0], -1)
     scale = np.zeros((array.shape[0], 2), np.float32)
     codes = np.empty(flat.shape, np.uint8 if bits <= 8 else np.uint16)
@@ -224,14 +239,18 @@ def load_cached_array(path: Path, mmap: bool = True) -> np.ndarray | QuantizedAr
     try:
         array = np.load(path, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as exc:
-        raise OrthoKneeError(f"{path}: not a plain array of a feature cache entry ({exc}). Delete the entry "
-                             f"folder {path.parent.name}; it is computed again when needed.") from None
+        raise OrthoKneeError(
+            f"{path}: not a plain array of a feature cache entry ({exc}). Delete the entry "
+            f"folder {path.parent.name}; it is computed again when needed."
+        ) from None
     scale_path = path.with_name(path.stem + SCALE_SUFFIX + ".npy")
     if array.dtype == np.uint8 and path.stem.startswith("features_"):
         if not scale_path.is_file():
-            raise OrthoKneeError(f"{path.parent}: the cache entry has 8-bit features without their scale "
-                                 f"({scale_path.name}). Remove the entry (`orthoknee cache --prune` removes stale "
-                                 "ones, or delete the folder); it is computed again when needed.")
+            raise OrthoKneeError(
+                f"{path.parent}: the cache entry has 8-bit features without their scale "
+                f"({scale_path.name}). Remove the entry (`orthoknee cache --prune` removes stale "
+                "ones, or delete the folder); it is computed again when needed."
+            )
         return QuantizedArray(array, np.load(scale_path))
     return array  # float16 features of older entries; a scale beside them is one a compaction left
 
@@ -259,8 +278,9 @@ def _npy_dtype(path: Path) -> np.dtype | None:
         return None
 
 
-def compact_cache(root: str | os.PathLike, dry_run: bool = False,
-                  progress: Callable[[int, int, str], None] | None = None) -> tuple[int, int, int]:
+def compact_cache(
+    root: str | os.PathLike, dry_run: bool = False, progress: Callable[[int, int, str], None] | None = None
+) -> tuple[int, int, int]:
     """Rewrite the float16 features of older entries as 8-bit codes, in place.
 
     Returns (entries converted, bytes before, bytes after) over those entries (with ``dry_run``
@@ -270,8 +290,11 @@ def compact_cache(root: str | os.PathLike, dry_run: bool = False,
     for entry in scan_cache(root):
         if entry.meta is None:
             continue
-        old = [f for f in sorted(entry.path.glob("features_*.npy"))
-               if not f.stem.endswith(SCALE_SUFFIX) and _npy_dtype(f) == np.float16]
+        old = [
+            f
+            for f in sorted(entry.path.glob("features_*.npy"))
+            if not f.stem.endswith(SCALE_SUFFIX) and _npy_dtype(f) == np.float16
+        ]
         if old:
             todo.append((entry, old))
     converted, before, after = 0, 0, 0

@@ -50,16 +50,19 @@ class NotAKneeError(InputError):
 
 
 def _limit_advice(max_voxels: int) -> str:
-    return (f"A knee MRI series has well under {max_voxels:,} voxels; if this one really is that large, "
-            "raise the limit with --max-voxels N (or max_voxels= in Python).")
+    return (
+        f"A knee MRI series has well under {max_voxels:,} voxels; if this one really is that large, "
+        "raise the limit with --max-voxels N (or max_voxels= in Python)."
+    )
 
 
 def _check_voxel_count(path, size, max_voxels: int) -> None:
     count = int(np.prod([int(s) for s in size], dtype=object))
     if count > max_voxels:
         dims = "x".join(str(int(s)) for s in size)
-        raise TooLargeError(path, f"claims {dims} = {count:,} voxels, more than the limit of {max_voxels:,}.",
-                            _limit_advice(max_voxels))
+        raise TooLargeError(
+            path, f"claims {dims} = {count:,} voxels, more than the limit of {max_voxels:,}.", _limit_advice(max_voxels)
+        )
 
 
 # --------------------------------------------------------------------------- files
@@ -86,8 +89,9 @@ def _nifti_header(path: Path, compressed: bool) -> bytes:
         with opener(path, "rb") as fh:
             return fh.read(352)
     except (OSError, EOFError, zlib.error) as exc:
-        raise UnreadableFileError(path, f"is not a readable NIfTI file ({exc}).",
-                                  "Export the series again; the file is damaged.") from None
+        raise UnreadableFileError(
+            path, f"is not a readable NIfTI file ({exc}).", "Export the series again; the file is damaged."
+        ) from None
 
 
 def _check_nifti(path: Path, compressed: bool) -> None:
@@ -100,16 +104,21 @@ def _check_nifti(path: Path, compressed: bool) -> None:
     pixdim = struct.unpack(endian + "8f", header[76:108])
     vox_offset = struct.unpack(endian + "f", header[108:112])[0]
     ndim = max(1, min(int(dims[0]), 7))
-    spatial = pixdim[1:min(ndim, 3) + 1]
+    spatial = pixdim[1 : min(ndim, 3) + 1]
     if any(not np.isfinite(p) or p <= 0 for p in spatial):
-        raise InputError(path, f"has voxel spacing {', '.join(f'{p:g}' for p in spatial)} mm in its header; "
-                         "spacing must be positive.",
-                         "The export lost the geometry; export the series again (e.g. with dcm2niix).")
-    expected = int(vox_offset) + int(np.prod([max(1, d) for d in dims[1:ndim + 1]], dtype=np.int64)) * bitpix // 8
+        raise InputError(
+            path,
+            f"has voxel spacing {', '.join(f'{p:g}' for p in spatial)} mm in its header; spacing must be positive.",
+            "The export lost the geometry; export the series again (e.g. with dcm2niix).",
+        )
+    expected = int(vox_offset) + int(np.prod([max(1, d) for d in dims[1 : ndim + 1]], dtype=np.int64)) * bitpix // 8
     got = _data_length(path, compressed)
     if got < expected:
-        raise UnreadableFileError(path, f"is truncated: its header promises {expected:,} bytes of image data but the "
-                                  f"file holds {got:,}.", "Copy or export the file again; it was cut short.")
+        raise UnreadableFileError(
+            path,
+            f"is truncated: its header promises {expected:,} bytes of image data but the file holds {got:,}.",
+            "Copy or export the file again; it was cut short.",
+        )
 
 
 def _data_length(path: Path, compressed: bool) -> int:
@@ -129,8 +138,9 @@ def _data_length(path: Path, compressed: bool) -> int:
 # --------------------------------------------------------------------------- DICOM
 
 
-def check_dicom_extent(folder: str | os.PathLike, rows: int, columns: int, slices: int,
-                       max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
+def check_dicom_extent(
+    folder: str | os.PathLike, rows: int, columns: int, slices: int, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> None:
     _check_voxel_count(folder, (columns, rows, slices), max_voxels)
 
 
@@ -141,18 +151,27 @@ def check_voxel_values(image: sitk.Image, path) -> None:
     """Refuse what no model should see: not 3D, one slice, complex or vector voxels, values
     that are not finite in float32 (where the model computes), no contrast, not a knee."""
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
-        raise UnreadableFileError(path, "holds complex voxels (raw k-space or phase data), not a magnitude image.",
-                                  "Give the magnitude image of the series.")
+        raise UnreadableFileError(
+            path,
+            "holds complex voxels (raw k-space or phase data), not a magnitude image.",
+            "Give the magnitude image of the series.",
+        )
     if image.GetNumberOfComponentsPerPixel() > 1:
-        raise UnreadableFileError(path, f"holds {image.GetNumberOfComponentsPerPixel()} components per voxel "
-                                  "(a colour, vector or complex image), not a grey-level MR series.",
-                                  "Give a magnitude image.")
+        raise UnreadableFileError(
+            path,
+            f"holds {image.GetNumberOfComponentsPerPixel()} components per voxel "
+            "(a colour, vector or complex image), not a grey-level MR series.",
+            "Give a magnitude image.",
+        )
     if image.GetDimension() != 3:
         raise ImageDimensionError(path, f"is {image.GetDimension()}D; a 3D volume is needed.", "Give a 3D series.")
     size = image.GetSize()
     if any(n < 2 for n in size):
-        raise ImageDimensionError(path, f"is a single slice ({size[0]}x{size[1]}x{size[2]} voxels), i.e. a 2D "
-                                  "image.", "Give the whole series (all its slices).")
+        raise ImageDimensionError(
+            path,
+            f"is a single slice ({size[0]}x{size[1]}x{size[2]} voxels), i.e. a 2D image.",
+            "Give the whole series (all its slices).",
+        )
     spacing = image.GetSpacing()
     if any(not np.isfinite(s) or s <= 0 for s in spacing):
         raise InputError(path, f"has voxel spacing {spacing}; spacing must be positive.", "Export the series again.")
@@ -160,19 +179,27 @@ def check_voxel_values(image: sitk.Image, path) -> None:
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
-            raise InvalidVoxelsError(path, f"has {bad} NaN or infinite voxels.",
-                                     "Re-export the series; a reconstruction or conversion step failed.")
+            raise InvalidVoxelsError(
+                path,
+                f"has {bad} NaN or infinite voxels.",
+                "Re-export the series; a reconstruction or conversion step failed.",
+            )
     lo, hi = float(array.min()), float(array.max())
     if max(abs(lo), abs(hi)) > _FLOAT32_MAX / 16:
-        raise InvalidVoxelsError(path, f"has values up to {max(abs(lo), abs(hi)):.3g}, beyond what single precision "
-                                 "holds.", "Rescale the series (an MR image's values are well below 1e30).")
+        raise InvalidVoxelsError(
+            path,
+            f"has values up to {max(abs(lo), abs(hi)):.3g}, beyond what single precision holds.",
+            "Rescale the series (an MR image's values are well below 1e30).",
+        )
     if lo == hi:
-        raise EmptyVolumeError(path, f"has no contrast: every voxel is {array.flat[0]}.",
-                               "The series is blank; check the export.")
+        raise EmptyVolumeError(
+            path, f"has no contrast: every voxel is {array.flat[0]}.", "The series is blank; check the export."
+        )
     reason = not_a_knee_reason(array)
     if reason:
-        raise NotAKneeError(path, f"does not look like an MR image: {reason}.",
-                            "Give a knee MRI series (sagittal, coronal or axial).")
+        raise NotAKneeError(
+            path, f"does not look like an MR image: {reason}.", "Give a knee MRI series (sagittal, coronal or axial)."
+        )
 
 
 def _sample(array: np.ndarray, target: int = 2_000_000) -> np.ndarray:
@@ -201,8 +228,10 @@ def not_a_knee_reason(array: np.ndarray) -> str | None:
     a = _sample(array)
     air = float(np.mean(a < -500))
     if air > 0.01:
-        return (f"{air:.0%} of its voxels are below -500, as air is in CT's Hounsfield units "
-                "(MR intensities are not negative)")
+        return (
+            f"{air:.0%} of its voxels are below -500, as air is in CT's Hounsfield units "
+            "(MR intensities are not negative)"
+        )
     corr = neighbour_correlation(a)
     if corr < 0.3:
         return f"neighbouring voxels are uncorrelated (correlation {corr:.2f}; MR anatomy gives above 0.6), as in noise"

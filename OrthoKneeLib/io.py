@@ -87,22 +87,31 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> dict:
     accepted: a planted file cannot run code when training resumes from it. A file that is
     not such a checkpoint is an error naming it, with what to do.
     """
+    import pickle
+
     import torch
 
     from .errors import InputError
 
-    import pickle
-
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:  # weights_only refused a global: the file holds more than data
-        raise InputError(path, "is not a plain OrthoKnee training checkpoint: it holds Python objects besides "
-                         "tensors and numbers, and loading those could run code (refused).",
-                         "Delete it to start the training afresh.") from None
+        raise InputError(
+            path,
+            "is not a plain OrthoKnee training checkpoint: it holds Python objects besides "
+            "tensors and numbers, and loading those could run code (refused).",
+            "Delete it to start the training afresh.",
+        ) from None
     except Exception as exc:  # a corrupt or foreign archive
-        raise InputError(path, f"is not a plain OrthoKnee training checkpoint (unreadable: {type(exc).__name__}).",
-                         "Delete it to start the training afresh.") from None
+        raise InputError(
+            path,
+            f"is not a plain OrthoKnee training checkpoint (unreadable: {type(exc).__name__}).",
+            "Delete it to start the training afresh.",
+        ) from None
     if not isinstance(state, dict):
-        raise InputError(path, f"holds a {type(state).__name__}, not a training checkpoint.",
-                         "Delete it to start the training afresh.")
+        raise InputError(
+            path,
+            f"holds a {type(state).__name__}, not a training checkpoint.",
+            "Delete it to start the training afresh.",
+        )
     return state

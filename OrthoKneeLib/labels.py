@@ -222,9 +222,7 @@ class Catalog:
 
     @classmethod
     def from_json(cls, data: dict[str, Iterable[dict[str, Any]]]) -> "Catalog":
-        structures = tuple(
-            Structure(**_entry_from_json(d), label=int(d["label"])) for d in data["structures"]
-        )
+        structures = tuple(Structure(**_entry_from_json(d), label=int(d["label"])) for d in data["structures"])
         findings = tuple(
             Finding(**_entry_from_json(d), structures=tuple(d.get("structures", ()))) for d in data["findings"]
         )
@@ -271,7 +269,9 @@ _STRUCTURES = (
     Structure("patella", "Patella", (250, 180, 100), _bone(_PATELLA), label=4),
     Structure("femoral_cartilage", "Femoral cartilage", (111, 184, 210), _tissue(_CARTILAGE, region=_FEMUR), label=5),
     Structure("tibial_cartilage", "Tibial cartilage", (50, 120, 200), _tissue(_CARTILAGE, region=_TIBIA), label=6),
-    Structure("patellar_cartilage", "Patellar cartilage", (150, 225, 245), _tissue(_CARTILAGE, region=_PATELLA), label=7),
+    Structure(
+        "patellar_cartilage", "Patellar cartilage", (150, 225, 245), _tissue(_CARTILAGE, region=_PATELLA), label=7
+    ),
     Structure("medial_meniscus", "Medial meniscus", (230, 100, 180), _tissue(_MENISCUS, _MEDIAL, _KNEE), label=8),
     Structure("lateral_meniscus", "Lateral meniscus", (160, 90, 230), _tissue(_MENISCUS, _LATERAL, _KNEE), label=9),
     Structure("acl", "Anterior cruciate ligament", (80, 210, 90), _tissue(_LIGAMENT, _ANTERIOR, _KNEE), label=10),

@@ -66,8 +66,12 @@ def montage(prediction, case: Case, path: str | os.PathLike, finding: str | None
     draw.text((4, 2), f"{prediction.case_name}: structures outlined (catalog colors)", fill=(255, 255, 255))
     if finding:
         name = prediction.catalog.finding(finding).name
-        draw.text((4, 17), f"overlay: {name}, p = {prediction.finding_probabilities[finding]:.2f} "
-                  "(research demo, not for clinical use)", fill=(255, 200, 0))
+        draw.text(
+            (4, 17),
+            f"overlay: {name}, p = {prediction.finding_probabilities[finding]:.2f} "
+            "(research demo, not for clinical use)",
+            fill=(255, 200, 0),
+        )
     path = Path(path)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")

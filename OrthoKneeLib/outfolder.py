@@ -24,8 +24,14 @@ from typing import Iterator
 
 from .errors import InputError, OrthoKneeError
 
-__all__ = ["OutputBusyError", "check_output_folder", "locked_folder", "staged_files", "signals_deferred",
-           "STAGING_PREFIX"]
+__all__ = [
+    "OutputBusyError",
+    "check_output_folder",
+    "locked_folder",
+    "staged_files",
+    "signals_deferred",
+    "STAGING_PREFIX",
+]
 
 STAGING_PREFIX = ".orthoknee-staging-"
 _held: dict[Path, int] = {}  # folders this process has locked -> nesting depth
@@ -53,8 +59,11 @@ def check_output_folder(folder: str | os.PathLike) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise InputError(folder, f"cannot be written ({exc.strerror or exc} in {existing}).",
-                         "Give a folder you can write to for --out.") from None
+        raise InputError(
+            folder,
+            f"cannot be written ({exc.strerror or exc} in {existing}).",
+            "Give a folder you can write to for --out.",
+        ) from None
     return folder
 
 
@@ -82,8 +91,10 @@ def locked_folder(folder: str | os.PathLike) -> Iterator[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise OutputBusyError(f"{folder}: another OrthoKnee run is writing into this folder. Wait for it "
-                                          "to finish, or give another --out.") from None
+                    raise OutputBusyError(
+                        f"{folder}: another OrthoKnee run is writing into this folder. Wait for it "
+                        "to finish, or give another --out."
+                    ) from None
                 raise
             _remove_stale_staging(folder)
         yield folder

@@ -10,7 +10,7 @@ summary, findings.json and the front ends can warn instead of showing a confiden
 - each bone one connected piece; each cruciate ligament one piece running from femur to tibia.
 
 The volume ranges come from the 54 real manual OAI label maps
-(``python -m OrthoKneeLib.plausibility LABELS_OAI_FOLDER`` writes ``plausible_ranges.json``),
+(``python -m OrthoKneeLib.plausibility LABELS_OAI_FOLDER`` writes ``plausible_ranges.py``),
 widened to half the smallest and 1.5 times the largest, because fields of view differ.
 """
 
@@ -26,7 +26,7 @@ import SimpleITK as sitk
 
 __all__ = ["Check", "check_reading", "RANGES_FILE", "volume_ranges"]
 
-RANGES_FILE = Path(__file__).with_name("plausible_ranges.json")
+RANGES_FILE = Path(__file__).with_name("plausible_ranges.py")
 _WIDEN_LOW, _WIDEN_HIGH = 0.5, 1.5
 _TOUCH_MM = 3.0  # a ligament "reaches" a bone when its end lies within this distance
 
@@ -40,8 +40,9 @@ class Check:
 
 def volume_ranges() -> dict[str, tuple[float, float]]:
     """structure -> (low, high) mL a real knee's reading may show."""
-    data = json.loads(RANGES_FILE.read_text())
-    return {k: (v["min_ml"] * _WIDEN_LOW, v["max_ml"] * _WIDEN_HIGH) for k, v in data["structures"].items()}
+    from .plausible_ranges import STRUCTURES
+
+    return {k: (v["min_ml"] * _WIDEN_LOW, v["max_ml"] * _WIDEN_HIGH) for k, v in STRUCTURES.items()}
 
 
 def _centroid(image: sitk.Image, mask: np.ndarray) -> np.ndarray:
@@ -88,8 +89,7 @@ def check_reading(labelmap: sitk.Image, volumes_ml: dict[str, float], catalog) -
         if key not in volumes_ml:
             continue
         v = volumes_ml[key]
-        checks.append(Check(f"{key} volume", low <= v <= high,
-                            f"{v:.1f} mL (real knees: {low:.1f}-{high:.1f} mL)"))
+        checks.append(Check(f"{key} volume", low <= v <= high, f"{v:.1f} mL (real knees: {low:.1f}-{high:.1f} mL)"))
 
     def mask(key: str) -> np.ndarray:
         return array == label[key]
@@ -101,8 +101,9 @@ def check_reading(labelmap: sitk.Image, volumes_ml: dict[str, float], catalog) -
         checks.append(Check("femur above tibia", above > 0, f"femur centre {above:+.0f} mm above the tibia's"))
         if present["patella"]:
             ahead = femur[1] - _centroid(labelmap, mask("patella"))[1]  # LPS y points posterior
-            checks.append(Check("patella in front of femur", ahead > 0,
-                                f"patella centre {ahead:+.0f} mm anterior of the femur's"))
+            checks.append(
+                Check("patella in front of femur", ahead > 0, f"patella centre {ahead:+.0f} mm anterior of the femur's")
+            )
     min_voxels = max(1, int(round(0.05 / voxel_ml)))  # pieces under 0.05 mL are specks, not pieces
     for key in ("femur", "tibia", "patella"):
         if present.get(key):
@@ -114,16 +115,24 @@ def check_reading(labelmap: sitk.Image, volumes_ml: dict[str, float], catalog) -
         lig = labelmap == label[key]
         n = _pieces(lig, min_voxels)
         reach = all(_near(lig, labelmap == label[b], _TOUCH_MM) for b in ("femur", "tibia") if present[b])
-        checks.append(Check(f"{key} one piece from femur to tibia", n == 1 and reach and present["femur"]
-                            and present["tibia"], f"{n} pieces; {'reaches' if reach else 'does not reach'} both bones"))
+        checks.append(
+            Check(
+                f"{key} one piece from femur to tibia",
+                n == 1 and reach and present["femur"] and present["tibia"],
+                f"{n} pieces; {'reaches' if reach else 'does not reach'} both bones",
+            )
+        )
     return checks
 
 
 def summarize(checks: list[Check]) -> dict:
     """The findings.json block: whether the reading is plausible, whether a knee was found, the checks."""
     by_name = {c.check: c for c in checks}
-    knee = all(by_name[k].ok for k in ("femur volume", "tibia volume", "femur above tibia") if k in by_name) and \
-        {"femur volume", "tibia volume", "femur above tibia"} <= set(by_name)
+    knee = all(by_name[k].ok for k in ("femur volume", "tibia volume", "femur above tibia") if k in by_name) and {
+        "femur volume",
+        "tibia volume",
+        "femur above tibia",
+    } <= set(by_name)
     return {"plausible": all(c.ok for c in checks), "knee_found": bool(knee), "checks": [asdict(c) for c in checks]}
 
 
@@ -132,8 +141,10 @@ def warnings_for(summary: dict) -> list[str]:
     failed = [f"{c['check']} ({c['detail']})" for c in summary["checks"] if not c["ok"]]
     out = []
     if not summary["knee_found"]:
-        out.append("this does not look like a knee MRI: the model found no femur above a tibia of real size; "
-                   "the findings below are not a reading of a knee.")
+        out.append(
+            "this does not look like a knee MRI: the model found no femur above a tibia of real size; "
+            "the findings below are not a reading of a knee."
+        )
     if failed:
         out.append("implausible reading, check it before use: " + "; ".join(failed) + ".")
     return out
@@ -155,8 +166,10 @@ def volume_ranges_from_maps(folder: str | Path) -> dict:
             lesion = [v for v, (_, role) in source.extras.items()] if key in ("femur", "tibia", "patella") else []
             n = counts[value] + (sum(counts[v] for v in lesion if _lesion_bone(v) == key) if lesion else 0)
             per_structure[key].append(float(n) * voxel_ml)
-    return {"source": f"{len(files)} OAI label maps ({Path(folder).name})",
-            "structures": {k: {"min_ml": round(min(v), 2), "max_ml": round(max(v), 2)} for k, v in per_structure.items()}}
+    return {
+        "source": f"{len(files)} OAI label maps ({Path(folder).name})",
+        "structures": {k: {"min_ml": round(min(v), 2), "max_ml": round(max(v), 2)} for k, v in per_structure.items()},
+    }
 
 
 def _lesion_bone(value: int) -> str:
@@ -165,11 +178,24 @@ def _lesion_bone(value: int) -> str:
     return _LESION_BONE.get(value, "")
 
 
-if __name__ == "__main__":  # maintainer command: python -m OrthoKneeLib.plausibility ../shared/data/labels-oai
-    from .io import write_json_atomic
+def write_ranges_module(ranges: dict, path: Path = RANGES_FILE) -> Path:
+    """plausible_ranges.py from :func:`volume_ranges_from_maps` (a module, so it ships wherever the code does)."""
+    from .io import atomic_path
 
+    text = (
+        '"""Volumes (mL) of each structure over the real manual OAI label maps: the range a real knee\'s\n'
+        "reading may show (plausibility.py widens it). Generated, do not edit:\n"
+        '``python -m OrthoKneeLib.plausibility ../shared/data/labels-oai`` rewrites this file."""\n\n'
+        f"SOURCE = {ranges['source']!r}\nSTRUCTURES = {json.dumps(ranges['structures'], indent=4)}\n"
+    )
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+if __name__ == "__main__":  # maintainer command: python -m OrthoKneeLib.plausibility ../shared/data/labels-oai
     if len(sys.argv) != 2:
         sys.exit("usage: python -m OrthoKneeLib.plausibility LABELS_OAI_FOLDER")
     ranges = volume_ranges_from_maps(sys.argv[1])
-    write_json_atomic(ranges, RANGES_FILE)
+    print(write_ranges_module(ranges))
     print(json.dumps(ranges, indent=2))

@@ -38,9 +38,19 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["SINGLE_PIECE", "CARTILAGE_ON_BONE", "MAX_CARTILAGE_GAP_MM", "keep_largest_component",
-           "drop_detached_cartilage", "labelmap_from_probabilities", "KneeSide", "knee_side", "with_tagged_side",
-           "assign_meniscus_sides", "finish_prediction"]
+__all__ = [
+    "SINGLE_PIECE",
+    "CARTILAGE_ON_BONE",
+    "MAX_CARTILAGE_GAP_MM",
+    "keep_largest_component",
+    "drop_detached_cartilage",
+    "labelmap_from_probabilities",
+    "KneeSide",
+    "knee_side",
+    "with_tagged_side",
+    "assign_meniscus_sides",
+    "finish_prediction",
+]
 
 SINGLE_PIECE = ("femur", "tibia", "patella")
 CARTILAGE_ON_BONE = {"femoral_cartilage": "femur", "tibial_cartilage": "tibia", "patellar_cartilage": "patella"}
@@ -65,8 +75,9 @@ def keep_largest_component(labelmap: np.ndarray, labels: Sequence[int]) -> np.nd
     return out
 
 
-def drop_detached_cartilage(labelmap: np.ndarray, spacing_ijk: Sequence[float], catalog,
-                            max_gap_mm: float = MAX_CARTILAGE_GAP_MM) -> np.ndarray:
+def drop_detached_cartilage(
+    labelmap: np.ndarray, spacing_ijk: Sequence[float], catalog, max_gap_mm: float = MAX_CARTILAGE_GAP_MM
+) -> np.ndarray:
     """``labelmap`` (k, j, i) without the cartilage pieces (26-connected) that have no voxel within
     ``max_gap_mm`` of their bone (CARTILAGE_ON_BONE); they become background. A plate whose bone
     was not found at all is kept: there is nothing to judge it by."""
@@ -81,8 +92,11 @@ def drop_detached_cartilage(labelmap: np.ndarray, spacing_ijk: Sequence[float], 
             continue
         bone_image = sitk.GetImageFromArray(bone.astype(np.uint8))
         bone_image.SetSpacing(tuple(float(s) for s in spacing_ijk))
-        distance = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
-            bone_image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+        distance = sitk.GetArrayFromImage(
+            sitk.SignedMaurerDistanceMap(
+                bone_image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+            )
+        )
         pieces_image = sitk.ConnectedComponent(sitk.GetImageFromArray(cartilage.astype(np.uint8)), True)
         pieces = sitk.GetArrayFromImage(pieces_image)  # a copy, as in keep_largest_component
         near = np.unique(pieces[cartilage & (distance <= max_gap_mm)])
@@ -90,8 +104,9 @@ def drop_detached_cartilage(labelmap: np.ndarray, spacing_ijk: Sequence[float], 
     return out
 
 
-def labelmap_from_probabilities(probabilities: np.ndarray, catalog, postprocess: bool = True,
-                                spacing_ijk: Sequence[float] | None = None) -> np.ndarray:
+def labelmap_from_probabilities(
+    probabilities: np.ndarray, catalog, postprocess: bool = True, spacing_ijk: Sequence[float] | None = None
+) -> np.ndarray:
     """The most probable structure per voxel (uint8), with each of SINGLE_PIECE in one piece
     and, given the voxel spacing, no cartilage off its bone, unless ``postprocess`` is False (the
     heads' raw output, for research)."""
@@ -137,9 +152,13 @@ def with_tagged_side(anatomy: KneeSide, tagged: str | None) -> KneeSide:
         return KneeSide(tagged, f"the series' DICOM Laterality says {tagged} ({anatomy.reason})", _lateral_sign(tagged))
     if anatomy.side == tagged:
         return KneeSide(anatomy.side, f"{anatomy.reason}, as the DICOM Laterality says", anatomy.lateral_sign)
-    return KneeSide(anatomy.side, anatomy.reason, anatomy.lateral_sign,
-                    warning=f"the series' DICOM Laterality says {tagged}, but {anatomy.reason}, which makes it a "
-                            f"{anatomy.side} knee: check which knee this is (the menisci were split by the anatomy).")
+    return KneeSide(
+        anatomy.side,
+        anatomy.reason,
+        anatomy.lateral_sign,
+        warning=f"the series' DICOM Laterality says {tagged}, but {anatomy.reason}, which makes it a "
+        f"{anatomy.side} knee: check which knee this is (the menisci were split by the anatomy).",
+    )
 
 
 def _lps_x(grid, shape_kji: Sequence[int]) -> np.ndarray:
@@ -147,7 +166,7 @@ def _lps_x(grid, shape_kji: Sequence[int]) -> np.ndarray:
     m = grid.index_to_physical()
     k, j, i = (np.arange(n, dtype=np.float32) for n in shape_kji)
     row = m[0].astype(np.float32)
-    return (row[0] * i[None, None, :] + row[1] * j[None, :, None] + row[2] * k[:, None, None] + row[3])
+    return row[0] * i[None, None, :] + row[1] * j[None, :, None] + row[2] * k[:, None, None] + row[3]
 
 
 def knee_side(labelmap: np.ndarray, grid, catalog) -> KneeSide:
@@ -173,8 +192,9 @@ def _side_from_fibula(labelmap: np.ndarray, tibia: np.ndarray, x: np.ndarray, gr
         return KneeSide(None, f"the fibula's centre lies only {abs(offset):.0f} mm to the side of the tibia's")
     # the fibula is lateral: toward the patient's left (+x) in a left knee
     side = "left" if offset > 0 else "right"
-    return KneeSide(side, f"the fibula lies {abs(offset):.0f} mm to the patient's {side} of the tibia",
-                    _lateral_sign(side))
+    return KneeSide(
+        side, f"the fibula lies {abs(offset):.0f} mm to the patient's {side} of the tibia", _lateral_sign(side)
+    )
 
 
 def _two_means_split(xs: np.ndarray, start: float) -> float:
@@ -193,8 +213,9 @@ def _two_means_split(xs: np.ndarray, start: float) -> float:
     return split if means[1] - means[0] >= MIN_MENISCI_APART_MM else start
 
 
-def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog, labelmap: np.ndarray | None = None,
-                          tagged: str | None = None) -> tuple[np.ndarray, KneeSide]:
+def assign_meniscus_sides(
+    probabilities: np.ndarray, grid, catalog, labelmap: np.ndarray | None = None, tagged: str | None = None
+) -> tuple[np.ndarray, KneeSide]:
     """``probabilities`` with the two menisci's summed probability given to the meniscus of the
     side each voxel lies on (the two meniscus channels are changed in place: a copy of the whole
     array would cost 0.4 GB on a fine reference grid); unchanged when the side cannot be told.
@@ -220,8 +241,12 @@ def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog, labelmap: np
     medial, lateral = catalog.structure("medial_meniscus").label, catalog.structure("lateral_meniscus").label
     meniscus = probabilities[medial] + probabilities[lateral]
     if not tibia.any():  # a side from the header alone, and no tibia to find the knee's middle by
-        return probabilities, KneeSide(side.side, side.reason, side.lateral_sign, side.warning or
-                                       "no tibia was found: the menisci are as the heads labelled them.")
+        return probabilities, KneeSide(
+            side.side,
+            side.reason,
+            side.lateral_sign,
+            side.warning or "no tibia was found: the menisci are as the heads labelled them.",
+        )
     tibia_centre = float(x[tibia].mean())
     split = _two_means_split(x[(labelmap == medial) | (labelmap == lateral)], tibia_centre)
     on_lateral = (side.lateral_sign * (x - split)) > 0
@@ -230,8 +255,9 @@ def assign_meniscus_sides(probabilities: np.ndarray, grid, catalog, labelmap: np
     return probabilities, side
 
 
-def finish_prediction(probabilities: np.ndarray, grid, catalog, postprocess: bool = True,
-                      tagged: str | None = None) -> tuple[np.ndarray, np.ndarray, KneeSide | None]:
+def finish_prediction(
+    probabilities: np.ndarray, grid, catalog, postprocess: bool = True, tagged: str | None = None
+) -> tuple[np.ndarray, np.ndarray, KneeSide | None]:
     """(probabilities, labelmap, knee side) as a reader gets them: the one sequence the Predictor
     writes and `orthoknee evaluate` scores, so the two cannot drift apart. Without ``postprocess``
     the raw argmax and no side."""

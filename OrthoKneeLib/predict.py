@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -33,8 +33,17 @@ if TYPE_CHECKING:
     from .labels import Catalog
     from .model.heads import Grid
 
-__all__ = ["FusionInputs", "fusion_inputs", "view_timesteps", "Predictor", "Prediction", "load_heads", "run_heads", "measure",
-           "window_scale_ladder"]
+__all__ = [
+    "FusionInputs",
+    "fusion_inputs",
+    "view_timesteps",
+    "Predictor",
+    "Prediction",
+    "load_heads",
+    "run_heads",
+    "measure",
+    "window_scale_ladder",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -59,16 +68,23 @@ class FusionInputs:
     input_hashes: dict[str, str] = field(default_factory=dict)
 
 
-def _extract(bundle: Bundle, plane: str, view_kji: np.ndarray, device, cancel: CancelToken | None,
-             window_scale: float = 1.0) -> np.ndarray:
+def _extract(
+    bundle: Bundle, plane: str, view_kji: np.ndarray, device, cancel: CancelToken | None, window_scale: float = 1.0
+) -> np.ndarray:
     from .model.features import FeatureExtractor
 
     config = bundle.view_config(plane)
     unet, scheduler = bundle.load_backbone(plane, device=str(device))
     window = [max(16, int(w * window_scale) // 4 * 4) if n < 2 else w for n, w in enumerate(config.window)]
     extractor = FeatureExtractor(
-        unet, scheduler, timesteps=view_timesteps(bundle, plane), budget_per_block=bundle.features["budget_per_block"],
-        window_ijk=window, overlap=bundle.features["overlap"], seed=bundle.features["seed"], device=device,
+        unet,
+        scheduler,
+        timesteps=view_timesteps(bundle, plane),
+        budget_per_block=bundle.features["budget_per_block"],
+        window_ijk=window,
+        overlap=bundle.features["overlap"],
+        seed=bundle.features["seed"],
+        device=device,
         span_slices=bundle.span_slices,
     )
     try:
@@ -82,8 +98,7 @@ _BYTES_PER_WINDOW_VOXEL = 1200
 _SMALLEST_WINDOW_SCALE = 0.25
 
 
-def window_scale_ladder(run_at_scale, run_on_cpu, window_voxels: int, free_bytes: int, plane: str,
-                        warnings: list[str]):
+def window_scale_ladder(run_at_scale, run_on_cpu, window_voxels: int, free_bytes: int, plane: str, warnings: list[str]):
     """Run ``run_at_scale(scale)`` at the largest window scale the free memory allows, halving the
     scale on out-of-memory down to a quarter, then ``run_on_cpu()``: a reader on a small GPU
     gets a slower result with a warning saying why, never a crash.
@@ -107,8 +122,9 @@ def window_scale_ladder(run_at_scale, run_on_cpu, window_voxels: int, free_bytes
             scale /= 2
             if scale >= _SMALLEST_WINDOW_SCALE:
                 warnings.append(f"{plane}: GPU out of memory; retrying with windows scaled by {scale:g}.")
-    warnings.append(f"{plane}: GPU out of memory even with windows scaled by {_SMALLEST_WINDOW_SCALE:g}; "
-                    "this view ran on the CPU.")
+    warnings.append(
+        f"{plane}: GPU out of memory even with windows scaled by {_SMALLEST_WINDOW_SCALE:g}; this view ran on the CPU."
+    )
     return run_on_cpu(), True
 
 
@@ -118,8 +134,7 @@ def _window_voxels(bundle: Bundle, plane: str, view_shape_kji: Sequence[int]) ->
     from .model.features import window_roi
 
     config = bundle.view_config(plane)
-    roi = window_roi(config.window, tuple(view_shape_kji)[::-1], len(config.channels),
-                     bundle.span_slices)
+    roi = window_roi(config.window, tuple(view_shape_kji)[::-1], len(config.channels), bundle.span_slices)
     return int(np.prod(roi))
 
 
@@ -137,14 +152,26 @@ def _extract_with_fallback(bundle: Bundle, plane: str, view_kji: np.ndarray, dev
     cpu = torch.device("cpu")
     free, _total = torch.cuda.mem_get_info(device)
     features, on_cpu = window_scale_ladder(
-        on_gpu, lambda: _extract(bundle, plane, view_kji, cpu, cancel),
-        _window_voxels(bundle, plane, view_kji.shape), free, plane, warnings)
+        on_gpu,
+        lambda: _extract(bundle, plane, view_kji, cpu, cancel),
+        _window_voxels(bundle, plane, view_kji.shape),
+        free,
+        plane,
+        warnings,
+    )
     return features, (cpu if on_cpu else device)
 
 
-def fusion_inputs(bundle: Bundle, case: Case, device="cpu", progress: ProgressFn = no_progress,
-                  cancel: CancelToken | None = None, warnings: list[str] | None = None,
-                  steps: tuple[int, int] = (0, 1), use: Sequence[str] | None = None) -> FusionInputs:
+def fusion_inputs(
+    bundle: Bundle,
+    case: Case,
+    device="cpu",
+    progress: ProgressFn = no_progress,
+    cancel: CancelToken | None = None,
+    warnings: list[str] | None = None,
+    steps: tuple[int, int] = (0, 1),
+    use: Sequence[str] | None = None,
+) -> FusionInputs:
     """Stages 1-2 for every view of ``case`` the bundle has a backbone for (and, when ``use``
     is given, the heads fuse: a view they ignore is not worth a backbone pass)."""
     import torch
@@ -162,8 +189,11 @@ def fusion_inputs(bundle: Bundle, case: Case, device="cpu", progress: ProgressFn
             warnings.append(f"this bundle's heads do not use the {p} view; the {p} series was not used.")
     if not planes:
         needed = ", ".join(use) if use is not None else ", ".join(bundle.planes)
-        raise BundleError(bundle.path, f"its heads need the {needed} series, and this case has only "
-                          f"{', '.join(case.planes)}.", f"Load the {needed} series of this case.")
+        raise BundleError(
+            bundle.path,
+            f"its heads need the {needed} series, and this case has only {', '.join(case.planes)}.",
+            f"Load the {needed} series of this case.",
+        )
     ref_plane = case.reference_plane
     ref_image = case.reference.image
     timings: dict[str, float] = {}
@@ -207,8 +237,16 @@ def fusion_inputs(bundle: Bundle, case: Case, device="cpu", progress: ProgressFn
             features[plane], coverage[plane] = v.numpy(), c.numpy()
     timings["fusion_resampling"] = time.perf_counter() - t
     timings["preparation_total"] = time.perf_counter() - t0
-    return FusionInputs(fusion_grid, grid_of(ref_image), features, coverage, fusion_image.astype(np.float32),
-                        reference_norm.astype(np.float32), timings, hashes)
+    return FusionInputs(
+        fusion_grid,
+        grid_of(ref_image),
+        features,
+        coverage,
+        fusion_image.astype(np.float32),
+        reference_norm.astype(np.float32),
+        timings,
+        hashes,
+    )
 
 
 # ------------------------------------------------------------------------------------ heads
@@ -220,16 +258,22 @@ def load_heads(bundle: Bundle, device="cpu"):
 
     entry = bundle.metadata.get("heads")
     if not entry:
-        raise BundleError(bundle.path, "has backbones but no trained heads, so it cannot predict.",
-                          "Train them: `orthoknee finetune --bundle <this bundle> --cases <synth output> --out <new bundle>`.")
+        raise BundleError(
+            bundle.path,
+            "has backbones but no trained heads, so it cannot predict.",
+            "Train them: `orthoknee finetune --bundle <this bundle> --cases <synth output> --out <new bundle>`.",
+        )
     kind = entry.get("kind", "diffusion-heads")
     if kind == "diffusion-heads":
         module = OrthoKneeHeads(HeadsConfig.from_json(entry["config"]))
     elif kind == "supervised-baseline":
         module = build_baseline(len(bundle.catalog.structures) + 1)
     else:
-        raise BundleError(bundle.path / "metadata.json", f"has heads of unknown kind {kind!r}.",
-                          "Use the OrthoKnee release that made this bundle.")
+        raise BundleError(
+            bundle.path / "metadata.json",
+            f"has heads of unknown kind {kind!r}.",
+            "Use the OrthoKnee release that made this bundle.",
+        )
     bundle.load_into(module, entry["weights"], "heads")
     return kind, module.to(device).eval()
 
@@ -251,8 +295,7 @@ def _t(array: np.ndarray, device):
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(device)
 
 
-def run_heads(heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | None = None,
-              slab: int = 8) -> dict:
+def run_heads(heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | None = None, slab: int = 8) -> dict:
     """Both heads on whole inputs. Returns reference-grid probabilities (C, k, j, i) float32,
     case-level finding probabilities (F,), overlays on the reference grid (F, k, j, i), and on
     the finding head's pooled cells: per-cell probabilities, overlays and which cells a view saw."""
@@ -272,16 +315,18 @@ def run_heads(heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | N
         image_ref = torch.from_numpy(inputs.image_reference)
         probs = torch.empty_like(coarse_ref)
         for k0 in range(0, coarse_ref.shape[1], slab):  # in-plane kernels: slabs are exact
-            part = coarse_ref[None, :, k0:k0 + slab].to(device)
-            logits = heads.segmentation.refined_logits(part, image_ref[None, :, k0:k0 + slab].to(device))
-            probs[:, k0:k0 + slab] = torch.softmax(logits.float(), dim=1)[0].cpu()
+            part = coarse_ref[None, :, k0 : k0 + slab].to(device)
+            logits = heads.segmentation.refined_logits(part, image_ref[None, :, k0 : k0 + slab].to(device))
+            probs[:, k0 : k0 + slab] = torch.softmax(logits.float(), dim=1)[0].cpu()
         if cancel:
             cancel.raise_if_cancelled()
         pool_kji = tuple(heads.config.finding_pool[::-1])
         pf = {p: pooled(inputs.features[p], pool_kji)[None].to(device) for p in planes}
         pc = {p: pooled(inputs.coverage[p], pool_kji)[None].to(device) for p in planes}
         inside = FindingHead.seen_cells(pc)
-        case_logits, cell_logits, attention = heads.findings(pf, pc, pooled(inputs.image_fusion, pool_kji)[None].to(device), inside)
+        case_logits, cell_logits, attention = heads.findings(
+            pf, pc, pooled(inputs.image_fusion, pool_kji)[None].to(device), inside
+        )
         overlay_cells = FindingHead.overlay(cell_logits, attention)[0].float().cpu()
         grid = pooled_grid(inputs.fusion_grid, heads.config.finding_pool)
         overlays, _ = resample_to_grid(overlay_cells, grid, inputs.reference_grid)
@@ -305,7 +350,9 @@ def run_baseline(net, image_reference: np.ndarray, device="cpu") -> np.ndarray:
 
     x = _t(image_reference, device)
     with torch.inference_mode():  # windows the size it trained on (smaller inputs are padded)
-        logits = sliding_window_inference(x, BASELINE_PATCH_KJI, 4, net, overlap=0.25, mode="gaussian", padding_mode="replicate")
+        logits = sliding_window_inference(
+            x, BASELINE_PATCH_KJI, 4, net, overlap=0.25, mode="gaussian", padding_mode="replicate"
+        )
     return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
 
 
@@ -314,8 +361,9 @@ def run_on_cached(kind: str, model, case, device="cpu", cancel: CancelToken | No
     baseline's probabilities under the same key, so that scoring and the benches read both
     kinds of model one way."""
     if kind == "supervised-baseline":
-        return {"probabilities": run_baseline(model, np.asarray(case.array("image_reference"), np.float32),
-                                              device=device)}
+        return {
+            "probabilities": run_baseline(model, np.asarray(case.array("image_reference"), np.float32), device=device)
+        }
     return run_heads(model, case.fusion_inputs(), device=device, cancel=cancel)
 
 
@@ -392,8 +440,10 @@ class Prediction:
             "case": self.case_name,
             "reference_view": self.reference_plane,
             "views": self.views,
-            "findings": {k: {"name": self.catalog.finding(k).name, "probability": round(float(v), 4)}
-                         for k, v in self.finding_probabilities.items()},
+            "findings": {
+                k: {"name": self.catalog.finding(k).name, "probability": round(float(v), 4)}
+                for k, v in self.finding_probabilities.items()
+            },
             "measurements": self.measurements,
             "knee_side": self.knee_side,
             "plausibility": self.plausibility,
@@ -405,8 +455,12 @@ class Prediction:
             "not_for_clinical_use": True,
         }
 
-    def save(self, folder: str | os.PathLike, cancel: CancelToken | None = None,
-             extra: dict[str, Callable[[Path], Path]] | None = None) -> dict[str, Path]:
+    def save(
+        self,
+        folder: str | os.PathLike,
+        cancel: CancelToken | None = None,
+        extra: dict[str, Callable[[Path], Path]] | None = None,
+    ) -> dict[str, Path]:
         """Write structures.seg.nrrd, overlays/<finding>.nrrd, findings.json and any ``extra``
         files (file name -> writer given the path to write to; listed by stem) into ``folder``, as one unit.
 
@@ -421,8 +475,10 @@ class Prediction:
 
         bad = [k for k, p in self.finding_probabilities.items() if not np.isfinite(p)]
         if bad:
-            raise OrthoKneeError(f"{self.case_name}: the model gave no number for {', '.join(bad)} (NaN); nothing "
-                                 "was written. Check the input series; report this with the bundle version.")
+            raise OrthoKneeError(
+                f"{self.case_name}: the model gave no number for {', '.join(bad)} (NaN); nothing "
+                "was written. Check the input series; report this with the bundle version."
+            )
         with locked_folder(folder) as folder, staged_files(folder) as stage:
             written: dict[str, Path] = {}
             seg_path = _free_segmentation_path(folder, self.warnings)
@@ -474,8 +530,10 @@ def _free_segmentation_path(folder: Path, warnings: list[str]) -> Path:
     while (folder / f"structures-{n}.seg.nrrd").exists():
         n += 1
     new = folder / f"structures-{n}.seg.nrrd"
-    warnings.append(f"{target} was edited after OrthoKnee wrote it (or is not OrthoKnee's); it was kept and "
-                    f"this result was written to {new.name}.")
+    warnings.append(
+        f"{target} was edited after OrthoKnee wrote it (or is not OrthoKnee's); it was kept and "
+        f"this result was written to {new.name}."
+    )
     return new
 
 
@@ -486,8 +544,9 @@ class Predictor:
     call from a worker thread; the front end keeps the CancelToken).
     """
 
-    def __init__(self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto",
-                 postprocess: bool = True) -> None:
+    def __init__(
+        self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto", postprocess: bool = True
+    ) -> None:
         """``postprocess``: femur, tibia and patella each in one piece and the menisci medial and lateral by the
         fibula's side (postprocess.py); False keeps the raw argmax."""
         from .model.device import select_device
@@ -510,7 +569,9 @@ class Predictor:
         used = views_fused(self.kind, self.heads)
         for p in used:
             if p not in case.views:
-                warnings.append(f"no {p} series: the result uses {', '.join(case.planes)} only and may be less accurate.")
+                warnings.append(
+                    f"no {p} series: the result uses {', '.join(case.planes)} only and may be less accurate."
+                )
         catalog = self.bundle.catalog
         n_steps = len([p for p in case.planes if p in used]) + 3
         if self.kind == "supervised-baseline":
@@ -522,8 +583,16 @@ class Predictor:
             ref_grid = grid_of(case.reference.image)
             views_used = [case.reference_plane]
         else:
-            inputs = fusion_inputs(self.bundle, case, device=self.device, progress=progress, cancel=cancel,
-                                   warnings=warnings, steps=(0, n_steps), use=used)
+            inputs = fusion_inputs(
+                self.bundle,
+                case,
+                device=self.device,
+                progress=progress,
+                cancel=cancel,
+                warnings=warnings,
+                steps=(0, n_steps),
+                use=used,
+            )
             progress(n_steps - 2, n_steps, "heads")
             t = time.perf_counter()
             try:
@@ -548,11 +617,24 @@ class Predictor:
         elif side is not None and side.side is None and _has_menisci(labelmap, catalog):
             warnings.append(f"medial and lateral menisci are as the heads labelled them, unchecked: {side.reason}.")
         prediction = Prediction(
-            case_name=case.name, reference_plane=case.reference_plane, reference_grid=ref_grid, labelmap=labelmap,
-            probabilities=probs.astype(np.float16), finding_probabilities=findings, overlays=overlays, catalog=catalog,
-            warnings=warnings, input_hashes=hashes, views=views_used, device=str(self.device),
-            bundle={"name": self.bundle.metadata.get("name"), "version": self.bundle.metadata.get("version"),
-                    "heads": self.kind, "path": str(self.bundle.path)},
+            case_name=case.name,
+            reference_plane=case.reference_plane,
+            reference_grid=ref_grid,
+            labelmap=labelmap,
+            probabilities=probs.astype(np.float16),
+            finding_probabilities=findings,
+            overlays=overlays,
+            catalog=catalog,
+            warnings=warnings,
+            input_hashes=hashes,
+            views=views_used,
+            device=str(self.device),
+            bundle={
+                "name": self.bundle.metadata.get("name"),
+                "version": self.bundle.metadata.get("version"),
+                "heads": self.kind,
+                "path": str(self.bundle.path),
+            },
         )
         if side is not None:
             prediction.knee_side = {"side": side.side, "from": side.reason, "dicom_laterality": case.laterality}
@@ -560,9 +642,13 @@ class Predictor:
         if {"femur", "tibia"} <= set(catalog.structure_keys):  # a knee catalog: is this reading a knee's?
             from .plausibility import check_reading, summarize, warnings_for
 
-            prediction.plausibility = summarize(check_reading(prediction.labelmap_image(),
-                                                              prediction.measurements["volume_ml"], catalog))
+            prediction.plausibility = summarize(
+                check_reading(prediction.labelmap_image(), prediction.measurements["volume_ml"], catalog)
+            )
             prediction.warnings.extend(warnings_for(prediction.plausibility))
+            if not prediction.plausibility["knee_found"] and prediction.knee_side:
+                # no knee, no side: a side read off a "fibula" in a non-knee image would be one more false answer
+                prediction.knee_side = dict(prediction.knee_side, side=None, **{"from": "no knee found"})
         prediction.timings = dict(timings, total=time.perf_counter() - t0)
         progress(n_steps, n_steps, "done")
         return prediction

@@ -57,8 +57,15 @@ class TextProgress:
     ten times too early. The twentieth keeps one slow step (a validation pass) from swinging it.
     """
 
-    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30, unit: str = "item",
-                 window: int = 20, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        label: str,
+        stream: TextIO | None = None,
+        width: int = 30,
+        unit: str = "item",
+        window: int = 20,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.label, self.width, self.unit = label, width, unit
         self.stream = stream or sys.stderr
         self.clock = clock  # seconds; tests pass a fake one so that rates are exact

@@ -29,9 +29,18 @@ if TYPE_CHECKING:
     from .predict import Prediction
 
 __all__ = [
-    "PREDICTION_ATTRIBUTE", "volume_node_from_image", "image_from_node", "assign_views", "case_from_nodes",
-    "probability_color_table", "add_prediction", "segmentation_labelmap", "segmentation_edited",
-    "show_overlay", "export_training_case", "set_segment_mask",
+    "PREDICTION_ATTRIBUTE",
+    "volume_node_from_image",
+    "image_from_node",
+    "assign_views",
+    "case_from_nodes",
+    "probability_color_table",
+    "add_prediction",
+    "segmentation_labelmap",
+    "segmentation_edited",
+    "show_overlay",
+    "export_training_case",
+    "set_segment_mask",
 ]
 
 PREDICTION_ATTRIBUTE = "OrthoKnee.LabelmapSha256"  # what the node held when OrthoKnee made it
@@ -93,8 +102,11 @@ def image_from_node(node) -> sitk.Image:
     import vtk
 
     if node is None or node.GetImageData() is None:
-        raise InputError(None, f"volume node {getattr(node, 'GetName', lambda: '?')()} holds no image.",
-                         "Load a series into it first.")
+        raise InputError(
+            None,
+            f"volume node {getattr(node, 'GetName', lambda: '?')()} holds no image.",
+            "Load a series into it first.",
+        )
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     ijk_to_ras_m = _numpy_matrix(m)
@@ -173,7 +185,8 @@ def segmentation_labelmap(segmentation_node, reference_node) -> np.ndarray:
         for segment_id in ids:
             id_list.InsertNextValue(segment_id)
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation_node, id_list, labelmap, reference_node)
+            segmentation_node, id_list, labelmap, reference_node
+        )
         if not ok:
             raise RuntimeError("Slicer could not export the segmentation to a labelmap")
         array = _array_of(labelmap)
@@ -219,8 +232,12 @@ def set_segment_mask(segmentation_node, segment_id: str, mask_kji: np.ndarray, r
         labelmap.SetAndObserveImageData(_image_data((np.asarray(mask_kji) > 0).astype(np.uint8)))
         oriented = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap)
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-                oriented, segmentation_node, segment_id,
-                slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, oriented.GetExtent()):
+            oriented,
+            segmentation_node,
+            segment_id,
+            slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
+            oriented.GetExtent(),
+        ):
             raise RuntimeError(f"Slicer could not set the voxels of segment {segment_id}")
     finally:
         scene.RemoveNode(labelmap)
@@ -244,15 +261,24 @@ def _import_structures(scene, segmentation, reference_node, prediction: "Predict
         seg.SetSegmentIndex(structure.key, index)
 
 
-def add_prediction(scene, prediction: "Prediction", reference_node=None, threshold: float = OVERLAY_DISPLAY_THRESHOLD,
-                   opacity: float = 0.6, surfaces: bool = True) -> dict:
+def add_prediction(
+    scene,
+    prediction: "Prediction",
+    reference_node=None,
+    threshold: float = OVERLAY_DISPLAY_THRESHOLD,
+    opacity: float = 0.6,
+    surfaces: bool = True,
+) -> dict:
     """Segmentation node (one named, colored, terminology-tagged segment per structure) and one
     overlay volume per finding. Returns {"segmentation": node, "overlays": {key: node},
     "reference": node, "warnings": [...]}. A segmentation the user edited is never replaced."""
     warnings = []
     if reference_node is None:
-        reference_node = volume_node_from_image(scene, prediction.reference_grid.image(
-            np.zeros(prediction.labelmap.shape, np.float32)), f"{prediction.case_name} reference")
+        reference_node = volume_node_from_image(
+            scene,
+            prediction.reference_grid.image(np.zeros(prediction.labelmap.shape, np.float32)),
+            f"{prediction.case_name} reference",
+        )
     base = f"{prediction.case_name} structures"
     name, replace = _result_name(scene, base, reference_node)
     if name != base:
@@ -304,8 +330,14 @@ def show_overlay(scene, background_node, overlay_node, opacity: float = 0.6) -> 
 # ---------------------------------------------------------------------------------- export
 
 
-def export_training_case(folder: str | os.PathLike, segmentation_node, view_nodes: dict, catalog: "Catalog",
-                         review: dict | None = None, case_id: str | None = None) -> Path:
+def export_training_case(
+    folder: str | os.PathLike,
+    segmentation_node,
+    view_nodes: dict,
+    catalog: "Catalog",
+    review: dict | None = None,
+    case_id: str | None = None,
+) -> Path:
     """Write the edited segmentation and its views in the training-case layout (synth/dataset.py).
 
     Labels are written on every view's own grid (``<view>_labels.nrrd``) and the reference
@@ -346,8 +378,11 @@ def export_training_case(folder: str | os.PathLike, segmentation_node, view_node
     findings = {}
     for f in catalog.findings:
         decision = (review.get(f.key) or {}).get("decision")
-        findings[f.key] = {"present": 1 if decision == "accept" else 0 if decision == "reject" else None,
-                           "voxels": 0, "real": True}
+        findings[f.key] = {
+            "present": 1 if decision == "accept" else 0 if decision == "reject" else None,
+            "voxels": 0,
+            "real": True,
+        }
     meta = {
         "layout": CASE_LAYOUT,
         "case_id": case_id or folder.name,

@@ -29,8 +29,10 @@ class Segment(NamedTuple):
 
 
 def catalog_segments(catalog: Catalog) -> list[Segment]:
-    return [Segment(s.key, s.name, s.label, s.color, s.terminology.slicer_string() if s.terminology else None)
-            for s in catalog.structures]
+    return [
+        Segment(s.key, s.name, s.label, s.color, s.terminology.slicer_string() if s.terminology else None)
+        for s in catalog.structures
+    ]
 
 
 def _extent(labels_kji: np.ndarray, label: int) -> str:
@@ -80,7 +82,14 @@ def read_seg_nrrd(path: str | os.PathLike) -> tuple[sitk.Image, list[Segment]]:
         color = tuple(int(round(float(c) * 255)) for c in reader.GetMetaData(p + "Color").split())
         tags = reader.GetMetaData(p + "Tags") if p + "Tags" in keys else ""
         term = next((t.split(":", 1)[1] for t in tags.split("|") if t.startswith("TerminologyEntry:")), None)
-        segments.append(Segment(reader.GetMetaData(p + "ID"), reader.GetMetaData(p + "Name"),
-                                int(reader.GetMetaData(p + "LabelValue")), color, term))
+        segments.append(
+            Segment(
+                reader.GetMetaData(p + "ID"),
+                reader.GetMetaData(p + "Name"),
+                int(reader.GetMetaData(p + "LabelValue")),
+                color,
+                term,
+            )
+        )
         n += 1
     return image, segments

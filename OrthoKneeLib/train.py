@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .bundle import Bundle, derive_bundle
+
 # cases and their cached features live in cachedcase.py, which evaluate.py reads too; re-exported here
 from .cachedcase import CachedCase, _axis_map, cache_case, find_cases  # noqa: F401
 from .errors import InputError
@@ -26,6 +27,7 @@ from .labels import Catalog
 from .progress import CancelToken, ProgressFn, no_progress
 
 __all__ = ["find_cases", "cache_case", "CachedCase", "FinetuneConfig", "finetune"]
+
 
 @dataclass
 class FinetuneConfig:
@@ -73,10 +75,14 @@ def _replayed_steps(previous: dict, config: FinetuneConfig, n_cases: int) -> int
     """
     before = previous.get("config") or {}
     same_cases = previous.get("cases") == n_cases  # the record keeps the count (and the subjects)
-    if (before.get("seed") != config.seed or not same_cases or before.get("model", "heads") != config.model
-            or before.get("label_fraction", 1.0) != config.label_fraction
-            or (before.get("oversample") or {}) != config.oversample
-            or before.get("train_heads", "both") != config.train_heads):
+    if (
+        before.get("seed") != config.seed
+        or not same_cases
+        or before.get("model", "heads") != config.model
+        or before.get("label_fraction", 1.0) != config.label_fraction
+        or (before.get("oversample") or {}) != config.oversample
+        or before.get("train_heads", "both") != config.train_heads
+    ):
         return 0
     return min(int(before.get("steps", 0)), config.steps)
 
@@ -94,13 +100,19 @@ def case_draw_weights(case_ids: Sequence[str], oversample: dict[str, float]) -> 
     weights = np.ones(len(case_ids))
     for pattern, factor in oversample.items():
         if not (np.isfinite(factor) and factor > 0):
-            raise InputError(None, f"--oversample {pattern}={factor}: the factor must be a positive number.",
-                             "Give e.g. --oversample 'spl-13-*=4' (4 times as often as other cases).")
+            raise InputError(
+                None,
+                f"--oversample {pattern}={factor}: the factor must be a positive number.",
+                "Give e.g. --oversample 'spl-13-*=4' (4 times as often as other cases).",
+            )
         hits = np.array([fnmatch.fnmatchcase(c, pattern) for c in case_ids], dtype=bool)
         if not hits.any():
-            raise InputError(None, f"--oversample {pattern}={factor:g}: no training case id matches {pattern!r} "
-                             f"(ids look like {', '.join(list(case_ids)[:3])}).",
-                             "Check the pattern against the case folders' names.")
+            raise InputError(
+                None,
+                f"--oversample {pattern}={factor:g}: no training case id matches {pattern!r} "
+                f"(ids look like {', '.join(list(case_ids)[:3])}).",
+                "Check the pattern against the case folders' names.",
+            )
         weights[hits] *= factor
     return weights / weights.sum()
 
@@ -114,19 +126,29 @@ def check_finetune_config(bundle: Bundle, config: FinetuneConfig) -> None:
     """Refuse settings that cannot train, before any feature is cached: a negative hard-negative
     count, or one head trained alone when the other would be left untrained (or does not exist)."""
     if config.hard_negative_cells < 0:
-        raise InputError(None, f"--hard-negative-cells {config.hard_negative_cells}: the count cannot be negative.",
-                         "Give 0 (off) or a number of cells, e.g. 32.")
+        raise InputError(
+            None,
+            f"--hard-negative-cells {config.hard_negative_cells}: the count cannot be negative.",
+            "Give 0 (off) or a number of cells, e.g. 32.",
+        )
     if config.train_heads not in ("both", "segmentation", "findings"):
         raise ValueError(f"train_heads must be both, segmentation or findings, not {config.train_heads!r}")
     if config.train_heads == "both":
         return
     has_heads = (bundle.metadata.get("heads") or {}).get("kind") == "diffusion-heads"
     if config.model == "baseline" or config.from_scratch or not has_heads:
-        why = ("the supervised baseline has no separate heads" if config.model == "baseline" else
-               "--from-scratch starts both heads afresh" if config.from_scratch else
-               f"{bundle.path} has no trained diffusion heads")
-        raise InputError(None, f"--train-heads {config.train_heads} trains one head and keeps the other as it is, "
-                         f"but {why}.", "Train both heads (--train-heads both), or start from a bundle with trained heads.")
+        why = (
+            "the supervised baseline has no separate heads"
+            if config.model == "baseline"
+            else "--from-scratch starts both heads afresh"
+            if config.from_scratch
+            else f"{bundle.path} has no trained diffusion heads"
+        )
+        raise InputError(
+            None,
+            f"--train-heads {config.train_heads} trains one head and keeps the other as it is, but {why}.",
+            "Train both heads (--train-heads both), or start from a bundle with trained heads.",
+        )
 
 
 def labelled_subset(cases: list, fraction: float, seed: int) -> list:
@@ -148,7 +170,7 @@ def _patch_boxes(case: CachedCase, patch_kji, rng) -> tuple[tuple[slice, ...], t
     size = labels.shape
     patch = [min(p, s) for p, s in zip(patch_kji, size)]
     if rng.random() < 0.7:
-        fg = np.flatnonzero(labels[:: 2, ::4, ::4] > 0)
+        fg = np.flatnonzero(labels[::2, ::4, ::4] > 0)
         if fg.size:
             c = np.array(np.unravel_index(rng.choice(fg), labels[::2, ::4, ::4].shape)) * [2, 4, 4]
         else:
@@ -197,8 +219,9 @@ def _finding_loss(heads, case: CachedCase, planes: list[str], catalog: Catalog, 
     target = torch.from_numpy(values).to(dev)[None]
     case_loss = F.binary_cross_entropy_with_logits(case_logits[0][known_t], target[0][known_t])
     masks = torch.from_numpy(case.pooled_masks.astype(np.float32))[None].to(dev).clamp(0, 1)
-    cell_loss = balanced_cell_loss(cell_logits, masks, inside, config.hard_negative_cells,
-                                   config.other_lesion_negatives)[0][known_t].mean()
+    cell_loss = balanced_cell_loss(
+        cell_logits, masks, inside, config.hard_negative_cells, config.other_lesion_negatives
+    )[0][known_t].mean()
     return config.finding_weight * case_loss + config.cell_weight * cell_loss
 
 
@@ -258,13 +281,19 @@ def _seg_batch(case: CachedCase, planes: list[str], config: FinetuneConfig, rng,
 
     fbox, rbox, coords = _patch_boxes(case, config.patch_kji, rng)
     patch = tuple(s.stop - s.start for s in fbox)
-    feats = {p: torch.from_numpy(np.asarray(case.array(f"features_{p}")[(slice(None), *fbox)], np.float32))[None].to(dev)
-             for p in planes}
-    cover = {p: torch.from_numpy(np.asarray(case.array(f"coverage_{p}")[(slice(None), *fbox)], np.float32))[None].to(dev)
-             for p in planes}
+    feats = {
+        p: torch.from_numpy(np.asarray(case.array(f"features_{p}")[(slice(None), *fbox)], np.float32))[None].to(dev)
+        for p in planes
+    }
+    cover = {
+        p: torch.from_numpy(np.asarray(case.array(f"coverage_{p}")[(slice(None), *fbox)], np.float32))[None].to(dev)
+        for p in planes
+    }
     image_f = torch.from_numpy(np.asarray(case.array("image_fusion")[(slice(None), *fbox)], np.float32))[None].to(dev)
     labels_f = torch.from_numpy(np.asarray(case.array("labels_fusion")[fbox], np.int64))[None].to(dev)
-    image_r = torch.from_numpy(np.asarray(case.array("image_reference")[(slice(None), *rbox)], np.float32))[None].to(dev)
+    image_r = torch.from_numpy(np.asarray(case.array("image_reference")[(slice(None), *rbox)], np.float32))[None].to(
+        dev
+    )
     labels_r = torch.from_numpy(np.asarray(case.array("labels_reference")[rbox], np.int64))[None].to(dev)
     annotated = torch.from_numpy(case.annotated_mask(catalog))[None].to(dev)
     return feats, cover, image_f, labels_f, image_r, labels_r, coords, patch, annotated
@@ -330,15 +359,23 @@ def finetune(
     cases = labelled_subset(cases_all, config.label_fraction, config.seed)
     draw_p = case_draw_weights([c.case_id for c in cases], config.oversample)
     if draw_p is not None:
-        share = {pattern: float(draw_p[[fnmatch.fnmatchcase(c.case_id, pattern) for c in cases]].sum())
-                 for pattern in config.oversample}
+        share = {
+            pattern: float(draw_p[[fnmatch.fnmatchcase(c.case_id, pattern) for c in cases]].sum())
+            for pattern in config.oversample
+        }
         log("oversampling: " + ", ".join(f"{k} {100 * v:.0f} % of the steps" for k, v in share.items()))
     val_cases = [CachedCase(c) for c in validation_caches][: config.validation_cases]
-    view_channels = {p: int(cases[0].pooled_features[p].shape[0]) for p in cases[0].planes
-                     if config.views is None or p in config.views}
+    view_channels = {
+        p: int(cases[0].pooled_features[p].shape[0])
+        for p in cases[0].planes
+        if config.views is None or p in config.views
+    }
     if not view_channels:
-        raise InputError(None, f"the cases have none of the views {list(config.views or [])} (they have "
-                         f"{', '.join(cases[0].planes)}).", "Choose --views among the cases' views.")
+        raise InputError(
+            None,
+            f"the cases have none of the views {list(config.views or [])} (they have {', '.join(cases[0].planes)}).",
+            "Choose --views among the cases' views.",
+        )
     baseline = config.model == "baseline"
     kind = "supervised-baseline" if baseline else "diffusion-heads"
     existing = bundle.metadata.get("heads") or {}
@@ -347,9 +384,13 @@ def finetune(
         model = build_baseline(len(catalog.structures) + 1).to(dev)
         heads_config = None
     else:
-        heads_config = (HeadsConfig.from_json(start_from["config"]) if start_from else
-                        HeadsConfig(view_channels=view_channels, n_classes=len(catalog.structures) + 1,
-                                    n_findings=len(catalog.findings)))
+        heads_config = (
+            HeadsConfig.from_json(start_from["config"])
+            if start_from
+            else HeadsConfig(
+                view_channels=view_channels, n_classes=len(catalog.structures) + 1, n_findings=len(catalog.findings)
+            )
+        )
         model = OrthoKneeHeads(heads_config).to(dev)
     check_finetune_config(bundle, config)
     if start_from:  # the annotator's loop: corrections refine the heads the bundle already has
@@ -357,17 +398,23 @@ def finetune(
         log(f"continuing from the heads of {bundle.path} ({bundle.metadata.get('version')})")
         replayed = _replayed_steps(start_from.get("training") or {}, config, len(cases_all))
         if replayed:
-            log(f"note: these heads were last trained on the same cases with seed {config.seed}; steps "
+            log(
+                f"note: these heads were last trained on the same cases with seed {config.seed}; steps "
                 f"0-{replayed - 1} of this run draw the same patches in the same order as that run did "
-                "(pass another --seed for new ones)")
+                "(pass another --seed for new ones)"
+            )
     params = sum(p.numel() for p in model.parameters())
-    trained = model if baseline or config.train_heads == "both" else (
-        model.segmentation if config.train_heads == "segmentation" else model.findings)
+    trained = (
+        model
+        if baseline or config.train_heads == "both"
+        else (model.segmentation if config.train_heads == "segmentation" else model.findings)
+    )
     # each head is clipped on its own (see the training loop)
     clipped = [model.segmentation, model.findings] if trained is model and not baseline else [trained]
     optimizer = torch.optim.AdamW(trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=config.steps,
-                                                   pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1
+    )
     history, losses, first_step, elapsed_before = [], [], 0, 0.0
     checkpoint = Path(str(out).rstrip("/\\") + ".checkpoint.pt")
     fingerprint = {"config": config.to_json(), "cases": [c.case_id for c in cases], "bundle": bundle.hash}
@@ -386,9 +433,19 @@ def finetune(
 
     def save_checkpoint(step_done: int) -> None:
         with atomic_path(checkpoint) as tmp:
-            torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step_done, "losses": losses, "history": history,
-                        "elapsed": elapsed_before + time.perf_counter() - start}, tmp)
+            torch.save(
+                {
+                    "fingerprint": fingerprint,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "step": step_done,
+                    "losses": losses,
+                    "history": history,
+                    "elapsed": elapsed_before + time.perf_counter() - start,
+                },
+                tmp,
+            )
 
     model.train()
     for step in range(first_step, config.steps):
@@ -407,19 +464,24 @@ def finetune(
             loss = torch.zeros((), device=dev)
             if config.train_heads != "findings":
                 feats, cover, image_f, labels_f, image_r, labels_r, coords, patch, annotated = _seg_batch(
-                    case, planes, config, rng, dev, catalog)
+                    case, planes, config, rng, dev, catalog
+                )
                 coarse = model.segmentation.coarse_logits(feats, cover, image_f)
                 refined = model.segmentation.refined_logits(_upsample_patch(coarse, coords, patch), image_r)
-                loss = (marginal_seg_loss(refined, labels_r, annotated)
-                        + 0.5 * marginal_seg_loss(coarse, labels_f, annotated))
-            finding_step = (config.train_heads == "findings" or
-                            (config.train_heads == "both" and step % config.finding_every == 0))
+                loss = marginal_seg_loss(refined, labels_r, annotated) + 0.5 * marginal_seg_loss(
+                    coarse, labels_f, annotated
+                )
+            finding_step = config.train_heads == "findings" or (
+                config.train_heads == "both" and step % config.finding_every == 0
+            )
             if finding_step:  # a whole pooled case: ~40 % of a joint step's cost
                 loss = loss + _finding_loss(model, case, planes, catalog, config, dev)
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training diverged at step {step + 1} (loss {float(loss)}): "
-                                     f"lower the learning rate (--lr, now {config.learning_rate:g})")
+            raise FloatingPointError(
+                f"training diverged at step {step + 1} (loss {float(loss)}): "
+                f"lower the learning rate (--lr, now {config.learning_rate:g})"
+            )
         loss.backward()
         # no normalization layers in the heads (see ContextUNet): clipping keeps a rare large
         # gradient (a patch full of a rare class) from throwing the weights off. Each head is
@@ -437,11 +499,17 @@ def finetune(
             model.eval()
             scores = evaluate_cached(kind, model, val_cases, catalog, device=dev, with_hd95=False)
             model.train()
-            entry = {"step": step + 1, "loss": float(np.mean(losses[-config.validate_every:])),
-                     "mean_dice": scores["mean_dice"], "mean_auc": scores["mean_auc"]}
+            entry = {
+                "step": step + 1,
+                "loss": float(np.mean(losses[-config.validate_every :])),
+                "mean_dice": scores["mean_dice"],
+                "mean_auc": scores["mean_auc"],
+            }
             history.append(entry)
-            log(f"step {step + 1}: loss {entry['loss']:.3f}  validation mean Dice {entry['mean_dice']:.3f}"
-                + (f"  mean AUC {entry['mean_auc']:.3f}" if entry["mean_auc"] is not None else ""))
+            log(
+                f"step {step + 1}: loss {entry['loss']:.3f}  validation mean Dice {entry['mean_dice']:.3f}"
+                + (f"  mean AUC {entry['mean_auc']:.3f}" if entry["mean_auc"] is not None else "")
+            )
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             save_checkpoint(step + 1)
     seconds = elapsed_before + time.perf_counter() - start
@@ -465,8 +533,9 @@ def finetune(
             "labelled_cases": len(cases),
             "subjects": sorted({c.meta["subject"] for c in cases}),
             "sources": sorted({c.meta["source"] for c in cases}),
-            "started_from": None if not start_from else {"version": bundle.metadata.get("version"),
-                                                         "sha256": start_from.get("sha256")},
+            "started_from": None
+            if not start_from
+            else {"version": bundle.metadata.get("version"), "sha256": start_from.get("sha256")},
             "first_loss": float(np.mean(losses[:n_avg])),  # over the first / last n_avg steps
             "final_loss": float(np.mean(losses[-n_avg:])),
             "loss_average_steps": n_avg,

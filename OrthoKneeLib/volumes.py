@@ -19,7 +19,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from .dicom import DicomSeries, is_dicom_file, read_dicom_series, scan_dicom_folder
-from .inputcheck import DEFAULT_MAX_VOXELS, check_dicom_extent, check_file_header, check_voxel_values
 from .errors import (
     AmbiguousSeriesError,
     DuplicatePlaneError,
@@ -31,6 +30,7 @@ from .errors import (
     UnreadableFileError,
     itk_error_detail,
 )
+from .inputcheck import DEFAULT_MAX_VOXELS, check_dicom_extent, check_file_header, check_voxel_values
 
 __all__ = [
     "PLANES",
@@ -378,8 +378,11 @@ def _check_even_slices(series: DicomSeries) -> None:
     if uneven.size:
         n = int(uneven[0])
         before, after = Path(series.files[n]).name, Path(series.files[n + 1]).name
-        unreadable = (f" The folder also holds unreadable DICOM files: "
-                      f"{', '.join(Path(f).name for f in series.unreadable[:3])}." if series.unreadable else "")
+        unreadable = (
+            f" The folder also holds unreadable DICOM files: {', '.join(Path(f).name for f in series.unreadable[:3])}."
+            if series.unreadable
+            else ""
+        )
         raise UnreadableFileError(
             series.folder,
             f"series '{series.label}' is not evenly spaced: slices {before} and {after} are {steps[n]:.2f} mm apart "
@@ -450,7 +453,7 @@ def load_volume(
             "Choose one (series UID, number or description; `--series` on the command line).",
             choices=list(groups),
         )
-    (label, members), = groups.items()
+    ((label, members),) = groups.items()
 
     if len(members) == 1 and members[0][0] == "file":
         frames = [Volume(img, src) for img, src in _file_sources(members[0][1], max_voxels)]
@@ -461,10 +464,14 @@ def load_volume(
             volume = _pick_echo(options, echo, listing.path, f"is a 4D image with {len(frames)} frames (echoes)")
     else:
         series = [m[1] for m in members]
-        options = [(s.echo_number, s.echo_time, lambda s=s: Volume(_read_dicom(s, max_voxels), _dicom_source(s)))
-                   for s in series]
-        holds = (f"series '{series[0].description or series[0].series_uid}' holds {len(series)} echoes "
-                 "(a multi-echo acquisition)")
+        options = [
+            (s.echo_number, s.echo_time, lambda s=s: Volume(_read_dicom(s, max_voxels), _dicom_source(s)))
+            for s in series
+        ]
+        holds = (
+            f"series '{series[0].description or series[0].series_uid}' holds {len(series)} echoes "
+            "(a multi-echo acquisition)"
+        )
         volume = _pick_echo(options, echo, listing.path, holds)
     if check:
         check_volume(volume)
@@ -492,8 +499,9 @@ def _echo_advice(echoes: list[tuple[int | None, float | None]]) -> str:
     return f"Choose one echo by number: {listed} (`--echo N` on the command line)."
 
 
-def _pick_echo(options: list[tuple[int | None, float | None, Callable[[], Volume]]], echo: int | None,
-               path: Path, holds: str) -> Volume:
+def _pick_echo(
+    options: list[tuple[int | None, float | None, Callable[[], Volume]]], echo: int | None, path: Path, holds: str
+) -> Volume:
     """One echo out of ``(echo number, TE, load)`` options; ``load`` runs only for the chosen one.
 
     ``holds`` completes the sentence "<path> ..." when no echo was chosen among several.
@@ -540,14 +548,20 @@ class Case:
         given = {"sagittal": sagittal, "coronal": coronal, "axial": axial}
         for role, volume in given.items():
             if volume is not None and not isinstance(volume, Volume):
-                raise InputError(None, f"the {role} view is a {type(volume).__name__}, not a Volume.",
-                                 "Read series with OrthoKneeLib.volumes.load_volume(path), or wrap a SimpleITK "
-                                 "image as Volume(image, VolumeSource(name)).")
+                raise InputError(
+                    None,
+                    f"the {role} view is a {type(volume).__name__}, not a Volume.",
+                    "Read series with OrthoKneeLib.volumes.load_volume(path), or wrap a SimpleITK "
+                    "image as Volume(image, VolumeSource(name)).",
+                )
             if volume is not None:
                 if not isinstance(volume.image, sitk.Image):
-                    raise InputError(volume.path, f"holds a {type(volume.image).__name__}, not a SimpleITK image.",
-                                     "Build the Volume from a SimpleITK image (sitk.GetImageFromArray and the "
-                                     "spacing, origin and direction).")
+                    raise InputError(
+                        volume.path,
+                        f"holds a {type(volume.image).__name__}, not a SimpleITK image.",
+                        "Build the Volume from a SimpleITK image (sitk.GetImageFromArray and the "
+                        "spacing, origin and direction).",
+                    )
                 check_volume(volume)  # one validation path, however the volume arrived
         self.views: dict[str, Volume] = {p: v for p, v in given.items() if v is not None}
         self.warnings: list[str] = []
@@ -625,8 +639,10 @@ class Case:
         tagged = self._tagged_sides()
         if len(set(tagged.values())) > 1:
             said = ", ".join(f"the {p} series says {side}" for p, side in tagged.items())
-            self.warnings.append(f"the series disagree on the knee's side ({said} in its DICOM Laterality): "
-                                 "check that they show the same knee.")
+            self.warnings.append(
+                f"the series disagree on the knee's side ({said} in its DICOM Laterality): "
+                "check that they show the same knee."
+            )
 
     @property
     def laterality(self) -> str | None:
@@ -698,8 +714,11 @@ def resample_like(
 def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], kind: str = "linear") -> sitk.Image:
     """Same field of view and orientation, new voxel size (e.g. the model's spacing)."""
     if len(spacing) != image.GetDimension() or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise InputError(None, f"spacing {tuple(spacing)} is not {image.GetDimension()} positive numbers (mm).",
-                         "Give one positive spacing per axis, e.g. 0.625 0.625 1.5.")
+        raise InputError(
+            None,
+            f"spacing {tuple(spacing)} is not {image.GetDimension()} positive numbers (mm).",
+            "Give one positive spacing per axis, e.g. 0.625 0.625 1.5.",
+        )
     old_size = np.asarray(image.GetSize(), dtype=float)
     old_spacing = np.asarray(image.GetSpacing(), dtype=float)
     new_spacing = np.asarray(spacing, dtype=float)
@@ -755,9 +774,12 @@ def reformat(
     image = volume.image if isinstance(volume, Volume) else volume
     finite = all(math.isfinite(v) for v in (in_plane_spacing, slice_thickness, slice_gap))
     if not finite or slice_thickness <= 0 or in_plane_spacing <= 0 or slice_gap < 0:
-        raise InputError(None, f"in-plane spacing {in_plane_spacing}, thickness {slice_thickness} and gap "
-                         f"{slice_gap} mm: spacing and thickness must be positive, the gap zero or more.",
-                         "Give e.g. in-plane 0.625, thickness 3, gap 0.")
+        raise InputError(
+            None,
+            f"in-plane spacing {in_plane_spacing}, thickness {slice_thickness} and gap "
+            f"{slice_gap} mm: spacing and thickness must be positive, the gap zero or more.",
+            "Give e.g. in-plane 0.625, thickness 3, gap 0.",
+        )
     if plane not in _PLANE_AXES:
         raise InputError(None, f"plane {plane!r} is not sagittal, coronal or axial.", "Choose one of those.")
     axes = np.asarray(_PLANE_AXES[plane], dtype=float)  # rows: row dir, col dir, normal
@@ -794,9 +816,7 @@ def reformat(
 # --------------------------------------------------------------------------- intensities
 
 
-def normalize_intensity(
-    image: sitk.Image, lower_percentile: float = 0.5, upper_percentile: float = 99.5
-) -> sitk.Image:
+def normalize_intensity(image: sitk.Image, lower_percentile: float = 0.5, upper_percentile: float = 99.5) -> sitk.Image:
     """Float32 image scaled to [0, 1] between robust percentiles of the foreground.
 
     MR intensities have no absolute scale and a few very bright voxels (vessels, fat at the

@@ -72,7 +72,9 @@ def tiny_view(plane):
     """A backbone small enough to run in seconds on a CPU."""
     from OrthoKneeLib.model.diffusion import ViewModelConfig
 
-    return ViewModelConfig(plane=plane, spacing=(3.0, 3.0, 6.0), patch=(32, 32, 8), window=(64, 64, 16), channels=(8, 16))
+    return ViewModelConfig(
+        plane=plane, spacing=(3.0, 3.0, 6.0), patch=(32, 32, 8), window=(64, 64, 16), channels=(8, 16)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -88,9 +90,13 @@ def pipeline(tmp_path_factory, shared_data):
     from OrthoKneeLib.volumes import resample_to_spacing
 
     root = tmp_path_factory.mktemp("pipeline")
-    synthesize(shared_data / "labels-spl-atlas", root / "cases",
-               SynthConfig(source="spl", n=3, seed=5, prevalence=0.5, val_fraction=0.0, work_spacing=1.5,
-                           contact_sheets=False))
+    synthesize(
+        shared_data / "labels-spl-atlas",
+        root / "cases",
+        SynthConfig(
+            source="spl", n=3, seed=5, prevalence=0.5, val_fraction=0.0, work_spacing=1.5, contact_sheets=False
+        ),
+    )
     for folder in (root / "cases" / "cases").iterdir():  # coarser series keep the module fast
         for plane in ("sagittal", "coronal", "axial"):
             image = sitk.ReadImage(str(folder / f"{plane}.nrrd"))
@@ -108,6 +114,44 @@ def pipeline(tmp_path_factory, shared_data):
     bundle = Bundle.open(root / "base")
     folders = sorted((root / "cases" / "cases").iterdir())
     caches = [cache_case(bundle, f, root / "cache") for f in folders]
-    trained = finetune(bundle, caches[:2], root / "trained", FinetuneConfig(steps=25, patch_kji=(4, 24, 24)),
-                       validation_caches=caches[2:], device="cpu", log=lambda *_: None)
+    trained = finetune(
+        bundle,
+        caches[:2],
+        root / "trained",
+        FinetuneConfig(steps=25, patch_kji=(4, 24, 24)),
+        validation_caches=caches[2:],
+        device="cpu",
+        log=lambda *_: None,
+    )
     return {"root": root, "base": bundle, "trained": trained, "folders": folders, "caches": caches}
+
+
+@pytest.fixture(scope="session")
+def small_dess_dicom(tmp_path_factory, shared_data) -> Path:
+    """The real DESS DICOM series at half its in-plane resolution (256 x 256 x 80, 0.625 mm):
+    real DICOM headers and anatomy, a quarter of the voxels, so a prediction takes seconds."""
+    import pydicom
+
+    folder = tmp_path_factory.mktemp("dess-small")
+    for path in sorted((shared_data / "dess-pykneer").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        original = ds.pixel_array
+        pixels = original.astype(np.float32)
+        half = pixels.reshape(pixels.shape[0] // 2, 2, pixels.shape[1] // 2, 2).mean(axis=(1, 3))
+        row_dir, col_dir = (
+            np.asarray(ds.ImageOrientationPatient[:3], float),
+            np.asarray(ds.ImageOrientationPatient[3:], float),
+        )
+        spacing_rows, spacing_cols = (float(v) for v in ds.PixelSpacing)
+        # the first new pixel's centre lies half an old pixel along the row and the column from the old first centre
+        ds.ImagePositionPatient = [
+            float(v)
+            for v in np.asarray(ds.ImagePositionPatient, float)
+            + 0.5 * spacing_cols * row_dir
+            + 0.5 * spacing_rows * col_dir
+        ]
+        ds.PixelSpacing = [spacing_rows * 2, spacing_cols * 2]
+        ds.Rows, ds.Columns = half.shape
+        ds.PixelData = np.round(half).astype(original.dtype).tobytes()
+        ds.save_as(folder / path.name)
+    return folder

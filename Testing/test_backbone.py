@@ -65,12 +65,30 @@ def test_pretraining_loss_decreases_on_real_dicom_patches(tmp_path, mese_volumes
 
 @pytest.mark.shared_data
 def test_resume_continues_from_the_same_step(tmp_path, mese_volumes):
-    straight = pretrain(TINY, [], tmp_path / "a.pt", PretrainConfig(steps=8, checkpoint_every=4, seed=3),
-                        device="cpu", volumes=mese_volumes)
-    first = pretrain(TINY, [], tmp_path / "b.pt", PretrainConfig(steps=4, checkpoint_every=4, seed=3),
-                     device="cpu", volumes=mese_volumes)
-    resumed = pretrain(TINY, [], tmp_path / "b.pt", PretrainConfig(steps=8, checkpoint_every=4, seed=3),
-                       device="cpu", volumes=mese_volumes)
+    straight = pretrain(
+        TINY,
+        [],
+        tmp_path / "a.pt",
+        PretrainConfig(steps=8, checkpoint_every=4, seed=3),
+        device="cpu",
+        volumes=mese_volumes,
+    )
+    first = pretrain(
+        TINY,
+        [],
+        tmp_path / "b.pt",
+        PretrainConfig(steps=4, checkpoint_every=4, seed=3),
+        device="cpu",
+        volumes=mese_volumes,
+    )
+    resumed = pretrain(
+        TINY,
+        [],
+        tmp_path / "b.pt",
+        PretrainConfig(steps=8, checkpoint_every=4, seed=3),
+        device="cpu",
+        volumes=mese_volumes,
+    )
     assert first["steps"] == 4 and resumed["steps"] == 8
     assert resumed["losses"][:4] == first["losses"]
     # the resumed run is the uninterrupted run, step for step
@@ -78,7 +96,7 @@ def test_resume_continues_from_the_same_step(tmp_path, mese_volumes):
 
 
 def test_cancel_saves_a_checkpoint_to_resume_from(tmp_path):
-    from OrthoKneeLib.progress import CancelToken, Cancelled
+    from OrthoKneeLib.progress import Cancelled, CancelToken
 
     vol = [np.random.default_rng(0).uniform(-1, 1, (10, 40, 40)).astype(np.float32)]
     token = CancelToken()
@@ -88,8 +106,16 @@ def test_cancel_saves_a_checkpoint_to_resume_from(tmp_path):
             token.cancel()
 
     with pytest.raises(Cancelled):
-        pretrain(TINY, [], tmp_path / "c.pt", PretrainConfig(steps=50, checkpoint_every=100), device="cpu",
-                 volumes=vol, progress=progress, cancel=token)
+        pretrain(
+            TINY,
+            [],
+            tmp_path / "c.pt",
+            PretrainConfig(steps=50, checkpoint_every=100),
+            device="cpu",
+            volumes=vol,
+            progress=progress,
+            cancel=token,
+        )
     state = torch.load(tmp_path / "c.pt", weights_only=False)
     assert state["step"] == 3
 
@@ -97,8 +123,9 @@ def test_cancel_saves_a_checkpoint_to_resume_from(tmp_path):
 def _extractor(seed=0, window=(32, 32, 8)):
     torch.manual_seed(0)
     unet = build_unet(TINY)
-    return FeatureExtractor(unet, build_scheduler(TINY), timesteps=(50, 250), budget_per_block=4,
-                            window_ijk=window, seed=seed)
+    return FeatureExtractor(
+        unet, build_scheduler(TINY), timesteps=(50, 250), budget_per_block=4, window_ijk=window, seed=seed
+    )
 
 
 def test_features_are_deterministic_for_a_fixed_seed():
@@ -194,6 +221,7 @@ def test_weights_that_do_not_fit_the_architecture(tiny_bundle):
 
 def test_pickled_code_is_not_executed(tiny_bundle, tmp_path):
     """weights_only=True: a weight file carrying arbitrary objects is refused."""
+
     class Evil:
         def __reduce__(self):
             return (shutil.rmtree, (str(tmp_path / "victim"),))
@@ -210,7 +238,9 @@ def test_pickled_code_is_not_executed(tiny_bundle, tmp_path):
 def test_cuda_requested_on_a_cpu_machine():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the CPU-only behaviour cannot be observed here")
-    with pytest.raises(DeviceError, match=r"^CUDA was requested but this machine has no usable CUDA GPU .*Use device 'auto'"):
+    with pytest.raises(
+        DeviceError, match=r"^CUDA was requested but this machine has no usable CUDA GPU .*Use device 'auto'"
+    ):
         select_device("cuda")
     with pytest.raises(DeviceError, match=r"^unknown device 'tpu'\. Use 'auto', 'cpu' or 'cuda'\.$"):
         select_device("tpu")
@@ -223,9 +253,30 @@ def test_pretrain_command_writes_a_bundle(tmp_path, capsys):
     from OrthoKneeLib.resources import SAMPLE_VIEWS, sample_case_dir
 
     out = tmp_path / "b"
-    argv = ["pretrain", "--view", "coronal", "--data", str(sample_case_dir() / SAMPLE_VIEWS["coronal"]),
-            "--out", str(out), "--steps", "3", "--spacing", "2", "2", "4", "--patch", "32", "32", "8",
-            "--channels", "8", "16", "--device", "cpu"]
+    argv = [
+        "pretrain",
+        "--view",
+        "coronal",
+        "--data",
+        str(sample_case_dir() / SAMPLE_VIEWS["coronal"]),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--spacing",
+        "2",
+        "2",
+        "4",
+        "--patch",
+        "32",
+        "32",
+        "8",
+        "--channels",
+        "8",
+        "16",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     bundle = Bundle.open(out)
     assert bundle.planes == ("coronal",)
@@ -234,7 +285,6 @@ def test_pretrain_command_writes_a_bundle(tmp_path, capsys):
     assert training["command"].startswith("orthoknee pretrain --view coronal")
     assert (out / "checkpoints" / "backbone_coronal.pt").is_file()
     assert "coronal backbone, 3 steps" in capsys.readouterr().out
-
 
 
 def test_span_slices_runs_each_window_over_every_slice_and_keeps_the_in_plane_windows():
@@ -250,25 +300,54 @@ def test_span_slices_runs_each_window_over_every_slice_and_keeps_the_in_plane_wi
     assert not np.allclose(whole_axis, _extractor(window=(32, 32, 40))(view), atol=1e-3)
 
 
-def test_pretrain_init_from_continues_a_bundle_backbone_as_a_new_version(tiny_bundle, tmp_path, mese_volumes,
-                                                                         shared_data, capsys):
+def test_pretrain_init_from_continues_a_bundle_backbone_as_a_new_version(
+    tiny_bundle, tmp_path, mese_volumes, shared_data, capsys
+):
     """--init-from: the parent's weights are the start (training begins at its loss, not at a
     random net's), the parent stays byte-identical, and the new bundle records where it came from."""
     from OrthoKneeLib.cli import main
 
     parent = Bundle.open(tiny_bundle)
-    trained = pretrain(TINY, [], tmp_path / "p.pt", PretrainConfig(steps=30, learning_rate=2e-3, seed=1, ema_decay=0.0),
-                       device="cpu", volumes=mese_volumes)
+    trained = pretrain(
+        TINY,
+        [],
+        tmp_path / "p.pt",
+        PretrainConfig(steps=30, learning_rate=2e-3, seed=1, ema_decay=0.0),
+        device="cpu",
+        volumes=mese_volumes,
+    )
     parent.set_view("sagittal", TINY, trained["ema"].state_dict(), {"steps": 30, "command": "orthoknee pretrain x"})
     parent_weights = (tiny_bundle / "weights" / "backbone_sagittal.pt").read_bytes()
     fresh = pretrain(TINY, [], tmp_path / "f.pt", PretrainConfig(steps=3, seed=5), device="cpu", volumes=mese_volumes)
-    continued = pretrain(TINY, [], tmp_path / "c.pt", PretrainConfig(steps=3, seed=5), device="cpu",
-                         volumes=mese_volumes, init_state=trained["ema"].state_dict())
+    continued = pretrain(
+        TINY,
+        [],
+        tmp_path / "c.pt",
+        PretrainConfig(steps=3, seed=5),
+        device="cpu",
+        volumes=mese_volumes,
+        init_state=trained["ema"].state_dict(),
+    )
     assert np.mean(continued["losses"]) < np.mean(fresh["losses"])
 
     out = tmp_path / "continued"
-    argv = ["pretrain", "--view", "sagittal", "--init-from", str(tiny_bundle), "--data", str(shared_data / "mese-pymskt"),
-            "--max-volumes", "2", "--out", str(out), "--steps", "2", "--device", "cpu"]
+    argv = [
+        "pretrain",
+        "--view",
+        "sagittal",
+        "--init-from",
+        str(tiny_bundle),
+        "--data",
+        str(shared_data / "mese-pymskt"),
+        "--max-volumes",
+        "2",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     child = Bundle.open(out)
     assert child.metadata["version"] == "0.1.0"  # the parent is 0.0.1: next minor
@@ -286,13 +365,18 @@ def test_pretrain_init_from_continues_a_bundle_backbone_as_a_new_version(tiny_bu
     assert not (tmp_path / "other").exists()
 
 
-def test_denoise_bench_ranks_a_trained_backbone_above_a_random_one(tiny_bundle, tmp_path, mese_volumes,
-                                                                   bench_script):
+def test_denoise_bench_ranks_a_trained_backbone_above_a_random_one(tiny_bundle, tmp_path, mese_volumes, bench_script):
     """bench/denoise_loss.py: the same patches and noise for both bundles, so a bundle against
     itself gives a ratio of exactly 1, and a denoiser trained on these series beats random weights."""
     bench = bench_script("denoise_loss")
-    trained = pretrain(TINY, [], tmp_path / "p.pt", PretrainConfig(steps=40, learning_rate=2e-3, seed=1, ema_decay=0.0),
-                       device="cpu", volumes=mese_volumes)  # no averaging: the 40-step weights themselves
+    trained = pretrain(
+        TINY,
+        [],
+        tmp_path / "p.pt",
+        PretrainConfig(steps=40, learning_rate=2e-3, seed=1, ema_decay=0.0),
+        device="cpu",
+        volumes=mese_volumes,
+    )  # no averaging: the 40-step weights themselves
     other = create_bundle(tmp_path / "trained", name="tiny", version="0.0.2")
     other.set_view("sagittal", TINY, trained["ema"].state_dict(), {"steps": 40})
     random_net = bench.denoise_errors(Bundle.open(tiny_bundle), "sagittal", mese_volumes, [200], patches=6)

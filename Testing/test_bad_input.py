@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import REPO, make_image
 
 from OrthoKneeLib.bundle import Bundle, BundleError
 from OrthoKneeLib.cli import main
@@ -29,8 +30,6 @@ from OrthoKneeLib.featurecache import load_cached_array
 from OrthoKneeLib.io import write_json_atomic
 from OrthoKneeLib.outfolder import STAGING_PREFIX, locked_folder, staged_files
 from OrthoKneeLib.volumes import Case, Volume, VolumeSource, load_volume
-
-from conftest import REPO, make_image
 
 torch = pytest.importorskip("torch", reason="torch is an engine dependency")
 
@@ -91,17 +90,23 @@ class Payload:
 
 
 def test_a_planted_pretrain_checkpoint_does_not_run(tmp_path):
-    from OrthoKneeLib.model.diffusion import PretrainConfig, pretrain
-
     from conftest import tiny_view
+
+    from OrthoKneeLib.model.diffusion import PretrainConfig, pretrain
 
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "bundle" / "checkpoints" / "backbone_sagittal.pt"
     checkpoint.parent.mkdir(parents=True)
     torch.save({"model": Payload(marker), "step": 1}, checkpoint)
     with pytest.raises(InputError) as info:
-        pretrain(tiny_view("sagittal"), None, checkpoint, PretrainConfig(steps=1, batch_size=1), device="cpu",
-                 volumes=[knee_like((16, 40, 40))])
+        pretrain(
+            tiny_view("sagittal"),
+            None,
+            checkpoint,
+            PretrainConfig(steps=1, batch_size=1),
+            device="cpu",
+            volumes=[knee_like((16, 40, 40))],
+        )
     assert not marker.exists()
     assert str(checkpoint) in str(info.value) and "\n" not in str(info.value)
 
@@ -110,9 +115,26 @@ def test_a_planted_finetune_checkpoint_does_not_run(pipeline, tmp_path, capsys):
     marker = tmp_path / "pwned"
     out = tmp_path / "heads"
     torch.save({"fingerprint": Payload(marker)}, str(out) + ".checkpoint.pt")
-    code, err = run(["finetune", "--bundle", pipeline["base"].path, "--cases", pipeline["root"] / "cases",
-                     "--out", out, "--steps", "2", "--cache", pipeline["root"] / "cache", "--validation-cases", "0",
-                     "--device", "cpu"], capsys)
+    code, err = run(
+        [
+            "finetune",
+            "--bundle",
+            pipeline["base"].path,
+            "--cases",
+            pipeline["root"] / "cases",
+            "--out",
+            out,
+            "--steps",
+            "2",
+            "--cache",
+            pipeline["root"] / "cache",
+            "--validation-cases",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 2 and not marker.exists()
     messages = [line for line in err.splitlines() if not line.startswith("features [")]  # progress aside
     assert_one_line("\n".join(messages), "checkpoint.pt", "not a plain", "could run code")
@@ -162,14 +184,17 @@ def test_bundle_weights_outside_the_bundle_are_refused(tmp_path):
     assert "outside" in str(info.value)
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda m: m.update(views=[]), "'views'"),
-    (lambda m: m["views"]["sagittal"].update(sha256=42), "sha256"),
-    (lambda m: m["features"].update(timesteps={"sagittal": ["fifty"]}), "timesteps"),
-    (lambda m: m["views"]["sagittal"]["model"].update(patch=[-64, 64, 16]), "not positive"),
-    (lambda m: m.update(catalog={"structures": 3}), "catalog"),
-    (lambda m: m.update(version=None), "'version'"),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda m: m.update(views=[]), "'views'"),
+        (lambda m: m["views"]["sagittal"].update(sha256=42), "sha256"),
+        (lambda m: m["features"].update(timesteps={"sagittal": ["fifty"]}), "timesteps"),
+        (lambda m: m["views"]["sagittal"]["model"].update(patch=[-64, 64, 16]), "not positive"),
+        (lambda m: m.update(catalog={"structures": 3}), "catalog"),
+        (lambda m: m.update(version=None), "'version'"),
+    ],
+)
 def test_malformed_metadata_values_are_named(tmp_path, capsys, edit, words):
     bundle = tmp_path / "bundle"
     shutil.copytree(DEMO, bundle)
@@ -185,16 +210,19 @@ def test_malformed_metadata_values_are_named(tmp_path, capsys, edit, words):
 # ------------------------------------------------------------------------------ silent wrong answers
 
 
-@pytest.mark.parametrize("name, array, words", [
-    ("nan.nrrd", np.where(knee_like() > 500, np.nan, knee_like()), "NaN"),
-    ("inf.nrrd", np.where(knee_like() > 500, np.inf, knee_like()), "infinite"),
-    ("constant.nrrd", np.full((12, 40, 40), 7.0, np.float32), "no contrast"),
-    ("huge.nrrd", knee_like().astype(np.float64) * 1e297, "single precision"),
-    ("noise.nrrd", np.random.default_rng(0).random((12, 40, 40)).astype(np.float32) * 1000, "noise"),
-    ("ct.nrrd", np.where(knee_like() > 300, 40.0, -1000.0).astype(np.float32), "Hounsfield"),
-    ("tiny.nrrd", np.ones((1, 1, 1), np.float32), "single slice"),
-    ("one-slice.nrrd", knee_like((1, 40, 40)), "single slice"),
-])
+@pytest.mark.parametrize(
+    "name, array, words",
+    [
+        ("nan.nrrd", np.where(knee_like() > 500, np.nan, knee_like()), "NaN"),
+        ("inf.nrrd", np.where(knee_like() > 500, np.inf, knee_like()), "infinite"),
+        ("constant.nrrd", np.full((12, 40, 40), 7.0, np.float32), "no contrast"),
+        ("huge.nrrd", knee_like().astype(np.float64) * 1e297, "single precision"),
+        ("noise.nrrd", np.random.default_rng(0).random((12, 40, 40)).astype(np.float32) * 1000, "noise"),
+        ("ct.nrrd", np.where(knee_like() > 300, 40.0, -1000.0).astype(np.float32), "Hounsfield"),
+        ("tiny.nrrd", np.ones((1, 1, 1), np.float32), "single slice"),
+        ("one-slice.nrrd", knee_like((1, 40, 40)), "single slice"),
+    ],
+)
 def test_bad_voxels_given_positionally_are_refused(tmp_path, capsys, name, array, words):
     path = write(tmp_path / name, array)
     code, err = run(["predict", path, "--out", tmp_path / "out"], capsys)
@@ -226,7 +254,7 @@ def test_a_truncated_nifti_is_refused_not_zero_filled(tmp_path, capsys, name):
 def test_a_corrupt_gzip_nifti_is_refused(tmp_path, capsys):
     path = write(tmp_path / "bad.nii.gz", knee_like())
     data = bytearray(path.read_bytes())
-    data[len(data) // 2:] = os.urandom(len(data) - len(data) // 2)
+    data[len(data) // 2 :] = os.urandom(len(data) - len(data) // 2)
     path.write_bytes(bytes(data))
     code, err = run(["info", path], capsys)
     assert code == 2
@@ -314,7 +342,9 @@ def test_complex_vector_4d_and_array_views_are_refused_through_the_api(tmp_path)
 
 
 def test_the_4d_advice_names_an_option_predict_has(tmp_path, capsys):
-    four_d = sitk.JoinSeries([make_image(knee_like(), spacing=(1, 1, 3)), make_image(knee_like(seed=1), spacing=(1, 1, 3))])
+    four_d = sitk.JoinSeries(
+        [make_image(knee_like(), spacing=(1, 1, 3)), make_image(knee_like(seed=1), spacing=(1, 1, 3))]
+    )
     sitk.WriteImage(four_d, str(tmp_path / "echoes.nrrd"))
     code, err = run(["predict", "--sagittal", tmp_path / "echoes.nrrd", "--out", tmp_path / "out"], capsys)
     assert code == 2 and "--echo" in err
@@ -343,10 +373,12 @@ def test_a_header_claiming_10_billion_voxels_is_refused_fast_and_small(tmp_path)
     path = _header_only_nifti(tmp_path / "bomb.nii", (2500, 2000, 2000))
     assert path.stat().st_size == 1024
     # VmHWM, the peak RSS of this process image (getrusage's maxrss would carry over pytest's own across exec)
-    probe = ("import re, sys, time; from OrthoKneeLib.cli import main; t = time.perf_counter(); "
-             f"code = main(['info', {str(path)!r}]); seconds = time.perf_counter() - t; "
-             "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
-             "print(code, seconds, hwm, file=sys.stderr)")
+    probe = (
+        "import re, sys, time; from OrthoKneeLib.cli import main; t = time.perf_counter(); "
+        f"code = main(['info', {str(path)!r}]); seconds = time.perf_counter() - t; "
+        "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+        "print(code, seconds, hwm, file=sys.stderr)"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     *message, figures = done.stderr.strip().splitlines()
     code, seconds, rss_kb = figures.split()
@@ -367,8 +399,10 @@ def test_raising_the_limit_still_checks_the_file_holds_the_voxels(tmp_path, caps
 
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
-    script = ("import sys, time; from OrthoKneeLib.outfolder import locked_folder\n"
-              f"with locked_folder({str(folder)!r}):\n    print('locked', flush=True); time.sleep(60)")
+    script = (
+        "import sys, time; from OrthoKneeLib.outfolder import locked_folder\n"
+        f"with locked_folder({str(folder)!r}):\n    print('locked', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     return holder
@@ -418,9 +452,13 @@ def test_a_signal_mid_run_prints_one_line_and_leaves_nothing(tmp_path, sig, code
     out = tmp_path / "out"
     out.mkdir()
     (out / "findings.json").write_text('{"earlier": true}')
-    proc = subprocess.Popen(ORTHOKNEE + ["predict", str(SAMPLE / "dess_sagittal.nrrd"), "--out", str(out),
-                                         "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO)
+    proc = subprocess.Popen(
+        ORTHOKNEE + ["predict", str(SAMPLE / "dess_sagittal.nrrd"), "--out", str(out), "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not (proc.poll() is None and _started(out)):
         time.sleep(0.2)
@@ -465,7 +503,9 @@ def test_out_that_cannot_be_written_is_refused_before_compute(tmp_path, capsys):
 
 
 def test_json_outputs_are_strict(tmp_path):
-    path = write_json_atomic({"auc": float("nan"), "p": [float("inf"), 0.5], "n": np.float32("nan")}, tmp_path / "x.json")
+    path = write_json_atomic(
+        {"auc": float("nan"), "p": [float("inf"), 0.5], "n": np.float32("nan")}, tmp_path / "x.json"
+    )
 
     def refuse(constant):
         raise AssertionError(f"non-JSON constant {constant}")
@@ -476,26 +516,41 @@ def test_json_outputs_are_strict(tmp_path):
 # ------------------------------------------------------------------------------ arguments
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["reformat", "IN", "--plane", "coronal", "--in-plane", "0", "--thickness", "3", "--out", "o.nrrd"], "--in-plane"),
-    (["reformat", "IN", "--plane", "coronal", "--in-plane", "1", "--thickness", "-3", "--out", "o.nrrd"], "--thickness"),
-    (["resample", "IN", "--spacing", "nan", "1", "1", "--out", "o.nrrd"], "--spacing"),
-    (["synth", "--labels", "L", "--source", "oai", "--out", "O", "--n", "2", "--work-spacing", "0"], "--work-spacing"),
-    (["synth", "--labels", "L", "--source", "oai", "--out", "O", "--n", "2", "--prevalence", "2"], "--prevalence"),
-    (["synth", "--labels", "L", "--source", "oai", "--out", "O", "--n", "2", "--val-fraction", "1.5"], "--val-fraction"),
-    (["synth", "--labels", "L", "--source", "oai", "--out", "O", "--n", "2", "--workers", "0"], "--workers"),
-    (["synth", "--labels", "L", "--source", "oai", "--out", "O", "--n", "0"], "--n"),
-    (["pretrain", "--view", "sagittal", "--data", "D", "--out", "B", "--steps", "0"], "--steps"),
-    (["pretrain", "--view", "sagittal", "--data", "D", "--out", "B", "--batch", "0"], "--batch"),
-    (["pretrain", "--view", "sagittal", "--data", "D", "--out", "B", "--channels", "0"], "--channels"),
-    (["pretrain", "--view", "sagittal", "--data", "D", "--out", "B", "--patch", "-64", "64", "16"], "--patch"),
-    (["pretrain", "--view", "sagittal", "--data", "D", "--out", "B", "--lr", "inf"], "--lr"),
-    (["finetune", "--bundle", "B", "--cases", "C", "--out", "O", "--label-fraction", "2"], "--label-fraction"),
-    (["finetune", "--bundle", "B", "--cases", "C", "--out", "O", "--max-cases", "0"], "--max-cases"),
-    (["finetune", "--bundle", "B", "--cases", "C", "--out", "O", "--steps", "ten"], "--steps"),
-    (["predict", "X", "--out", "O", "--echo", "0"], "--echo"),
-    (["predict", "X", "--out", "O", "--max-voxels", "-1"], "--max-voxels"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (
+            ["reformat", "IN", "--plane", "coronal", "--in-plane", "0", "--thickness", "3", "--out", "o.nrrd"],
+            "--in-plane",
+        ),
+        (
+            ["reformat", "IN", "--plane", "coronal", "--in-plane", "1", "--thickness", "-3", "--out", "o.nrrd"],
+            "--thickness",
+        ),
+        (["resample", "IN", "--spacing", "nan", "1", "1", "--out", "o.nrrd"], "--spacing"),
+        (
+            ["synth", "--labels", "L", "--source", "oai", "--out", "O", "--n", "2", "--work-spacing", "0"],
+            "--work-spacing",
+        ),
+        (["synth", "--labels", "L", "--source", "oai", "--out", "O", "--n", "2", "--prevalence", "2"], "--prevalence"),
+        (
+            ["synth", "--labels", "L", "--source", "oai", "--out", "O", "--n", "2", "--val-fraction", "1.5"],
+            "--val-fraction",
+        ),
+        (["synth", "--labels", "L", "--source", "oai", "--out", "O", "--n", "2", "--workers", "0"], "--workers"),
+        (["synth", "--labels", "L", "--source", "oai", "--out", "O", "--n", "0"], "--n"),
+        (["pretrain", "--view", "sagittal", "--data", "D", "--out", "B", "--steps", "0"], "--steps"),
+        (["pretrain", "--view", "sagittal", "--data", "D", "--out", "B", "--batch", "0"], "--batch"),
+        (["pretrain", "--view", "sagittal", "--data", "D", "--out", "B", "--channels", "0"], "--channels"),
+        (["pretrain", "--view", "sagittal", "--data", "D", "--out", "B", "--patch", "-64", "64", "16"], "--patch"),
+        (["pretrain", "--view", "sagittal", "--data", "D", "--out", "B", "--lr", "inf"], "--lr"),
+        (["finetune", "--bundle", "B", "--cases", "C", "--out", "O", "--label-fraction", "2"], "--label-fraction"),
+        (["finetune", "--bundle", "B", "--cases", "C", "--out", "O", "--max-cases", "0"], "--max-cases"),
+        (["finetune", "--bundle", "B", "--cases", "C", "--out", "O", "--steps", "ten"], "--steps"),
+        (["predict", "X", "--out", "O", "--echo", "0"], "--echo"),
+        (["predict", "X", "--out", "O", "--max-voxels", "-1"], "--max-voxels"),
+    ],
+)
 def test_arguments_out_of_range_are_one_line_errors(tmp_path, capsys, argv, words):
     code, err = run(argv, capsys)
     assert code == 2
@@ -515,7 +570,37 @@ def test_the_api_refuses_zero_and_nan_spacing():
 
 
 def test_reformat_to_a_folder_is_refused_before_reading(tmp_path, capsys):
-    code, err = run(["reformat", tmp_path / "missing.nrrd", "--plane", "coronal", "--in-plane", "1", "--thickness",
-                     "3", "--out", tmp_path], capsys)
+    code, err = run(
+        [
+            "reformat",
+            tmp_path / "missing.nrrd",
+            "--plane",
+            "coronal",
+            "--in-plane",
+            "1",
+            "--thickness",
+            "3",
+            "--out",
+            tmp_path,
+        ],
+        capsys,
+    )
     assert code == 2
     assert_one_line(err, "is a folder")
+
+
+def test_a_brain_like_blob_is_not_read_as_a_knee(tmp_path, capsys):
+    """Smooth MR-like contrast passes the image checks; the model's own reading then says no knee."""
+    k, j, i = np.indices((40, 128, 128)).astype(np.float32)
+    r = np.sqrt(((k - 20) / 16) ** 2 + ((j - 64) / 52) ** 2 + ((i - 64) / 46) ** 2)
+    brain = np.where(r < 1, 800 + 300 * np.sin(j / 6) * np.cos(i / 7), 0) + np.where((r >= 1) & (r < 1.08), 1500, 0)
+    image = make_image(brain.astype(np.float32), spacing=(1.0, 1.0, 3.0), direction=(0, 0, -1, 1, 0, 0, 0, -1, 0))
+    sitk.WriteImage(image, str(tmp_path / "brain.nrrd"))
+    code = main(
+        ["predict", str(tmp_path / "brain.nrrd"), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-montage"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "does not look like a knee" in out
+    findings = json.loads((tmp_path / "out" / "findings.json").read_text())
+    assert not findings["plausibility"]["knee_found"] and not findings["plausibility"]["plausible"]
+    assert findings["knee_side"].get("side") is None

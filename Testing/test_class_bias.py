@@ -36,8 +36,9 @@ def test_a_structure_drawn_too_thin_gains_from_a_positive_bias():
     rim[:, 3, 2:8] = rim[:, 6, 2:8] = True
     truth = np.where(core | rim, label, 0).astype(np.uint8)
 
-    rows = class_bias.sweep_case(_probabilities(shape, label, core, rim), truth, DEFAULT_CATALOG,
-                                 {"femoral_cartilage", "femur"})
+    rows = class_bias.sweep_case(
+        _probabilities(shape, label, core, rim), truth, DEFAULT_CATALOG, {"femoral_cartilage", "femur"}
+    )
     assert set(rows) == {"femoral_cartilage", "femur"}  # only what the case annotates
     cartilage = rows["femoral_cartilage"]
     assert cartilage["truth"] == 96
@@ -46,17 +47,25 @@ def test_a_structure_drawn_too_thin_gains_from_a_positive_bias():
     assert at[0.75] == (96, 96) and at[3.0] == (96, 96)  # the rim joins at log(0.6 / 0.3)
     assert rows["femur"]["truth"] == 0
 
-    sweep = {"bundle": "test 0", "biases": class_bias.BIASES, "structures": ["femoral_cartilage", "femur"],
-             "rows": [{"case_id": "a", "structures": rows}]}
-    line = next(l for l in class_bias.summary(sweep).splitlines() if l.startswith("femoral_cartilage"))
+    sweep = {
+        "bundle": "test 0",
+        "biases": class_bias.BIASES,
+        "structures": ["femoral_cartilage", "femur"],
+        "rows": [{"case_id": "a", "structures": rows}],
+    }
+    line = next(row for row in class_bias.summary(sweep).splitlines() if row.startswith("femoral_cartilage"))
     # precision 1, recall 0.5, Dice 0.667 at no bias; the first bias reaching 1.0 is +0.75
     assert line.split()[1:] == ["1", "1.000", "0.500", "0.667", "+0.75", "1.000", "+0.333"]
-    assert not any(l.startswith("femur ") for l in class_bias.summary(sweep).splitlines())  # nothing to score
+    assert not any(row.startswith("femur ") for row in class_bias.summary(sweep).splitlines())  # nothing to score
 
 
 def test_summarizes_a_saved_sweep_and_asks_for_a_bundle_otherwise(tmp_path):
-    sweep = {"bundle": "test 0", "biases": class_bias.BIASES, "structures": ["patella"],
-             "rows": [{"case_id": "a", "structures": {"patella": {"truth": 10, "pred": [10] * 17, "inter": [5] * 17}}}]}
+    sweep = {
+        "bundle": "test 0",
+        "biases": class_bias.BIASES,
+        "structures": ["patella"],
+        "rows": [{"case_id": "a", "structures": {"patella": {"truth": 10, "pred": [10] * 17, "inter": [5] * 17}}}],
+    }
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(sweep))
     done = subprocess.run([sys.executable, str(SCRIPT), "--sweep", str(path)], capture_output=True, text=True)

@@ -84,8 +84,9 @@ def test_reformat_and_resample_write_readable_volumes(capsys, tmp_path):
 
     src = sample_case_dir() / SAMPLE_VIEWS["sagittal"]
     out = tmp_path / "axial.nii.gz"
-    code, printed, _ = run(capsys, "reformat", str(src), "--plane", "axial", "--in-plane", "1.0",
-                           "--thickness", "4", "--out", str(out))
+    code, printed, _ = run(
+        capsys, "reformat", str(src), "--plane", "axial", "--in-plane", "1.0", "--thickness", "4", "--out", str(out)
+    )
     assert code == 0 and "axial" in printed
     v = load_volume(out)
     assert v.plane == "axial" and v.spacing[2] == pytest.approx(4.0)

@@ -16,21 +16,29 @@ spec.loader.exec_module(compare_models)
 
 def _scores(per_case: dict[str, dict[str, float]]) -> dict:
     structures = sorted({s for d in per_case.values() for s in d})
-    dice = {s: sum(d[s] for d in per_case.values() if s in d) / sum(s in d for d in per_case.values())
-            for s in structures}
-    return {"dice": dice, "hd95": {s: 1.0 for s in structures}, "auc": {"effusion": 0.5},
-            "finding_counts": {"effusion": {"cases": len(per_case), "positive": 1}},
-            "mean_dice": sum(dice.values()) / len(dice), "cases": len(per_case),
-            "per_case": [{"case_id": c, "dice": d} for c, d in per_case.items()]}
+    dice = {
+        s: sum(d[s] for d in per_case.values() if s in d) / sum(s in d for d in per_case.values()) for s in structures
+    }
+    return {
+        "dice": dice,
+        "hd95": {s: 1.0 for s in structures},
+        "auc": {"effusion": 0.5},
+        "finding_counts": {"effusion": {"cases": len(per_case), "positive": 1}},
+        "mean_dice": sum(dice.values()) / len(dice),
+        "cases": len(per_case),
+        "per_case": [{"case_id": c, "dice": d} for c, d in per_case.items()],
+    }
 
 
 def _write(folder: Path, heads10: float, baseline10: float) -> None:
     cases = [f"case-{i}" for i in range(6)]
     full = {c: {"femur": 0.8, "tibia": 0.7} for c in cases}
-    runs = {"heads-100": full, "baseline-100": full,
-            "heads-10": {c: {"femur": heads10, "tibia": heads10 - 0.1} for c in cases},
-            "baseline-10": {c: {"femur": baseline10 + 0.01 * i, "tibia": baseline10 - 0.1}
-                            for i, c in enumerate(cases)}}
+    runs = {
+        "heads-100": full,
+        "baseline-100": full,
+        "heads-10": {c: {"femur": heads10, "tibia": heads10 - 0.1} for c in cases},
+        "baseline-10": {c: {"femur": baseline10 + 0.01 * i, "tibia": baseline10 - 0.1} for i, c in enumerate(cases)},
+    }
     for name, per_case in runs.items():
         (folder / f"v9-{name}.eval.json").write_text(json.dumps(_scores(per_case)))
 
@@ -49,9 +57,16 @@ def test_paired_loss_sign_and_count(tmp_path):
 
 def test_table_from_the_command_line(tmp_path):
     _write(tmp_path, heads10=0.7, baseline10=0.3)
-    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--prefix", "v9-", "--bootstrap", "200"],
-                         capture_output=True, text=True, check=True).stdout
-    assert "| femur | 0.800 | 0.700 | 0.800 | 0.325 |" in out and "| effusion | 0.500 (0.00-1.00) | 0.500 (0.00-1.00) | 6 (1) |" in out
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--prefix", "v9-", "--bootstrap", "200"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (
+        "| femur | 0.800 | 0.700 | 0.800 | 0.325 |" in out
+        and "| effusion | 0.500 (0.00-1.00) | 0.500 (0.00-1.00) | 6 (1) |" in out
+    )
     assert "- heads: mean Dice 0.750 (100 %) -> 0.650 (10 %), lost 0.100 (13 % of" in out
 
 

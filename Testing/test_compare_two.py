@@ -7,9 +7,16 @@ import pytest
 
 
 def _eval(dice_femur: list[float], probs: list[float], truth: list[bool]) -> dict:
-    rows = [{"case_id": f"c{i}", "dice": {"femur": d, "fibula": None}, "hd95": {"femur": 2.0 - d, "fibula": None},
-             "findings": {"acl_tear": p}, "finding_truth": {"acl_tear": t}}
-            for i, (d, p, t) in enumerate(zip(dice_femur, probs, truth))]
+    rows = [
+        {
+            "case_id": f"c{i}",
+            "dice": {"femur": d, "fibula": None},
+            "hd95": {"femur": 2.0 - d, "fibula": None},
+            "findings": {"acl_tear": p},
+            "finding_truth": {"acl_tear": t},
+        }
+        for i, (d, p, t) in enumerate(zip(dice_femur, probs, truth))
+    ]
     return {"dice": {"femur": float(np.mean(dice_femur)), "fibula": None}, "auc": {"acl_tear": 0.5}, "per_case": rows}
 
 
@@ -26,8 +33,7 @@ def test_paired_dice_and_auc_say_which_model_is_better(bench_script):
     ct = bench_script("compare_two")
     truth = [True, False] * 5
     a = ct._per_case(_eval([0.80] * 10, [0.5] * 10, truth), "a")
-    b = ct._per_case(_eval([0.85 + 0.01 * (i % 2) for i in range(10)],
-                           [0.9 if t else 0.1 for t in truth], truth), "b")
+    b = ct._per_case(_eval([0.85 + 0.01 * (i % 2) for i in range(10)], [0.9 if t else 0.1 for t in truth], truth), "b")
     cases = sorted(a)
     rng = np.random.default_rng(0)
     d = ct.paired_metric(a, b, cases, "dice", "femur", rng, 500)
@@ -45,8 +51,22 @@ def test_command_line_table_and_missing_per_case(bench_script, tmp_path, capsys)
     truth = [True, False] * 3
     (tmp_path / "a.json").write_text(json.dumps(_eval([0.9] * 6, [0.4] * 6, truth)))
     (tmp_path / "b.json").write_text(json.dumps(_eval([0.7] * 6, [0.6 if t else 0.2 for t in truth], truth)))
-    assert ct.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--names", "old", "new",
-                    "--bootstrap", "100", "--auc-bootstrap", "50"]) == 0
+    assert (
+        ct.main(
+            [
+                str(tmp_path / "a.json"),
+                str(tmp_path / "b.json"),
+                "--names",
+                "old",
+                "new",
+                "--bootstrap",
+                "100",
+                "--auc-bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "A = old, B = new; 6 cases scored by both" in out
     assert "| femur | 0.900 | 0.700 | -0.200 (-0.200 to -0.200) | 0 of 6 |" in out

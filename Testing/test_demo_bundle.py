@@ -41,8 +41,14 @@ def test_demo_backbone_gives_full_size_features_on_the_sample():
     config = bundle.view_config("sagittal")
     unet, scheduler = bundle.load_backbone("sagittal")
     view = prepare_view(load_volume(sample_case_dir() / SAMPLE_VIEWS["sagittal"]).image, config)
-    extractor = FeatureExtractor(unet, scheduler, timesteps=(50,), budget_per_block=bundle.features["budget_per_block"],
-                                 window_ijk=config.window, overlap=bundle.features["overlap"])
+    extractor = FeatureExtractor(
+        unet,
+        scheduler,
+        timesteps=(50,),
+        budget_per_block=bundle.features["budget_per_block"],
+        window_ijk=config.window,
+        overlap=bundle.features["overlap"],
+    )
     features = extractor(view)
     assert features.shape[1:] == view.shape
     assert np.isfinite(features).all() and features.std() > 0
@@ -62,12 +68,21 @@ def test_predict_on_the_real_sample_puts_the_bones_where_they_are(tmp_path, caps
     from OrthoKneeLib.segfile import read_seg_nrrd
 
     if not Bundle.open(demo_bundle_dir()).metadata.get("heads"):
-        pytest.skip("the shipped demo bundle has pretrained backbones but no trained heads yet "
-                    "(issue 6: the best heads so far segment held-out synthetic cases, femur Dice 0.73, but not the "
-                    "real sample; see the model card)")
+        pytest.skip(
+            "the shipped demo bundle has pretrained backbones but no trained heads yet "
+            "(issue 6: the best heads so far segment held-out synthetic cases, femur Dice 0.73, but not the "
+            "real sample; see the model card)"
+        )
     folder = sample_case_dir()
-    args = ["predict", *(str(folder / SAMPLE_VIEWS[p]) for p in ("sagittal", "coronal", "axial")),
-            "--out", str(tmp_path), "--device", "cpu", "--json"]
+    args = [
+        "predict",
+        *(str(folder / SAMPLE_VIEWS[p]) for p in ("sagittal", "coronal", "axial")),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--json",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     for name in ("structures.seg.nrrd", "findings.json", "montage.png"):

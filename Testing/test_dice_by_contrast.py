@@ -23,9 +23,11 @@ def test_old_outputs_take_the_contrast_from_linked_case_folders(tmp_path):
     (tmp_path / "test" / "cases").mkdir(parents=True)
     for name in ("a", "b"):  # test sets are folders of links to the renders
         (tmp_path / "test" / "cases" / name).symlink_to(tmp_path / "renders" / name)
-    rows = [{"case_id": "a", "dice": {"femur": 0.5, "tibia": 0.3}},
-            {"case_id": "b", "dice": {"femur": 0.9, "tibia": 0.7}},
-            {"case_id": "c", "contrast": "t2", "dice": {"femur": 0.7, "tibia": 0.1}}]  # newer output: has it
+    rows = [
+        {"case_id": "a", "dice": {"femur": 0.5, "tibia": 0.3}},
+        {"case_id": "b", "dice": {"femur": 0.9, "tibia": 0.7}},
+        {"case_id": "c", "contrast": "t2", "dice": {"femur": 0.7, "tibia": 0.1}},
+    ]  # newer output: has it
     scores = tmp_path / "run.eval.json"
     scores.write_text(json.dumps({"per_case": rows}))
 

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import make_image
 
 from OrthoKneeLib.errors import (
     AmbiguousSeriesError,
@@ -19,8 +20,6 @@ from OrthoKneeLib.errors import (
     UnreadableFileError,
 )
 from OrthoKneeLib.volumes import Case, load_volume, plane_direction
-
-from conftest import make_image
 
 
 def knee_like(shape=(20, 30, 30), seed=0):
@@ -169,7 +168,7 @@ def test_every_error_reads_as_one_message():
     """Front ends print str(error): the base takes one message, so the (path, problem, advice)
     triple of InputError given to another class fails at once instead of printing a tuple."""
     from OrthoKneeLib.errors import OrthoKneeError
-    from OrthoKneeLib.progress import CancelToken, Cancelled
+    from OrthoKneeLib.progress import Cancelled, CancelToken
 
     with pytest.raises(TypeError, match="positional argument"):
         OrthoKneeError(None, "no input series were given.", "Give files.")
@@ -204,7 +203,11 @@ def test_no_array_view_of_a_temporary_image():
 
     repo = Path(__file__).resolve().parents[1]
     pattern = re.compile(r"GetArrayViewFromImage\(\s*[\w.]+\(")
-    offenders = [f"{path.relative_to(repo)}:{n}" for folder in ("OrthoKneeLib", "OrthoKnee", "bench")
-                 for path in sorted((repo / folder).rglob("*.py"))
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    offenders = [
+        f"{path.relative_to(repo)}:{n}"
+        for folder in ("OrthoKneeLib", "OrthoKnee", "bench")
+        for path in sorted((repo / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert offenders == []

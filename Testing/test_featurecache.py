@@ -12,8 +12,17 @@ import pytest
 from OrthoKneeLib.cli import main
 from OrthoKneeLib.errors import OrthoKneeError
 from OrthoKneeLib.featurecache import (
-    CACHE_LAYOUT, INCOMPLETE_GRACE_S, QuantizedArray, cache_key, compact_cache, dequantize_channels,
-    ensure_free_space, load_cached_array, prune_cache, quantize_channels, scan_cache,
+    CACHE_LAYOUT,
+    INCOMPLETE_GRACE_S,
+    QuantizedArray,
+    cache_key,
+    compact_cache,
+    dequantize_channels,
+    ensure_free_space,
+    load_cached_array,
+    prune_cache,
+    quantize_channels,
+    scan_cache,
 )
 
 
@@ -25,13 +34,17 @@ def _case(root: Path, name: str) -> Path:
     return folder
 
 
-def _entry(cache: Path, folder: Path, bundle_hash: str, planes=("sagittal", "coronal", "axial"),
-           views=None, size=1000) -> Path:
+def _entry(
+    cache: Path, folder: Path, bundle_hash: str, planes=("sagittal", "coronal", "axial"), views=None, size=1000
+) -> Path:
     entry = cache / f"{folder.name}-{cache_key(bundle_hash, folder, views)}"
     entry.mkdir(parents=True)
     (entry / "features_sagittal.npy").write_bytes(b"\0" * size)
-    (entry / "meta.json").write_text(json.dumps({"layout": CACHE_LAYOUT, "case_folder": str(folder),
-                                                 "bundle_hash": bundle_hash, "planes": list(planes)}))
+    (entry / "meta.json").write_text(
+        json.dumps(
+            {"layout": CACHE_LAYOUT, "case_folder": str(folder), "bundle_hash": bundle_hash, "planes": list(planes)}
+        )
+    )
     return entry
 
 
@@ -114,6 +127,7 @@ def test_free_space_check_fails_before_writing_with_advice(tmp_path):
 
 
 # ------------------------------------------------------------------------- 8-bit features
+
 
 def _features(rng, channels=3):
     values = np.stack([rng.normal(0, 1, (4, 6, 5)), np.full((4, 6, 5), 0.25), rng.uniform(-1.4, 0.3, (4, 6, 5))])

@@ -16,28 +16,36 @@ import SimpleITK as sitk
 
 torch = pytest.importorskip("torch", reason="torch is an engine dependency")
 
-from OrthoKneeLib.bundle import Bundle, BundleError, create_bundle  # noqa: E402
-from OrthoKneeLib.errors import InputError  # noqa: E402
+
+from OrthoKneeLib.bundle import Bundle, BundleError  # noqa: E402
 from OrthoKneeLib.cli import main  # noqa: E402
+from OrthoKneeLib.errors import InputError  # noqa: E402
 from OrthoKneeLib.evaluate import roc_auc  # noqa: E402
 from OrthoKneeLib.labels import DEFAULT_CATALOG  # noqa: E402
 from OrthoKneeLib.model.device import DeviceError  # noqa: E402
-from OrthoKneeLib.model.diffusion import ViewModelConfig, build_unet  # noqa: E402
 from OrthoKneeLib.model.heads import (  # noqa: E402
-    FindingHead, Grid, HeadsConfig, grid_of, marginal_seg_loss, pooled, resample_to_grid,
+    FindingHead,
+    Grid,
+    HeadsConfig,
+    grid_of,
+    marginal_seg_loss,
+    pooled,
+    resample_to_grid,
 )
 from OrthoKneeLib.predict import Predictor, window_scale_ladder  # noqa: E402
 from OrthoKneeLib.progress import Cancelled, CancelToken  # noqa: E402
 from OrthoKneeLib.segfile import read_seg_nrrd  # noqa: E402
-from OrthoKneeLib.synth.dataset import SynthConfig, read_case, synthesize  # noqa: E402
+from OrthoKneeLib.synth.dataset import read_case  # noqa: E402
 from OrthoKneeLib.train import (  # noqa: E402
-    CachedCase, FinetuneConfig, _axis_map, _upsample_patch, balanced_cell_loss, cache_case, finetune,
+    CachedCase,
+    FinetuneConfig,
+    _axis_map,
+    _upsample_patch,
+    balanced_cell_loss,
+    cache_case,
+    finetune,
 )
-from OrthoKneeLib.volumes import Case, resample_to_spacing  # noqa: E402
-
-
-from conftest import tiny_view as _tiny_view  # noqa: E402
-
+from OrthoKneeLib.volumes import Case  # noqa: E402
 
 # ------------------------------------------------------------------------------ geometry
 
@@ -118,7 +126,9 @@ def test_attention_is_a_distribution_over_covered_cells_and_overlays_are_bounded
     # the case score is made of the cells: it equals the attention-weighted cell logits
     assert torch.allclose(case_logits, (attention * logits).flatten(2).sum(-1).detach())
     # one view alone still works (fusion renormalizes over the views present)
-    alone, _, _ = head({"sagittal": feats["sagittal"]}, {"sagittal": cover["sagittal"]}, torch.rand(1, 1, 3, 5, 5), inside)
+    alone, _, _ = head(
+        {"sagittal": feats["sagittal"]}, {"sagittal": cover["sagittal"]}, torch.rand(1, 1, 3, 5, 5), inside
+    )
     assert torch.isfinite(alone).all()
 
 
@@ -193,8 +203,10 @@ def test_hard_negative_cells_make_a_false_alarm_cost():
     lesion[0, 0, 1, 10, 10] = 1
     edge = logits.clone()
     edge[0, 0, 1, 10, 11] = 4.0
-    assert torch.allclose(balanced_cell_loss(edge, lesion, inside, 4) - balanced_cell_loss(edge, lesion, inside),
-                          balanced_cell_loss(logits, lesion, inside, 4) - balanced_cell_loss(logits, lesion, inside))
+    assert torch.allclose(
+        balanced_cell_loss(edge, lesion, inside, 4) - balanced_cell_loss(edge, lesion, inside),
+        balanced_cell_loss(logits, lesion, inside, 4) - balanced_cell_loss(logits, lesion, inside),
+    )
     # cells no view saw are never hard negatives; with fewer clear cells than K, the mean is over those
     few = torch.zeros_like(inside)
     few[0, 0, 0, 0, :2] = 1
@@ -211,7 +223,10 @@ def test_other_lesion_negatives_make_a_map_pay_for_another_findings_lesion():
     inside = torch.ones(1, 1, 3, 20, 20)
     fires = logits.clone()
     fires[0, 0, 1, 2:4, 2:4] = 4.0
-    quiet_plain, quiet_other = balanced_cell_loss(logits, masks, inside), balanced_cell_loss(logits, masks, inside, 0, True)
+    quiet_plain, quiet_other = (
+        balanced_cell_loss(logits, masks, inside),
+        balanced_cell_loss(logits, masks, inside, 0, True),
+    )
     plain = float(balanced_cell_loss(fires, masks, inside)[0, 0] - quiet_plain[0, 0])
     other = float(balanced_cell_loss(fires, masks, inside, 0, True)[0, 0] - quiet_other[0, 0])
     assert plain < 0.02 and other > 3.9
@@ -219,8 +234,9 @@ def test_other_lesion_negatives_make_a_map_pay_for_another_findings_lesion():
     assert torch.allclose(quiet_other[0, 1] - quiet_plain[0, 1], torch.nn.functional.softplus(torch.tensor(-4.0)))
     overlap = masks.clone()
     overlap[0, 0, 1, 2:4, 2:4] = 1  # the same cells are finding 0's lesion too: nothing added for it
-    assert torch.allclose(balanced_cell_loss(fires, overlap, inside, 0, True)[0, 0],
-                          balanced_cell_loss(fires, overlap, inside)[0, 0])
+    assert torch.allclose(
+        balanced_cell_loss(fires, overlap, inside, 0, True)[0, 0], balanced_cell_loss(fires, overlap, inside)[0, 0]
+    )
 
 
 # ------------------------------------------------------------------------------ finetune / evaluate
@@ -241,8 +257,14 @@ def test_finetune_writes_a_new_bundle_version_with_verified_heads(pipeline):
 
 
 def test_label_fraction_uses_a_subset_of_cases(pipeline, tmp_path):
-    out = finetune(pipeline["base"], pipeline["caches"], tmp_path / "b", FinetuneConfig(steps=2, label_fraction=0.34),
-                   device="cpu", log=lambda *_: None)
+    out = finetune(
+        pipeline["base"],
+        pipeline["caches"],
+        tmp_path / "b",
+        FinetuneConfig(steps=2, label_fraction=0.34),
+        device="cpu",
+        log=lambda *_: None,
+    )
     assert out.metadata["heads"]["training"]["labelled_cases"] == 1
     assert out.metadata["heads"]["training"]["cases"] == 3
 
@@ -259,8 +281,9 @@ def test_oversampled_cases_take_their_share_of_the_steps():
     assert np.allclose(case_draw_weights(ids, {"spl-*": 2, "*-0001": 3}), np.array([1, 3, 2, 6]) / 12)  # product
     draws = [draw_case(np.random.default_rng([7, step]), len(ids), p) for step in range(4000)]
     assert 0.76 < np.isin(draws, [2, 3]).mean() < 0.84
-    assert [draw_case(np.random.default_rng([7, s]), 4, None) for s in range(50)] == \
-        [int(np.random.default_rng([7, s]).integers(4)) for s in range(50)]
+    assert [draw_case(np.random.default_rng([7, s]), 4, None) for s in range(50)] == [
+        int(np.random.default_rng([7, s]).integers(4)) for s in range(50)
+    ]
     with pytest.raises(InputError, match="no training case id matches 'pymskt-\\*'"):
         case_draw_weights(ids, {"pymskt-*": 4})
     with pytest.raises(InputError, match="positive"):
@@ -272,9 +295,14 @@ def test_finetune_records_its_oversampling(pipeline, tmp_path):
 
     one = CachedCase(pipeline["caches"][0]).case_id
     messages = []
-    out = finetune(pipeline["base"], pipeline["caches"], tmp_path / "b",
-                   FinetuneConfig(steps=2, patch_kji=(4, 24, 24), validation_cases=0, oversample={one: 8}),
-                   device="cpu", log=messages.append)
+    out = finetune(
+        pipeline["base"],
+        pipeline["caches"],
+        tmp_path / "b",
+        FinetuneConfig(steps=2, patch_kji=(4, 24, 24), validation_cases=0, oversample={one: 8}),
+        device="cpu",
+        log=messages.append,
+    )
     assert out.metadata["heads"]["training"]["config"]["oversample"] == {one: 8}
     assert f"oversampling: {one} 80 % of the steps" in messages  # 8 / (8 + 1 + 1)
     previous = out.metadata["heads"]["training"]
@@ -284,16 +312,39 @@ def test_finetune_records_its_oversampling(pipeline, tmp_path):
 
 def test_finetune_command_refuses_a_malformed_oversample(pipeline, capsys):
     for bad in ["spl-13-*", "spl-13-*=0", "=4", "spl-13-*=many"]:
-        code = main(["finetune", "--bundle", str(pipeline["base"].path), "--cases", str(pipeline["root"] / "cases"),
-                     "--out", "/nonexistent/never-written", "--oversample", bad])
+        code = main(
+            [
+                "finetune",
+                "--bundle",
+                str(pipeline["base"].path),
+                "--cases",
+                str(pipeline["root"] / "cases"),
+                "--out",
+                "/nonexistent/never-written",
+                "--oversample",
+                bad,
+            ]
+        )
         assert code != 0
         assert "is not GLOB=FACTOR with a positive factor" in capsys.readouterr().err
 
 
 def test_finetune_command_refuses_an_unmatched_oversample_before_caching(pipeline, capsys, tmp_path):
-    code = main(["finetune", "--bundle", str(pipeline["base"].path), "--cases", str(pipeline["root"] / "cases"),
-                 "--out", str(tmp_path / "never-written"), "--cache", str(tmp_path / "cache"),
-                 "--oversample", "nomatch-*=4"])
+    code = main(
+        [
+            "finetune",
+            "--bundle",
+            str(pipeline["base"].path),
+            "--cases",
+            str(pipeline["root"] / "cases"),
+            "--out",
+            str(tmp_path / "never-written"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--oversample",
+            "nomatch-*=4",
+        ]
+    )
     assert code != 0
     assert "no training case id matches 'nomatch-*'" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()  # no backbone pass was spent on it
@@ -307,17 +358,27 @@ def test_a_stopped_finetune_resumes_to_the_same_heads(pipeline, tmp_path):
     """Long CPU runs are stopped and restarted: the rerun resumes from the checkpoint and ends
     with the weights an uninterrupted run gets."""
     config = FinetuneConfig(steps=6, checkpoint_every=2, patch_kji=(4, 24, 24), validation_cases=0)
-    straight = finetune(pipeline["base"], pipeline["caches"][:2], tmp_path / "straight", config, device="cpu",
-                        log=lambda *_: None)
+    straight = finetune(
+        pipeline["base"], pipeline["caches"][:2], tmp_path / "straight", config, device="cpu", log=lambda *_: None
+    )
     token = CancelToken()
     with pytest.raises(Cancelled):
-        finetune(pipeline["base"], pipeline["caches"][:2], tmp_path / "stopped", config, device="cpu",
-                 log=lambda *_: None, cancel=token, progress=lambda done, total, msg: done == 3 and token.cancel())
+        finetune(
+            pipeline["base"],
+            pipeline["caches"][:2],
+            tmp_path / "stopped",
+            config,
+            device="cpu",
+            log=lambda *_: None,
+            cancel=token,
+            progress=lambda done, total, msg: done == 3 and token.cancel(),
+        )
     checkpoint = tmp_path / "stopped.checkpoint.pt"
     assert checkpoint.is_file() and torch.load(checkpoint, weights_only=True)["step"] == 2  # plain data only
     messages = []
-    resumed = finetune(pipeline["base"], pipeline["caches"][:2], tmp_path / "stopped", config, device="cpu",
-                       log=messages.append)
+    resumed = finetune(
+        pipeline["base"], pipeline["caches"][:2], tmp_path / "stopped", config, device="cpu", log=messages.append
+    )
     assert any("resuming" in m and "step 2" in m for m in messages)
     assert not checkpoint.exists()  # a finished run leaves only the bundle
     a, b = _heads_state(straight), _heads_state(resumed)
@@ -345,9 +406,18 @@ def test_one_head_trains_and_the_other_keeps_its_weights_exactly(pipeline, tmp_p
     """--train-heads findings (or segmentation): an experiment on one head cannot move the other."""
     trained = pipeline["trained"]
     before = _heads_state(trained)
-    for which, moved, kept in (("findings", "findings.", "segmentation."), ("segmentation", "segmentation.", "findings.")):
-        config = FinetuneConfig(steps=3, patch_kji=(4, 24, 24), validation_cases=0, train_heads=which,
-                                hard_negative_cells=8, other_lesion_negatives=True)
+    for which, moved, kept in (
+        ("findings", "findings.", "segmentation."),
+        ("segmentation", "segmentation.", "findings."),
+    ):
+        config = FinetuneConfig(
+            steps=3,
+            patch_kji=(4, 24, 24),
+            validation_cases=0,
+            train_heads=which,
+            hard_negative_cells=8,
+            other_lesion_negatives=True,
+        )
         out = finetune(trained, pipeline["caches"][:2], tmp_path / which, config, device="cpu", log=lambda *_: None)
         after = _heads_state(out)
         assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(kept))
@@ -360,13 +430,29 @@ def test_one_head_alone_needs_the_other_trained(pipeline, capsys, tmp_path):
     or a negative hard-negative count."""
     base, trained = str(pipeline["base"].path), str(pipeline["trained"].path)
     cases = str(pipeline["root"] / "cases")
-    for bundle, extra, message in ((base, [], "has no trained diffusion heads"),
-                                   (trained, ["--from-scratch"], "--from-scratch starts both heads afresh"),
-                                   (trained, ["--model", "baseline"], "the supervised baseline has no separate heads"),
-                                   (trained, ["--train-heads", "both", "--hard-negative-cells", "-1"], "less than 0")):
+    for bundle, extra, message in (
+        (base, [], "has no trained diffusion heads"),
+        (trained, ["--from-scratch"], "--from-scratch starts both heads afresh"),
+        (trained, ["--model", "baseline"], "the supervised baseline has no separate heads"),
+        (trained, ["--train-heads", "both", "--hard-negative-cells", "-1"], "less than 0"),
+    ):
         try:
-            code = main(["finetune", "--bundle", bundle, "--cases", cases, "--out", str(tmp_path / "never-written"),
-                         "--cache", str(tmp_path / "cache"), "--train-heads", "findings", *extra])
+            code = main(
+                [
+                    "finetune",
+                    "--bundle",
+                    bundle,
+                    "--cases",
+                    cases,
+                    "--out",
+                    str(tmp_path / "never-written"),
+                    "--cache",
+                    str(tmp_path / "cache"),
+                    "--train-heads",
+                    "findings",
+                    *extra,
+                ]
+            )
         except SystemExit as exc:  # argparse refuses a negative count itself
             code = exc.code
         assert code != 0
@@ -390,8 +476,24 @@ def test_a_continuation_says_when_it_replays_the_previous_runs_patches():
 
 def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
     folder = pipeline["root"] / "cases"
-    assert main(["evaluate", "--bundle", str(pipeline["trained"].path), "--cases", str(folder),
-                 "--cache", str(pipeline["root"] / "cache"), "--json", "--per-case", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--bundle",
+                str(pipeline["trained"].path),
+                "--cases",
+                str(folder),
+                "--cache",
+                str(pipeline["root"] / "cache"),
+                "--json",
+                "--per-case",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     scores = json.loads(capsys.readouterr().out)
     assert set(scores) >= {"dice", "hd95", "auc", "per_case"}
     assert scores["finding_counts"]
@@ -412,10 +514,28 @@ def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
     contrasts = {f.name: json.loads((f / "case.json").read_text())["contrast"]["contrast"] for f in pipeline["folders"]}
     assert {row["case_id"]: row["contrast"] for row in scores["per_case"]} == contrasts
     assert {c: g["cases"] for c, g in scores["by_contrast"].items()} == {
-        c: list(contrasts.values()).count(c) for c in set(contrasts.values())}
+        c: list(contrasts.values()).count(c) for c in set(contrasts.values())
+    }
     assert scores["postprocessing"].startswith("largest connected component of femur")
-    assert main(["evaluate", "--bundle", str(pipeline["trained"].path), "--cases", str(folder), "--no-hd95", "--raw",
-                 "--cache", str(pipeline["root"] / "cache"), "--json", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--bundle",
+                str(pipeline["trained"].path),
+                "--cases",
+                str(folder),
+                "--no-hd95",
+                "--raw",
+                "--cache",
+                str(pipeline["root"] / "cache"),
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["postprocessing"] == "none"
 
 
@@ -438,18 +558,19 @@ def test_each_bone_is_kept_in_one_piece_and_cartilage_plates_are_not():
 def test_dice_by_contrast_groups_the_per_case_rows():
     from OrthoKneeLib.evaluate import dice_by_contrast, format_table
 
-    rows = [{"case_id": "a", "contrast": "t2", "dice": {"femur": 0.5, "tibia": 0.25}},
-            {"case_id": "b", "contrast": "t2", "dice": {"femur": 0.7}},
-            {"case_id": "c", "contrast": "dess", "dice": {"femur": 0.9, "tibia": 0.8}},
-            {"case_id": "real", "contrast": None, "dice": {"femur": 0.1}}]  # real cases: no contrast
+    rows = [
+        {"case_id": "a", "contrast": "t2", "dice": {"femur": 0.5, "tibia": 0.25}},
+        {"case_id": "b", "contrast": "t2", "dice": {"femur": 0.7}},
+        {"case_id": "c", "contrast": "dess", "dice": {"femur": 0.9, "tibia": 0.8}},
+        {"case_id": "real", "contrast": None, "dice": {"femur": 0.1}},
+    ]  # real cases: no contrast
     groups = dice_by_contrast(rows)
     assert list(groups) == ["dess", "t2"]
     assert groups["t2"]["cases"] == 2 and groups["t2"]["dice"] == pytest.approx({"femur": 0.6, "tibia": 0.25})
     assert groups["t2"]["mean_dice"] == pytest.approx(0.425)
     assert groups["dess"]["dice"] == pytest.approx({"femur": 0.9, "tibia": 0.8})
     assert dice_by_contrast(rows[3:]) == {}
-    table = format_table({"dice": {"femur": 0.675}, "hd95": {}, "auc": {}, "by_contrast": groups},
-                         DEFAULT_CATALOG)
+    table = format_table({"dice": {"femur": 0.675}, "hd95": {}, "auc": {}, "by_contrast": groups}, DEFAULT_CATALOG)
     section = table.split("Dice by contrast")[1].splitlines()
     assert "dess (1)" in section[0] and "t2 (2)" in section[0]
     assert section[1].split() == ["femur", "0.900", "0.600"] and section[-1].split() == ["mean", "0.850", "0.425"]
@@ -462,8 +583,14 @@ def test_evaluate_reports_progress_case_by_case(pipeline):
     kind, heads = load_heads(pipeline["trained"])
     cases = [CachedCase(c) for c in pipeline["caches"]]
     seen = []
-    evaluate_cached(kind, heads, cases, pipeline["trained"].catalog, with_hd95=False,
-                    progress=lambda done, total, message: seen.append((done, total, message)))
+    evaluate_cached(
+        kind,
+        heads,
+        cases,
+        pipeline["trained"].catalog,
+        with_hd95=False,
+        progress=lambda done, total, message: seen.append((done, total, message)),
+    )
     assert seen == [(n + 1, len(cases), c.case_id) for n, c in enumerate(cases)]
 
 
@@ -476,14 +603,24 @@ def test_finding_maps_bench_reads_the_maps_and_the_true_sites(pipeline, capsys, 
     femur = DEFAULT_CATALOG.structure("femur").label
     labels = np.asarray(case.array("labels_fusion"))
     site = finding_maps.true_site(case, labels, [femur])
-    share = pooled((labels == femur).astype(np.float32)[None],
-                   case.meta["pool_kji"])[0].numpy()
+    share = pooled((labels == femur).astype(np.float32)[None], case.meta["pool_kji"])[0].numpy()
     assert site.shape == share.shape and site[share >= 0.5].all()
     near = torch.nn.functional.max_pool3d(torch.from_numpy(share > 0)[None, None].float(), (1, 3, 3), 1, (0, 1, 1))
     assert not (site & (near[0, 0].numpy() == 0)).any() and (site & (share == 0)).any()
 
-    assert finding_maps.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
-                              "--cache", str(pipeline["root"] / "cache")]) == 0
+    assert (
+        finding_maps.main(
+            [
+                "--bundle",
+                str(pipeline["trained"].path),
+                "--cases",
+                str(pipeline["root"] / "cases"),
+                "--cache",
+                str(pipeline["root"] / "cache"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     tables = out.split("\n\n")
     assert len(tables) == 3 and "AUC max cell in the true site" in tables[1] and "peaks on another" in tables[2]
@@ -500,7 +637,9 @@ def test_finding_maps_bench_reads_the_maps_and_the_true_sites(pipeline, capsys, 
     assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [2], own=0) is None
     assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [1], own=1) is None  # its own lesion
     near = finding_maps.near_other_lesions(masks, [1, 2], own=0)
-    assert near.sum() == 27 + 8 - 2 and near[1, 2, 2] and near[0, 4, 4] and not near[1, 0, 0]  # 3x3x3, 2x2x2 at the edge, 2 shared
+    assert (
+        near.sum() == 27 + 8 - 2 and near[1, 2, 2] and near[0, 4, 4] and not near[1, 0, 0]
+    )  # 3x3x3, 2x2x2 at the edge, 2 shared
     assert not finding_maps.near_other_lesions(masks, [1], own=1).any()
     inside[1, 2, 2] = False  # an unseen cell is never the peak: the next highest (all 0: the first cell) is
     assert finding_maps.peak_on_other_lesion(cell_map, inside, masks, [1, 2], own=0) is None
@@ -520,14 +659,38 @@ def test_error_distance_bench_sorts_wrong_voxels_by_where_they_lie(pipeline, cap
     bands = error_distance.error_bands(pred, truth, (0.5, 0.5, 3.0))
     assert bands == {"truth": 80, "fp_near": 20 + 4, "fp_beside": 16, "fp_other": 80, "fn": 8, "tp": 72}
 
-    assert error_distance.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
-                                "--cache", str(pipeline["root"] / "cache"), "--structures", "femur", "tibia"]) == 0
+    assert (
+        error_distance.main(
+            [
+                "--bundle",
+                str(pipeline["trained"].path),
+                "--cases",
+                str(pipeline["root"] / "cases"),
+                "--cache",
+                str(pipeline["root"] / "cache"),
+                "--structures",
+                "femur",
+                "tibia",
+            ]
+        )
+        == 0
+    )
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
     assert {r[2].strip() for r in rows} == {"femur", "tibia"} and all(int(r[3]) == 3 for r in rows)
     assert all(0 <= float(r[8]) <= 1 for r in rows)
     with pytest.raises(Exception, match="unknown structures"):
-        error_distance.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
-                             "--cache", str(pipeline["root"] / "cache"), "--structures", "kneecap"])
+        error_distance.main(
+            [
+                "--bundle",
+                str(pipeline["trained"].path),
+                "--cases",
+                str(pipeline["root"] / "cases"),
+                "--cache",
+                str(pipeline["root"] / "cache"),
+                "--structures",
+                "kneecap",
+            ]
+        )
 
 
 def test_feature_seams_bench_prints_both_windowings_per_view(pipeline, capsys, bench_script):
@@ -537,8 +700,20 @@ def test_feature_seams_bench_prints_both_windowings_per_view(pipeline, capsys, b
     smooth[:, 6:] += 1.0
     assert feature_seams.slice_jumps(smooth).argmax() == 5  # a step between slices 5 and 6
 
-    assert feature_seams.main([str(pipeline["folders"][0]), "--bundle", str(pipeline["base"].path),
-                               "--planes", "coronal", "--threads", "1"]) == 0
+    assert (
+        feature_seams.main(
+            [
+                str(pipeline["folders"][0]),
+                "--bundle",
+                str(pipeline["base"].path),
+                "--planes",
+                "coronal",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| coronal")]
     assert [r[3].strip() for r in rows] == ["16 slices", "spanning the slices"]
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
@@ -548,8 +723,9 @@ def test_depth_recall_bench_bands_the_structure_below_the_tibias_top(pipeline, c
     """bench/depth_recall.py: depth runs down the patient's superior axis whatever the index order,
     recall is counted per band, and both tables come out for a fibula-labelling source."""
     depth_recall = bench_script("depth_recall")
-    grid = Grid(origin=(0.0, 0.0, 100.0), spacing=(1.0, 1.0, 2.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, -1),
-                size=(4, 4, 10))  # k runs inferior: slice k lies at z = 100 - 2 k
+    grid = Grid(
+        origin=(0.0, 0.0, 100.0), spacing=(1.0, 1.0, 2.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, -1), size=(4, 4, 10)
+    )  # k runs inferior: slice k lies at z = 100 - 2 k
     mask = np.zeros((10, 4, 4), bool)
     mask[3, 1, 1] = mask[7, 2, 2] = True
     assert np.allclose(depth_recall.superior_mm(mask, grid), [94.0, 86.0])
@@ -558,8 +734,21 @@ def test_depth_recall_bench_bands_the_structure_below_the_tibias_top(pipeline, c
     found = np.array([True, False, True, True, False, True])
     assert depth_recall.recall_by_band(depth, found, band_mm=15.0, n_bands=3) == [(2, 1), (2, 2), (2, 1)]
 
-    assert depth_recall.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
-                              "--cache", str(pipeline["root"] / "cache"), "--shared", str(shared_data)]) == 0
+    assert (
+        depth_recall.main(
+            [
+                "--bundle",
+                str(pipeline["trained"].path),
+                "--cases",
+                str(pipeline["root"] / "cases"),
+                "--cache",
+                str(pipeline["root"] / "cache"),
+                "--shared",
+                str(shared_data),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     sources, recall = out.split("\n\n")
     spl = next(line.split("|") for line in sources.splitlines() if line.startswith("| spl:"))
@@ -584,8 +773,21 @@ def test_feature_bits_bench_rounds_each_channel_within_half_a_step(pipeline, cap
         assert len(np.unique(rounded[channel])) <= 16
     assert np.all(rounded[1] == np.float32(np.float16(0.25)))
 
-    assert feature_bits.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
-                              "--cache", str(pipeline["root"] / "cache"), "--bits", "4"]) == 0
+    assert (
+        feature_bits.main(
+            [
+                "--bundle",
+                str(pipeline["trained"].path),
+                "--cases",
+                str(pipeline["root"] / "cases"),
+                "--cache",
+                str(pipeline["root"] / "cache"),
+                "--bits",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "0.50 x" in out.splitlines()[0]  # half a byte a value rounds up to a whole byte: 8 of 16 bits
     dice_rows = [line.split("|") for line in out.split("\n\n")[1].splitlines()[2:]]
@@ -593,8 +795,9 @@ def test_feature_bits_bench_rounds_each_channel_within_half_a_step(pipeline, cap
     assert all(0 <= float(r[i]) <= 1 for r in dice_rows for i in (3, 4, 5))
     assert all(abs(float(r[6])) <= abs(float(r[7])) + 1e-4 for r in dice_rows)  # a mean is no larger than the largest
     with pytest.raises(Exception, match="out of range"):
-        feature_bits.main(["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"),
-                           "--bits", "1"])
+        feature_bits.main(
+            ["--bundle", str(pipeline["trained"].path), "--cases", str(pipeline["root"] / "cases"), "--bits", "1"]
+        )
 
 
 def test_roc_auc_by_ranks_matches_the_pairwise_definition():
@@ -602,7 +805,9 @@ def test_roc_auc_by_ranks_matches_the_pairwise_definition():
     scores = np.round(rng.random(300), 1)  # many ties
     labels = rng.random(300) < 0.3
     pos, neg = scores[labels], scores[~labels]
-    pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (pos.size * neg.size)
+    pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (
+        pos.size * neg.size
+    )
     assert roc_auc(scores, labels) == pytest.approx(pairwise, abs=1e-12)
     assert roc_auc([0.1, 0.9], [0, 1]) == 1.0 and roc_auc([0.9, 0.1], [0, 1]) == 0.0
     assert roc_auc([0.5, 0.5], [0, 1]) == 0.5 and roc_auc([0.2, 0.3], [1, 1]) is None
@@ -614,8 +819,9 @@ def test_the_baseline_runs_no_backbone_it_does_not_read(pipeline, tmp_path):
     from OrthoKneeLib.evaluate import evaluate_bundle
 
     config = FinetuneConfig(steps=2, model="baseline", validation_cases=0)
-    baseline = finetune(pipeline["base"], pipeline["caches"][:1], tmp_path / "baseline", config, device="cpu",
-                        log=lambda *_: None)
+    baseline = finetune(
+        pipeline["base"], pipeline["caches"][:1], tmp_path / "baseline", config, device="cpu", log=lambda *_: None
+    )
     shared = pipeline["root"] / "cache"
     entries = set(shared.iterdir())
     scores = evaluate_bundle(baseline, pipeline["folders"], shared, device="cpu", with_hd95=False)
@@ -685,9 +891,14 @@ def test_a_missing_view_still_runs_with_a_warning(predictor, case):
 def test_heads_that_fuse_one_view_skip_the_other_backbones(pipeline, case, tmp_path):
     """Heads trained on the sagittal features alone: the Predictor runs only that backbone and
     says the other series were not used; a case without a sagittal series is a clear error."""
-    single = finetune(pipeline["base"], pipeline["caches"][:2], tmp_path / "sag",
-                      FinetuneConfig(steps=2, patch_kji=(4, 24, 24), validation_cases=0, views=("sagittal",)),
-                      device="cpu", log=lambda *_: None)
+    single = finetune(
+        pipeline["base"],
+        pipeline["caches"][:2],
+        tmp_path / "sag",
+        FinetuneConfig(steps=2, patch_kji=(4, 24, 24), validation_cases=0, views=("sagittal",)),
+        device="cpu",
+        log=lambda *_: None,
+    )
     assert list(single.metadata["heads"]["config"]["view_channels"]) == ["sagittal"]
     predictor = Predictor(single, device="cpu")
     result = predictor.predict(case)
@@ -757,6 +968,7 @@ def _out_of_memory_above(limit: float, calls: list):
         if scale > limit:
             raise torch.OutOfMemoryError(f"simulated: windows at {scale} do not fit")
         return f"features at {scale}"
+
     return run
 
 
@@ -764,16 +976,26 @@ def test_out_of_memory_shrinks_the_windows_then_falls_back_to_the_cpu():
     """The CUDA ladder, run on the CPU with a backbone pass that runs out of memory above a
     window scale: it halves down to a quarter, says so, and only then uses the CPU."""
     calls, warnings = [], []
-    result, on_cpu = window_scale_ladder(_out_of_memory_above(0.5, calls), lambda: "cpu features",
-                                         window_voxels=256 * 256 * 16, free_bytes=2**40, plane="coronal",
-                                         warnings=warnings)
+    result, on_cpu = window_scale_ladder(
+        _out_of_memory_above(0.5, calls),
+        lambda: "cpu features",
+        window_voxels=256 * 256 * 16,
+        free_bytes=2**40,
+        plane="coronal",
+        warnings=warnings,
+    )
     assert (result, on_cpu, calls) == ("features at 0.5", False, [1.0, 0.5])
     assert warnings == ["coronal: GPU out of memory; retrying with windows scaled by 0.5."]
 
     calls, warnings = [], []
-    result, on_cpu = window_scale_ladder(_out_of_memory_above(0.0, calls), lambda: "cpu features",
-                                         window_voxels=256 * 256 * 16, free_bytes=2**40, plane="axial",
-                                         warnings=warnings)
+    result, on_cpu = window_scale_ladder(
+        _out_of_memory_above(0.0, calls),
+        lambda: "cpu features",
+        window_voxels=256 * 256 * 16,
+        free_bytes=2**40,
+        plane="axial",
+        warnings=warnings,
+    )
     assert (result, on_cpu, calls) == ("cpu features", True, [1.0, 0.5, 0.25])
     assert "ran on the CPU" in warnings[-1] and len(warnings) == 3
 
@@ -781,9 +1003,14 @@ def test_out_of_memory_shrinks_the_windows_then_falls_back_to_the_cpu():
 def test_little_free_gpu_memory_starts_with_smaller_windows():
     calls, warnings = [], []
     window_voxels = 256 * 256 * 16  # about 1.26 GB of activations at full scale
-    result, on_cpu = window_scale_ladder(_out_of_memory_above(1.0, calls), lambda: "cpu features",
-                                         window_voxels=window_voxels, free_bytes=window_voxels * 1200 // 3,
-                                         plane="sagittal", warnings=warnings)
+    result, on_cpu = window_scale_ladder(
+        _out_of_memory_above(1.0, calls),
+        lambda: "cpu features",
+        window_voxels=window_voxels,
+        free_bytes=window_voxels * 1200 // 3,
+        plane="sagittal",
+        warnings=warnings,
+    )
     assert calls == [0.5] and not on_cpu  # 1/4 of the memory at half scale fits in 80 % of a third
     assert "windows scaled by 0.5" in warnings[0]
 
@@ -835,7 +1062,8 @@ def test_save_writes_a_slicer_segmentation_overlays_and_findings(predictor, case
     assert np.abs(sitk.GetArrayFromImage(overlay) - prediction.overlays["joint_effusion"]).max() <= 5e-4 + 1e-7
     summary = json.loads((tmp_path / "findings.json").read_text())
     assert summary["findings"]["joint_effusion"]["probability"] == pytest.approx(
-        prediction.finding_probabilities["joint_effusion"], abs=1e-4)
+        prediction.finding_probabilities["joint_effusion"], abs=1e-4
+    )
     assert summary["bundle"]["version"] == "0.2.0" and set(summary["input_sha256"]) == set(case.planes)
     assert summary["knee_side"] == prediction.knee_side and summary["knee_side"]["side"] in ("left", "right", None)
     assert summary["knee_side"]["from"]  # how the side was told, or why it could not be
@@ -871,8 +1099,9 @@ def test_a_rerun_never_overwrites_an_edited_segmentation(predictor, case, predic
 
     out = sitk.GetImageFromArray(edited)
     out.CopyInformation(labels)
-    write_seg_nrrd(out, [*segments, Segment("my_label", "Annotator's label", 12, (10, 20, 30))],
-                   tmp_path / "structures.seg.nrrd")
+    write_seg_nrrd(
+        out, [*segments, Segment("my_label", "Annotator's label", 12, (10, 20, 30))], tmp_path / "structures.seg.nrrd"
+    )
     before = (tmp_path / "structures.seg.nrrd").read_bytes()
     prediction.save(tmp_path)
     assert (tmp_path / "structures.seg.nrrd").read_bytes() == before

@@ -8,12 +8,27 @@ import pytest
 from OrthoKneeLib.labels import DEFAULT_CATALOG, FINDING_KEYS, STRUCTURE_KEYS, Catalog, Code
 
 EXPECTED_STRUCTURES = (
-    "femur", "tibia", "fibula", "patella", "femoral_cartilage", "tibial_cartilage",
-    "patellar_cartilage", "medial_meniscus", "lateral_meniscus", "acl", "pcl",
+    "femur",
+    "tibia",
+    "fibula",
+    "patella",
+    "femoral_cartilage",
+    "tibial_cartilage",
+    "patellar_cartilage",
+    "medial_meniscus",
+    "lateral_meniscus",
+    "acl",
+    "pcl",
 )
 EXPECTED_FINDINGS = (
-    "acl_tear", "pcl_tear", "collateral_ligament_injury", "medial_meniscal_tear",
-    "lateral_meniscal_tear", "cartilage_lesion", "bone_marrow_lesion", "joint_effusion",
+    "acl_tear",
+    "pcl_tear",
+    "collateral_ligament_injury",
+    "medial_meniscal_tear",
+    "lateral_meniscal_tear",
+    "cartilage_lesion",
+    "bone_marrow_lesion",
+    "joint_effusion",
 )
 # Codes that are right but missing from Slicer's shipped DICOM master lists.
 NOT_IN_SLICER_LISTS = {("SCT", "12611008")}  # Tibia ("Bone structure of tibia")
@@ -70,9 +85,12 @@ def test_terminology_string_matches_slicer_serializer():
 
         expected = logic.SerializeTerminologyEntry(
             "Segmentation category and type - DICOM master list",
-            *triple(t.category), *triple(t.type), *triple(t.type_modifier),
+            *triple(t.category),
+            *triple(t.type),
+            *triple(t.type_modifier),
             "Anatomic codes - DICOM master list",
-            *triple(t.region), *triple(t.region_modifier),
+            *triple(t.region),
+            *triple(t.region_modifier),
         )
         assert t.slicer_string() == expected, entry.key
 

@@ -52,12 +52,15 @@ def test_a_knee_shaped_reading_passes_every_check():
     assert warnings_for(summary) == []
 
 
-@pytest.mark.parametrize("broken, failing, knee_found", [
-    ("upside down", {"femur above tibia"}, False),
-    ("patella in two", {"patella one piece"}, True),
-    ("no tibia", {"tibia volume"}, False),
-    ("acl specks", {"acl one piece from femur to tibia"}, True),
-])
+@pytest.mark.parametrize(
+    "broken, failing, knee_found",
+    [
+        ("upside down", {"femur above tibia"}, False),
+        ("patella in two", {"patella one piece"}, True),
+        ("no tibia", {"tibia volume"}, False),
+        ("acl specks", {"acl one piece from femur to tibia"}, True),
+    ],
+)
 def test_a_broken_labelmap_is_named(broken, failing, knee_found):
     checks, summary = read(knee(broken))
     assert failing <= {k for k, c in checks.items() if not c.ok}

@@ -20,13 +20,13 @@ def _knee(fibula_at_high_i: bool = True, with_fibula: bool = True) -> np.ndarray
     labels[2:8, 7:9, 46:58] = L["lateral_meniscus"]
     if with_fibula:
         i0 = 64 if fibula_at_high_i else 8
-        labels[:, 14:20, i0:i0 + 8] = L["fibula"]
+        labels[:, 14:20, i0 : i0 + 8] = L["fibula"]
     return labels
 
 
 def _probabilities(labels: np.ndarray) -> np.ndarray:
     p = np.full((N_CLASSES, *labels.shape), 0.02, np.float32)
-    p[labels, *np.indices(labels.shape)] = 0.8
+    p[(labels, *np.indices(labels.shape))] = 0.8
     return p / p.sum(0, keepdims=True)
 
 
@@ -101,8 +101,7 @@ def test_the_header_side_is_checked_against_the_anatomy():
 
 def test_without_a_fibula_the_header_side_splits_the_menisci():
     labels = _knee(with_fibula=False)  # menisci at i 22-34 and 46-58, i toward the patient's left
-    probabilities, found = assign_meniscus_sides(_probabilities(labels), _grid(labels), DEFAULT_CATALOG,
-                                                 tagged="right")
+    probabilities, found = assign_meniscus_sides(_probabilities(labels), _grid(labels), DEFAULT_CATALOG, tagged="right")
     assert found.side == "right" and "DICOM" in found.reason
     labelmap = probabilities.argmax(0)  # a right knee: lateral is toward the patient's right (low i)
     assert (labelmap[2:8, 7:9, 22:34] == L["lateral_meniscus"]).all()

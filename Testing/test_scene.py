@@ -20,8 +20,16 @@ from OrthoKneeLib.labels import DEFAULT_CATALOG  # noqa: E402
 from OrthoKneeLib.model.heads import grid_of  # noqa: E402
 from OrthoKneeLib.predict import Prediction  # noqa: E402
 from OrthoKneeLib.scene import (  # noqa: E402
-    PREDICTION_ATTRIBUTE, add_prediction, assign_views, case_from_nodes, export_training_case, image_from_node,
-    segmentation_edited, segmentation_labelmap, set_segment_mask, volume_node_from_image,
+    PREDICTION_ATTRIBUTE,
+    add_prediction,
+    assign_views,
+    case_from_nodes,
+    export_training_case,
+    image_from_node,
+    segmentation_edited,
+    segmentation_labelmap,
+    set_segment_mask,
+    volume_node_from_image,
 )
 from OrthoKneeLib.synth.dataset import read_case  # noqa: E402
 
@@ -50,8 +58,12 @@ def _value_at(image: sitk.Image, point) -> float:
 def test_volume_nodes_keep_the_files_geometry(app, tmp_path, direction):
     """A node made by OrthoKnee and one read by Slicer from the same file agree physically."""
     rng = np.random.default_rng(0)
-    image = make_image(rng.integers(0, 1000, (7, 11, 13)).astype(np.int16), spacing=(0.7, 0.9, 3.0),
-                       origin=(12.0, -30.0, 45.0), direction=direction)
+    image = make_image(
+        rng.integers(0, 1000, (7, 11, 13)).astype(np.int16),
+        spacing=(0.7, 0.9, 3.0),
+        origin=(12.0, -30.0, 45.0),
+        direction=direction,
+    )
     path = tmp_path / "v.nrrd"
     sitk.WriteImage(image, str(path))
     ours = image_from_node(volume_node_from_image(app.scene, image, "ours"))
@@ -61,7 +73,9 @@ def test_volume_nodes_keep_the_files_geometry(app, tmp_path, direction):
     assert storage.ReadData(theirs_node)
     theirs = image_from_node(theirs_node)
     for other in (ours, theirs):
-        assert np.allclose(np.sort(_physical_corners(other), axis=0), np.sort(_physical_corners(image), axis=0), atol=1e-4)
+        assert np.allclose(
+            np.sort(_physical_corners(other), axis=0), np.sort(_physical_corners(image), axis=0), atol=1e-4
+        )
         for idx in [(0, 0, 0), (12, 10, 6), (5, 3, 2)]:  # same value at the same place in the patient
             point = image.TransformIndexToPhysicalPoint(idx)
             assert _value_at(other, point) == float(image[idx])
@@ -73,22 +87,32 @@ def _knee_like():
     labels[2:8, 5:20, 5:30] = DEFAULT_CATALOG.structure("femur").label
     labels[2:8, 22:35, 5:30] = DEFAULT_CATALOG.structure("tibia").label
     labels[3:7, 19:21, 8:28] = DEFAULT_CATALOG.structure("femoral_cartilage").label
-    image = make_image((labels * 40 + 100).astype(np.int16), spacing=(0.6, 0.6, 3.0), origin=(5.0, -20.0, 30.0),
-                       direction=SAG)
+    image = make_image(
+        (labels * 40 + 100).astype(np.int16), spacing=(0.6, 0.6, 3.0), origin=(5.0, -20.0, 30.0), direction=SAG
+    )
     overlays = {f.key: np.zeros(labels.shape, np.float32) for f in DEFAULT_CATALOG.findings}
     overlays["bone_marrow_lesion"][4:6, 10:14, 10:14] = 0.9
     probs = {f.key: 0.1 for f in DEFAULT_CATALOG.findings}
     probs["bone_marrow_lesion"] = 0.8
-    prediction = Prediction("knee", "sagittal", grid_of(image), labels, np.zeros((1, *labels.shape), np.float16),
-                            probs, overlays, DEFAULT_CATALOG)
+    prediction = Prediction(
+        "knee",
+        "sagittal",
+        grid_of(image),
+        labels,
+        np.zeros((1, *labels.shape), np.float16),
+        probs,
+        overlays,
+        DEFAULT_CATALOG,
+    )
     return image, prediction
 
 
 def test_a_prediction_becomes_named_colored_tagged_segments_and_overlays(app):
     image, prediction = _knee_like()
     reference = volume_node_from_image(app.scene, image, "knee sagittal")
-    result = add_prediction(app.scene, prediction, reference_node=reference, threshold=0.4, opacity=0.55,
-                            surfaces=False)
+    result = add_prediction(
+        app.scene, prediction, reference_node=reference, threshold=0.4, opacity=0.55, surfaces=False
+    )
     segmentation = result["segmentation"]
     assert segmentation.GetName() == "knee structures"
     seg = segmentation.GetSegmentation()
@@ -140,9 +164,15 @@ def test_an_exported_training_case_reloads_equal_with_the_annotators_extra_label
     image, prediction = _knee_like()
     prediction.case_name = "export"
     sag = volume_node_from_image(app.scene, image, "export sagittal")
-    cor_image = sitk.Resample(image, make_image(np.zeros((12, 10, 12), np.int16), spacing=(0.8, 0.8, 2.5),
-                                                origin=(-5.0, -22.0, 30.0), direction=COR), sitk.Transform(),
-                              sitk.sitkLinear, 0.0)
+    cor_image = sitk.Resample(
+        image,
+        make_image(
+            np.zeros((12, 10, 12), np.int16), spacing=(0.8, 0.8, 2.5), origin=(-5.0, -22.0, 30.0), direction=COR
+        ),
+        sitk.Transform(),
+        sitk.sitkLinear,
+        0.0,
+    )
     cor = volume_node_from_image(app.scene, cor_image, "export coronal")
     result = add_prediction(app.scene, prediction, reference_node=sag, surfaces=False)
     segmentation = result["segmentation"]
@@ -156,8 +186,14 @@ def test_an_exported_training_case_reloads_equal_with_the_annotators_extra_label
     set_segment_mask(segmentation, extra_id, mask, sag)
     seg.GetSegment(extra_id).SetLabelValue(20)
     review = {"bone_marrow_lesion": {"decision": "accept"}, "joint_effusion": {"decision": "reject"}}
-    folder = export_training_case(tmp_path / "case", segmentation, {"sagittal": sag, "coronal": cor},
-                                  DEFAULT_CATALOG, review=review, case_id="export")
+    folder = export_training_case(
+        tmp_path / "case",
+        segmentation,
+        {"sagittal": sag, "coronal": cor},
+        DEFAULT_CATALOG,
+        review=review,
+        case_id="export",
+    )
     case = read_case(folder)
     labels = sitk.GetArrayFromImage(case.labels["sagittal"])
     assert np.array_equal(labels, with_cyst)
@@ -181,7 +217,10 @@ def test_views_are_assigned_by_plane_detection(app):
         image.SetOrigin(tuple(np.array(image.GetOrigin()) - centre))
         return image
 
-    nodes = [volume_node_from_image(app.scene, centred(d), name) for name, d in (("c", COR), ("s", SAG), ("a", AX_LEFT_HANDED))]
+    nodes = [
+        volume_node_from_image(app.scene, centred(d), name)
+        for name, d in (("c", COR), ("s", SAG), ("a", AX_LEFT_HANDED))
+    ]
     views = assign_views(nodes)
     assert {p: n.GetName() for p, n in views.items()} == {"coronal": "c", "sagittal": "s", "axial": "a"}
     case = case_from_nodes(**views)
@@ -204,9 +243,16 @@ def test_module_parses_and_imports_without_the_slicer_application():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.SLICER_GUI is False  # the guarded path: no qt here
-    review = module.review_record({"case": "c", "findings": {"acl_tear": {"name": "ACL tear", "probability": 0.7}}},
-                                  {"acl_tear": {"decision": "accept", "note": "clear"}})
-    assert review["findings"]["acl_tear"] == {"name": "ACL tear", "probability": 0.7, "decision": "accept", "note": "clear"}
+    review = module.review_record(
+        {"case": "c", "findings": {"acl_tear": {"name": "ACL tear", "probability": 0.7}}},
+        {"acl_tear": {"decision": "accept", "note": "clear"}},
+    )
+    assert review["findings"]["acl_tear"] == {
+        "name": "ACL tear",
+        "probability": 0.7,
+        "decision": "accept",
+        "note": "clear",
+    }
     assert "<td>ACL tear</td>" in module.review_html(review)
 
 
@@ -215,8 +261,11 @@ def test_ui_is_well_formed_and_has_every_widget_the_module_uses():
     names = {w.get("name") for w in tree.iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text()))
     assert used and used <= names, sorted(used - names)
-    params = {p.text for p in tree.iter("string") if p.text in {"sagittal", "coronal", "axial", "bundlePath",
-                                                                 "device", "threshold", "opacity"}}
+    params = {
+        p.text
+        for p in tree.iter("string")
+        if p.text in {"sagittal", "coronal", "axial", "bundlePath", "device", "threshold", "opacity"}
+    }
     assert params == {"sagittal", "coronal", "axial", "bundlePath", "device", "threshold", "opacity"}
 
 

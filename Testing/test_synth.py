@@ -33,7 +33,9 @@ def test_mapping_keeps_voxel_counts_per_structure(shared_data, source):
     for key in DEFAULT_CATALOG.structure_keys:
         expected = sum(int((values == v).sum()) for v, k in spec.structures.items() if k == key)
         if source == "oai":  # lesion voxels belong to the bone they lie in
-            expected += sum(int((values == v).sum()) for v, b in {7: "femur", 8: "tibia", 9: "patella"}.items() if b == key)
+            expected += sum(
+                int((values == v).sum()) for v, b in {7: "femur", 8: "tibia", 9: "patella"}.items() if b == key
+            )
         assert int((structures == L[key]).sum()) == expected, key
     assert set(spec.annotated) == set(spec.structures.values())
     # nothing outside the catalog sneaks into the structure map
@@ -65,7 +67,9 @@ def test_dilate_equals_itk_box_dilation():
     rng = np.random.default_rng(0)
     mask = rng.random((30, 40, 35)) > 0.995
     ours = dilate(mask, 2)
-    itk = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), [2, 2, 2], sitk.sitkBox))
+    itk = sitk.GetArrayFromImage(
+        sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), [2, 2, 2], sitk.sitkBox)
+    )
     assert np.array_equal(ours, itk.astype(bool))
 
 
@@ -123,7 +127,9 @@ def test_views_have_protocol_geometry(spl_case):
         assert detect_plane(image) == plane
         params = view["params"]
         assert 2.5 <= params["thickness_mm"] <= 4.0
-        assert image.GetSpacing()[2] == pytest.approx(params["thickness_mm"] + params["gap_mm"], abs=2e-3)  # params are rounded
+        assert image.GetSpacing()[2] == pytest.approx(
+            params["thickness_mm"] + params["gap_mm"], abs=2e-3
+        )  # params are rounded
         assert max(abs(t) for t in params["misregistration"]["translation_mm"]) <= 1.5
 
 
@@ -151,8 +157,9 @@ def test_partial_volume_oracle_draws_bones_almost_exactly_and_thin_plates_less_w
     assert all(scores[L[b]] >= 0.95 for b in BONES), scores
     assert scores[L["femoral_cartilage"]] < scores[L["femur"]]  # a 2-mm plate in 3-mm slabs
     # without the view's motion the oracle is misplaced by up to 1.5 mm and scores lower
-    still = partial_volume_oracle(rendered["labels"], view["labels"], "sagittal", view["params"],
-                                  motion=sitk.Euler3DTransform())
+    still = partial_volume_oracle(
+        rendered["labels"], view["labels"], "sagittal", view["params"], motion=sitk.Euler3DTransform()
+    )
     assert oracle_dice(still, truth, [L["femoral_cartilage"]])[L["femoral_cartilage"]] < scores[L["femoral_cartilage"]]
 
 
@@ -160,8 +167,27 @@ def test_dice_ceiling_bench_puts_a_model_beside_the_ceiling(shared_data, tmp_pat
     from OrthoKneeLib.cli import main as cli
 
     out = tmp_path / "cases"
-    assert cli(["synth", "--labels", str(_source_dir(shared_data, "pymskt")), "--source", "pymskt", "--out", str(out),
-                "--n", "1", "--seed", "4", "--work-spacing", "1.5", "--no-sheets"]) == 0
+    assert (
+        cli(
+            [
+                "synth",
+                "--labels",
+                str(_source_dir(shared_data, "pymskt")),
+                "--source",
+                "pymskt",
+                "--out",
+                str(out),
+                "--n",
+                "1",
+                "--seed",
+                "4",
+                "--work-spacing",
+                "1.5",
+                "--no-sheets",
+            ]
+        )
+        == 0
+    )
     case_id = json.loads((out / "dataset.json").read_text())["cases"][0]["case_id"]
     evaluation = tmp_path / "model.eval.json"
     evaluation.write_text(json.dumps({"per_case": [{"case_id": case_id, "dice": {"femur": 0.5}}]}))
@@ -255,8 +281,10 @@ def test_mirror_fraction_draws_the_other_knee_and_keeps_the_other_cases(spl_case
     plain = rendered if index == 0 else render_case(smap, grid, config, index)
     kept = render_case(smap, grid, half, index)
     for plane in ("sagittal", "coronal"):
-        assert np.array_equal(sitk.GetArrayFromImage(plain["views"][plane]["image"]),
-                              sitk.GetArrayFromImage(kept["views"][plane]["image"])), plane
+        assert np.array_equal(
+            sitk.GetArrayFromImage(plain["views"][plane]["image"]),
+            sitk.GetArrayFromImage(kept["views"][plane]["image"]),
+        ), plane
     with pytest.raises(InputError, match="--mirror-fraction"):
         synthesize(smap.path, tmp_path, replace(config, mirror_fraction=1.5))
 
@@ -290,14 +318,34 @@ def test_synthesize_writes_the_layout_and_resumes(shared_data, tmp_path, capsys)
     from OrthoKneeLib.cli import main
 
     out = tmp_path / "cases"
-    argv = ["synth", "--labels", str(_source_dir(shared_data, "pymskt")), "--source", "pymskt", "--out", str(out),
-            "--n", "2", "--seed", "4", "--work-spacing", "1.2"]
+    argv = [
+        "synth",
+        "--labels",
+        str(_source_dir(shared_data, "pymskt")),
+        "--source",
+        "pymskt",
+        "--out",
+        str(out),
+        "--n",
+        "2",
+        "--seed",
+        "4",
+        "--work-spacing",
+        "1.2",
+    ]
     assert main(argv) == 0
     manifest = json.loads((out / "dataset.json").read_text())
     assert manifest["synthetic"] is True and len(manifest["cases"]) == 2
     case_dir = out / "cases" / "pymskt-4-0000"
-    for name in ("sagittal.nrrd", "coronal.nrrd", "axial.nrrd", "sagittal_labels.nrrd", "labels.nrrd",
-                 "case.json", "contact_sheet.png"):
+    for name in (
+        "sagittal.nrrd",
+        "coronal.nrrd",
+        "axial.nrrd",
+        "sagittal_labels.nrrd",
+        "labels.nrrd",
+        "case.json",
+        "contact_sheet.png",
+    ):
         assert (case_dir / name).is_file(), name
     case = read_case(case_dir)
     assert case.case.planes == ("sagittal", "coronal", "axial")
@@ -364,13 +412,14 @@ def test_random_contrast_varies_marrow_but_keeps_fluid_brightest():
     from OrthoKneeLib.synth.sources import Tissue
 
     t = _tissue_phantom()
-    means = [render_intensity(t, "random", np.random.default_rng(s), spacing=1.0)[1]["tissue_means"]
-             for s in range(20)]
+    means = [render_intensity(t, "random", np.random.default_rng(s), spacing=1.0)[1]["tissue_means"] for s in range(20)]
     marrow = np.array([m["marrow"] for m in means])
     assert marrow.max() - marrow.min() > 0.4  # anatomy, not one intensity, must identify bone
     assert any(m["marrow"] > m["muscle"] for m in means) and any(m["marrow"] < m["muscle"] for m in means)
     for m in means:
-        assert m["fluid"] > max(m[Tissue.NAMES[k]] for k in (Tissue.FAT, Tissue.MUSCLE, Tissue.MARROW, Tissue.CARTILAGE))
+        assert m["fluid"] > max(
+            m[Tissue.NAMES[k]] for k in (Tissue.FAT, Tissue.MUSCLE, Tissue.MARROW, Tissue.CARTILAGE)
+        )
 
 
 def test_surface_coil_brightens_tissue_near_the_skin():

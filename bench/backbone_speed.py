@@ -64,8 +64,9 @@ def run_one(args) -> dict:
         unet, scheduler, features = build_unet(config).eval(), build_scheduler(config), DEFAULT_FEATURES
     timesteps = features["timesteps"]
     timesteps = timesteps[args.plane] if isinstance(timesteps, dict) else timesteps
-    extractor = FeatureExtractor(unet, scheduler, timesteps, features["budget_per_block"],
-                                 window_ijk=config.window, overlap=features["overlap"])
+    extractor = FeatureExtractor(
+        unet, scheduler, timesteps, features["budget_per_block"], window_ijk=config.window, overlap=features["overlap"]
+    )
     view = np.random.default_rng(0).uniform(-1, 1, view_shape(args.factor)).astype(np.float32)
     small = view[: config.window[2], : config.window[1], : config.window[0]]
     extractor(small)  # warm-up
@@ -76,12 +77,22 @@ def run_one(args) -> dict:
     out = extractor(view)
     seconds = time.perf_counter() - start
     return {
-        "factor": args.factor, "shape_kji": list(view.shape), "voxels": int(view.size), "seconds": seconds,
-        "flops": flops, "flop_per_s": flops / seconds, "feature_channels": int(out.shape[0]),
+        "factor": args.factor,
+        "shape_kji": list(view.shape),
+        "voxels": int(view.size),
+        "seconds": seconds,
+        "flops": flops,
+        "flop_per_s": flops / seconds,
+        "feature_channels": int(out.shape[0]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "matmul_flop_per_s": matmul_flops(), "threads": args.threads,
-        "config": {"channels": list(config.channels), "window": list(config.window), "timesteps": timesteps,
-                   "overlap": features["overlap"]},
+        "matmul_flop_per_s": matmul_flops(),
+        "threads": args.threads,
+        "config": {
+            "channels": list(config.channels),
+            "window": list(config.window),
+            "timesteps": timesteps,
+            "overlap": features["overlap"],
+        },
     }
 
 
@@ -103,14 +114,20 @@ def main() -> int:
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     base = rows[0]
-    print(f"backbone {args.plane}: channels {base['config']['channels']}, window {base['config']['window']} (i,j,k), overlap {base['config']['overlap']}, "
-          f"timesteps {base['config']['timesteps']}, {base['threads']} threads, {base['feature_channels']} feature channels")
-    print(f"{'size':>5} {'voxels':>10} {'s/view':>8} {'x time':>7} {'GFLOP':>8} {'GFLOP/s':>8} "
-          f"{'matmul GFLOP/s':>15} {'efficiency':>10} {'peak RSS MB':>12}")
+    print(
+        f"backbone {args.plane}: channels {base['config']['channels']}, window {base['config']['window']} (i,j,k), overlap {base['config']['overlap']}, "
+        f"timesteps {base['config']['timesteps']}, {base['threads']} threads, {base['feature_channels']} feature channels"
+    )
+    print(
+        f"{'size':>5} {'voxels':>10} {'s/view':>8} {'x time':>7} {'GFLOP':>8} {'GFLOP/s':>8} "
+        f"{'matmul GFLOP/s':>15} {'efficiency':>10} {'peak RSS MB':>12}"
+    )
     for r in rows:
-        print(f"{r['factor']:>4}x {r['voxels']:>10} {r['seconds']:>8.2f} {r['seconds'] / base['seconds']:>7.2f} "
-              f"{r['flops'] / 1e9:>8.1f} {r['flop_per_s'] / 1e9:>8.1f} {r['matmul_flop_per_s'] / 1e9:>15.1f} "
-              f"{r['flop_per_s'] / r['matmul_flop_per_s']:>10.1%} {r['peak_rss_mb']:>12.0f}")
+        print(
+            f"{r['factor']:>4}x {r['voxels']:>10} {r['seconds']:>8.2f} {r['seconds'] / base['seconds']:>7.2f} "
+            f"{r['flops'] / 1e9:>8.1f} {r['flop_per_s'] / 1e9:>8.1f} {r['matmul_flop_per_s'] / 1e9:>15.1f} "
+            f"{r['flop_per_s'] / r['matmul_flop_per_s']:>10.1%} {r['peak_rss_mb']:>12.0f}"
+        )
     return 0
 
 

@@ -39,9 +39,11 @@ def sweep_case(probabilities, truth, catalog, annotated) -> dict:
         near = margin > -max(BIASES) - 1e-6  # voxels no bias in the sweep reaches are never the structure's
         truth_mask = truth == s.label
         m, right = margin[near], truth_mask[near]
-        rows[s.key] = {"truth": int(truth_mask.sum()),
-                       "pred": [int((m > -b).sum()) for b in BIASES],
-                       "inter": [int((right & (m > -b)).sum()) for b in BIASES]}
+        rows[s.key] = {
+            "truth": int(truth_mask.sum()),
+            "pred": [int((m > -b).sum()) for b in BIASES],
+            "inter": [int((right & (m > -b)).sum()) for b in BIASES],
+        }
     return rows
 
 
@@ -51,9 +53,11 @@ def summary(sweep: dict) -> str:
     biases = np.asarray(sweep["biases"])
     zero = int(np.flatnonzero(biases == 0)[0])
     keys = [k for k in sweep["structures"] if any(k in r["structures"] for r in sweep["rows"])]
-    lines = [f"{len(sweep['rows'])} cases; bundle {sweep['bundle']}",
-             f"{'structure':<20} {'cases':>5} {'precision':>9} {'recall':>6} {'Dice':>6} {'best bias':>9} "
-             f"{'its Dice':>8} {'gain':>6}"]
+    lines = [
+        f"{len(sweep['rows'])} cases; bundle {sweep['bundle']}",
+        f"{'structure':<20} {'cases':>5} {'precision':>9} {'recall':>6} {'Dice':>6} {'best bias':>9} "
+        f"{'its Dice':>8} {'gain':>6}",
+    ]
     for key in keys:
         dice, precision, recall = [], [], []
         for row in sweep["rows"]:
@@ -68,8 +72,10 @@ def summary(sweep: dict) -> str:
             continue
         mean = np.mean(dice, axis=0)
         best = int(mean.argmax())
-        lines.append(f"{key:<20} {len(dice):5d} {np.mean(precision):9.3f} {np.mean(recall):6.3f} {mean[zero]:6.3f} "
-                     f"{biases[best]:+9.2f} {mean[best]:8.3f} {mean[best] - mean[zero]:+6.3f}")
+        lines.append(
+            f"{key:<20} {len(dice):5d} {np.mean(precision):9.3f} {np.mean(recall):6.3f} {mean[zero]:6.3f} "
+            f"{biases[best]:+9.2f} {mean[best]:8.3f} {mean[best] - mean[zero]:+6.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -99,18 +105,29 @@ def main(argv: list[str] | None = None) -> int:
     bundle = Bundle.open(args.bundle)
     folders = find_cases(args.cases, None)
     if not folders:
-        raise InputError(None, f"no case folders under {', '.join(map(str, args.cases))}.", "Give `orthoknee synth` outputs.")
+        raise InputError(
+            None, f"no case folders under {', '.join(map(str, args.cases))}.", "Give `orthoknee synth` outputs."
+        )
     cache = args.cache or default_cache_dir()
     kind, heads = load_heads(bundle, device="cpu")
-    sweep = {"bundle": f"{bundle.metadata.get('name')} {bundle.metadata.get('version')}", "biases": BIASES,
-             "structures": bundle.catalog.structure_keys, "rows": []}
+    sweep = {
+        "bundle": f"{bundle.metadata.get('name')} {bundle.metadata.get('version')}",
+        "biases": BIASES,
+        "structures": bundle.catalog.structure_keys,
+        "rows": [],
+    }
     for n, folder in enumerate(folders):
         case = CachedCase(cache_case(bundle, folder, cache, views=views_fused(kind, heads)))
         probabilities = run_on_cached(kind, heads, case)["probabilities"]
         probabilities, _ = assign_meniscus_sides(probabilities, case.reference_grid, bundle.catalog)
         truth = np.asarray(case.array("labels_reference"))
-        sweep["rows"].append({"case_id": case.case_id, "contrast": case.contrast,
-                              "structures": sweep_case(probabilities, truth, bundle.catalog, set(case.meta["annotated"]))})
+        sweep["rows"].append(
+            {
+                "case_id": case.case_id,
+                "contrast": case.contrast,
+                "structures": sweep_case(probabilities, truth, bundle.catalog, set(case.meta["annotated"])),
+            }
+        )
         print(f"{n + 1}/{len(folders)} {case.case_id}", file=sys.stderr, flush=True)
         if args.out:
             args.out.write_text(json.dumps(sweep))

@@ -19,8 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-RUNS = [("heads-100", "diffusion heads, 100 %"), ("heads-10", "diffusion heads, 10 %"),
-        ("baseline-100", "supervised UNet, 100 %"), ("baseline-10", "supervised UNet, 10 %")]
+RUNS = [
+    ("heads-100", "diffusion heads, 100 %"),
+    ("heads-10", "diffusion heads, 10 %"),
+    ("baseline-100", "supervised UNet, 100 %"),
+    ("baseline-10", "supervised UNet, 10 %"),
+]
 
 
 def _f(v, fmt="{:.3f}"):
@@ -84,9 +88,11 @@ def paired_loss_comparison(scores: dict, resamples: int, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     boot = diff[rng.integers(len(diff), size=(resamples, len(diff)))].mean(axis=1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return (f"- per case (n = {len(diff)}): Dice lost by the baseline minus Dice lost by the heads = "
-            f"{diff.mean():+.3f} (95 % bootstrap interval {lo:+.3f} to {hi:+.3f}; positive = the heads lose less); "
-            f"the heads lose less on {int((diff > 0).sum())} of {len(diff)} cases")
+    return (
+        f"- per case (n = {len(diff)}): Dice lost by the baseline minus Dice lost by the heads = "
+        f"{diff.mean():+.3f} (95 % bootstrap interval {lo:+.3f} to {hi:+.3f}; positive = the heads lose less); "
+        f"the heads lose less on {int((diff > 0).sum())} of {len(diff)} cases"
+    )
 
 
 def main() -> int:
@@ -101,13 +107,18 @@ def main() -> int:
     if not scores:
         parser.error(f"no {args.prefix}<run>{args.suffix}.eval.json in {args.folder}")
     structures = list(next(iter(scores.values()))["dice"])
-    print("| structure | " + " | ".join(f"Dice {label}" for name, label in RUNS if name in scores)
-          + " | HD95 mm heads 100 % | HD95 mm UNet 100 % |")
+    print(
+        "| structure | "
+        + " | ".join(f"Dice {label}" for name, label in RUNS if name in scores)
+        + " | HD95 mm heads 100 % | HD95 mm UNet 100 % |"
+    )
     print("|---" * (len(scores) + 3) + "|")
     for s in structures:
         row = [_f(scores[n]["dice"].get(s)) for n, _ in RUNS if n in scores]
-        row += [_f(scores.get("heads-100", {}).get("hd95", {}).get(s), "{:.1f}"),
-                _f(scores.get("baseline-100", {}).get("hd95", {}).get(s), "{:.1f}")]
+        row += [
+            _f(scores.get("heads-100", {}).get("hd95", {}).get(s), "{:.1f}"),
+            _f(scores.get("baseline-100", {}).get("hd95", {}).get(s), "{:.1f}"),
+        ]
         print(f"| {s} | " + " | ".join(row) + " |")
     means = {n: scores[n]["mean_dice"] for n in scores}
     print("| **mean** | " + " | ".join(_f(means[n]) for n, _ in RUNS if n in scores) + " | | |")
@@ -117,8 +128,10 @@ def main() -> int:
         if a and b and a.get("mean_dice") is not None and b.get("mean_dice") is not None:
             lost = a["mean_dice"] - b["mean_dice"]
             share = f" ({100 * lost / a['mean_dice']:.0f} % of its 100 % Dice)" if a["mean_dice"] > 0 else ""
-            print(f"- {kind}: mean Dice {a['mean_dice']:.3f} (100 %) -> {b['mean_dice']:.3f} (10 %), "
-                  f"lost {lost:.3f}{share}")
+            print(
+                f"- {kind}: mean Dice {a['mean_dice']:.3f} (100 %) -> {b['mean_dice']:.3f} (10 %), "
+                f"lost {lost:.3f}{share}"
+            )
     if all(name in scores for name, _ in RUNS):
         print(paired_loss_comparison(scores, args.bootstrap))
     print()

@@ -28,8 +28,7 @@ from OrthoKneeLib.evaluate import roc_auc  # noqa: E402
 def _per_case(scores: dict, path: Path) -> dict[str, dict]:
     rows = scores.get("per_case")
     if not rows:
-        raise SystemExit(f"{path}: no per-case scores. Score it again with "
-                         "`orthoknee evaluate --json --per-case`.")
+        raise SystemExit(f"{path}: no per-case scores. Score it again with `orthoknee evaluate --json --per-case`.")
     return {r["case_id"]: r for r in rows}
 
 
@@ -39,18 +38,36 @@ def _interval(values: np.ndarray, rng, resamples: int) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def paired_metric(a: dict[str, dict], b: dict[str, dict], cases: list[str], metric: str, key: str,
-                  rng, resamples: int, lower_is_better: bool = False) -> dict | None:
+def paired_metric(
+    a: dict[str, dict],
+    b: dict[str, dict],
+    cases: list[str],
+    metric: str,
+    key: str,
+    rng,
+    resamples: int,
+    lower_is_better: bool = False,
+) -> dict | None:
     """B minus A on ``metric`` (dice or hd95) of structure ``key`` over the cases both scored."""
-    pairs = [(a[c][metric][key], b[c][metric][key]) for c in cases
-             if a[c][metric].get(key) is not None and b[c][metric].get(key) is not None]
+    pairs = [
+        (a[c][metric][key], b[c][metric][key])
+        for c in cases
+        if a[c][metric].get(key) is not None and b[c][metric].get(key) is not None
+    ]
     if not pairs:
         return None
     va, vb = np.array(pairs, dtype=float).T
     diff = (va - vb) if lower_is_better else (vb - va)
     lo, hi = _interval(diff, rng, resamples)
-    return {"n": len(diff), "a": va.mean(), "b": vb.mean(), "diff": diff.mean(), "lo": lo, "hi": hi,
-            "b_better": int((diff > 0).sum())}
+    return {
+        "n": len(diff),
+        "a": va.mean(),
+        "b": vb.mean(),
+        "diff": diff.mean(),
+        "lo": lo,
+        "hi": hi,
+        "b_better": int((diff > 0).sum()),
+    }
 
 
 def mean_dice_per_case(a: dict[str, dict], b: dict[str, dict], cases: list[str], rng, resamples: int) -> dict | None:
@@ -66,16 +83,28 @@ def mean_dice_per_case(a: dict[str, dict], b: dict[str, dict], cases: list[str],
         return None
     diff = np.array(diffs)
     lo, hi = _interval(diff, rng, resamples)
-    return {"n": len(diff), "a": float(np.mean(va)), "b": float(np.mean(vb)), "diff": float(diff.mean()),
-            "lo": lo, "hi": hi, "b_better": int((diff > 0).sum())}
+    return {
+        "n": len(diff),
+        "a": float(np.mean(va)),
+        "b": float(np.mean(vb)),
+        "diff": float(diff.mean()),
+        "lo": lo,
+        "hi": hi,
+        "b_better": int((diff > 0).sum()),
+    }
 
 
-def paired_auc(a: dict[str, dict], b: dict[str, dict], cases: list[str], finding: str,
-               rng, resamples: int) -> dict | None:
+def paired_auc(
+    a: dict[str, dict], b: dict[str, dict], cases: list[str], finding: str, rng, resamples: int
+) -> dict | None:
     """AUC of A and B for one finding and B - A, bootstrapped over the same resampled cases."""
-    rows = [(a[c]["findings"][finding], b[c]["findings"][finding], bool(a[c]["finding_truth"][finding]))
-            for c in cases if finding in a[c].get("findings", {}) and finding in b[c].get("findings", {})
-            and a[c].get("finding_truth", {}).get(finding) is not None]
+    rows = [
+        (a[c]["findings"][finding], b[c]["findings"][finding], bool(a[c]["finding_truth"][finding]))
+        for c in cases
+        if finding in a[c].get("findings", {})
+        and finding in b[c].get("findings", {})
+        and a[c].get("finding_truth", {}).get(finding) is not None
+    ]
     if not rows:
         return None
     pa, pb, truth = (np.array(x) for x in zip(*rows))
@@ -89,8 +118,15 @@ def paired_auc(a: dict[str, dict], b: dict[str, dict], cases: list[str], finding
         if x is not None and y is not None:
             boot.append(y - x)
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"n": len(truth), "positive": int(truth.sum()), "a": auc_a, "b": auc_b, "diff": auc_b - auc_a,
-            "lo": float(lo), "hi": float(hi)}
+    return {
+        "n": len(truth),
+        "positive": int(truth.sum()),
+        "a": auc_a,
+        "b": auc_b,
+        "diff": auc_b - auc_a,
+        "lo": float(lo),
+        "hi": float(hi),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     name_a, name_b = args.names or (args.a.name, args.b.name)
     rng = np.random.default_rng(0)
 
-    print(f"A = {name_a}, B = {name_b}; {len(cases)} cases scored by both "
-          f"({len(a) - len(cases)} only in A, {len(b) - len(cases)} only in B)\n")
-    print(f"| structure | Dice A | Dice B | B - A (95 % interval) | B better on | HD95 mm A | HD95 mm B |")
+    print(
+        f"A = {name_a}, B = {name_b}; {len(cases)} cases scored by both "
+        f"({len(a) - len(cases)} only in A, {len(b) - len(cases)} only in B)\n"
+    )
+    print("| structure | Dice A | Dice B | B - A (95 % interval) | B better on | HD95 mm A | HD95 mm B |")
     print("|---|---|---|---|---|---|---|")
     for key in loaded[0]["dice"]:
         d = paired_metric(a, b, cases, "dice", key, rng, args.bootstrap)
@@ -124,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         if d is None:
             continue
         hd = f"| {h['a']:.1f} | {h['b']:.1f} |" if h else "| - | - |"
-        print(f"| {key} | {d['a']:.3f} | {d['b']:.3f} | {d['diff']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f}) "
-              f"| {d['b_better']} of {d['n']} {hd}")
+        print(
+            f"| {key} | {d['a']:.3f} | {d['b']:.3f} | {d['diff']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f}) "
+            f"| {d['b_better']} of {d['n']} {hd}"
+        )
     m = mean_dice_per_case(a, b, cases, rng, args.bootstrap)
     if m:
-        print(f"| **mean per case** | {m['a']:.3f} | {m['b']:.3f} | {m['diff']:+.3f} ({m['lo']:+.3f} to "
-              f"{m['hi']:+.3f}) | {m['b_better']} of {m['n']} | | |")
+        print(
+            f"| **mean per case** | {m['a']:.3f} | {m['b']:.3f} | {m['diff']:+.3f} ({m['lo']:+.3f} to "
+            f"{m['hi']:+.3f}) | {m['b_better']} of {m['n']} | | |"
+        )
     findings = list(loaded[0].get("auc", {}))
     if findings:
         print("\n| finding | AUC A | AUC B | B - A (95 % interval) | cases (positive) |")
@@ -137,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         for f in findings:
             r = paired_auc(a, b, cases, f, rng, args.auc_bootstrap)
             if r:
-                print(f"| {f} | {r['a']:.3f} | {r['b']:.3f} | {r['diff']:+.3f} ({r['lo']:+.3f} to {r['hi']:+.3f}) "
-                      f"| {r['n']} ({r['positive']}) |")
+                print(
+                    f"| {f} | {r['a']:.3f} | {r['b']:.3f} | {r['diff']:+.3f} ({r['lo']:+.3f} to {r['hi']:+.3f}) "
+                    f"| {r['n']} ({r['positive']}) |"
+                )
     return 0
 
 

@@ -25,8 +25,9 @@ from OrthoKneeLib.bundle import Bundle  # noqa: E402
 from OrthoKneeLib.model.diffusion import _collect_volumes, _sample_patch, to_network  # noqa: E402
 
 
-def denoise_errors(bundle: Bundle, view: str, volumes: list[np.ndarray], timesteps: list[int], patches: int,
-                   seed: int = 0) -> dict[int, float]:
+def denoise_errors(
+    bundle: Bundle, view: str, volumes: list[np.ndarray], timesteps: list[int], patches: int, seed: int = 0
+) -> dict[int, float]:
     """Mean squared error of the predicted noise at each timestep, over the same patches and noise."""
     import torch
 
@@ -62,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     bundles = [Bundle.open(b) for b in args.bundles]
     configs = [b.view_config(args.view) for b in bundles]
     if configs[0] != configs[1]:
-        raise SystemExit(f"the two bundles' {args.view} backbones differ in architecture; "
-                         "this compares weights of one architecture.")
+        raise SystemExit(
+            f"the two bundles' {args.view} backbones differ in architecture; this compares weights of one architecture."
+        )
     timesteps = args.timesteps or sorted(set(bundles[0].features["timesteps"].get(args.view, [])) | {500})
     volumes, names = _collect_volumes(args.data, configs[0], reformat_others=False, max_volumes=args.max_volumes)
     print(f"{len(volumes)} {args.view} volumes ({names[0]} ...), {args.patches} patches per timestep")
@@ -74,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         training = bundle.metadata["views"][args.view].get("training") or {}
         steps, started = training.get("steps"), (training.get("started_from") or {}).get("steps")
         total = steps + started if steps is not None and started else steps
-        print(f"{path}: {bundle.metadata.get('version')}, {total} pretraining steps, "
-              f"{time.perf_counter() - start:.0f} s")
+        print(
+            f"{path}: {bundle.metadata.get('version')}, {total} pretraining steps, {time.perf_counter() - start:.0f} s"
+        )
     print("\n| timestep | A: noise MSE | B: noise MSE | B / A |\n|---|---|---|---|")
     for t in timesteps:
         a, b = results[0][t], results[1][t]

@@ -34,6 +34,7 @@ from OrthoKneeLib.predict import load_heads, run_on_cached, views_fused  # noqa:
 from OrthoKneeLib.synth.sources import SOURCES, load_source_maps, map_labels  # noqa: E402
 from OrthoKneeLib.train import CachedCase, cache_case, find_cases  # noqa: E402
 
+
 def superior_mm(mask: np.ndarray, grid: Grid) -> np.ndarray:
     """Patient-superior coordinate (LPS z, mm) of each voxel of ``mask`` (k, j, i), in
     ``np.argwhere`` order, which is also the order of ``array[mask]``."""
@@ -44,8 +45,10 @@ def superior_mm(mask: np.ndarray, grid: Grid) -> np.ndarray:
 
 def field_depth_mm(grid: Grid, tibia_top_mm: float) -> float:
     """How far below the tibia's top the grid reaches: its lowest voxel centre, in mm."""
-    corners = np.array([[i, j, k] for i in (0, grid.size[0] - 1) for j in (0, grid.size[1] - 1)
-                        for k in (0, grid.size[2] - 1)], np.float64)
+    corners = np.array(
+        [[i, j, k] for i in (0, grid.size[0] - 1) for j in (0, grid.size[1] - 1) for k in (0, grid.size[2] - 1)],
+        np.float64,
+    )
     matrix = grid.index_to_physical()
     return float(tibia_top_mm - (corners @ matrix[2, :3] + matrix[2, 3]).min())
 
@@ -69,8 +72,10 @@ def source_rows(shared: Path, key: str, catalog) -> list[str]:
             top = superior_mm(labels == tibia, grid).max()
             depth = top - superior_mm(labels == label, grid)
             ml = float((labels == label).sum() * np.prod(grid.spacing) / 1000)
-            rows.append(f"| {source}: {m.path.name} | {ml:.1f} | {depth.min():.1f} | {depth.max():.1f} | "
-                        f"{field_depth_mm(grid, top):.1f} | {float(np.median(depth)):.1f} |")
+            rows.append(
+                f"| {source}: {m.path.name} | {ml:.1f} | {depth.min():.1f} | {depth.max():.1f} | "
+                f"{field_depth_mm(grid, top):.1f} | {float(np.median(depth)):.1f} |"
+            )
     return rows
 
 
@@ -83,24 +88,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bands", type=int, default=5, help="the last band takes everything deeper")
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--max-cases", type=int)
-    parser.add_argument("--cache", default=default_cache_dir(), help="feature cache (default $ORTHOKNEE_CACHE, as for the CLI)")
+    parser.add_argument(
+        "--cache", default=default_cache_dir(), help="feature cache (default $ORTHOKNEE_CACHE, as for the CLI)"
+    )
     args = parser.parse_args(argv)
 
     bundles = [Bundle.open(p) for p in args.bundle]
     catalog = bundles[0].catalog
     if args.structure not in catalog.structure_keys:
-        raise InputError(None, f"unknown structure {args.structure!r}.", f"Choose among {list(catalog.structure_keys)}.")
+        raise InputError(
+            None, f"unknown structure {args.structure!r}.", f"Choose among {list(catalog.structure_keys)}."
+        )
     key, label, tibia = args.structure, catalog.structure(args.structure).label, catalog.structure("tibia").label
-    print(f"| source map | {key} mL | its top, mm below the tibia's top | its bottom | the map's field of view "
-          "reaches | median depth |")
+    print(
+        f"| source map | {key} mL | its top, mm below the tibia's top | its bottom | the map's field of view "
+        "reaches | median depth |"
+    )
     print("|---|---|---|---|---|---|")
     print("\n".join(source_rows(args.shared, key, catalog)))
 
     folders = find_cases([args.cases])[: args.max_cases]
     names = [f"{b * args.band_mm:g}-{(b + 1) * args.band_mm:g}" for b in range(args.bands - 1)]
     names.append(f">= {(args.bands - 1) * args.band_mm:g}")
-    print(f"\nRecall of the {key} by depth below the tibia's top (mm), pooled over the cases that label it; "
-          "each cell: share of the true voxels / recall")
+    print(
+        f"\nRecall of the {key} by depth below the tibia's top (mm), pooled over the cases that label it; "
+        "each cell: share of the true voxels / recall"
+    )
     print("| bundle | cases | " + " | ".join(names) + " | precision | Dice (pooled) |")
     print("|---|---|" + "---|" * (len(names) + 2))
     for path, bundle in zip(args.bundle, bundles):
@@ -125,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cells = [f"{n / max(totals[:, 0].sum(), 1):.2f} / {(f / n if n else float('nan')):.2f}" for n, f in totals]
         dice = 2 * true_positive / (predicted + totals[:, 0].sum())
-        print(f"| {Path(path).name} | {cases} | " + " | ".join(cells) +
-              f" | {true_positive / max(predicted, 1):.2f} | {dice:.3f} |")
+        print(
+            f"| {Path(path).name} | {cases} | "
+            + " | ".join(cells)
+            + f" | {true_positive / max(predicted, 1):.2f} | {dice:.3f} |"
+        )
     return 0
 
 

@@ -48,8 +48,10 @@ def with_contrasts(scores: dict, known: dict[str, str]) -> list[dict]:
     rows = [dict(row, contrast=row.get("contrast") or known.get(row["case_id"])) for row in scores["per_case"]]
     missing = [r["case_id"] for r in rows if not r["contrast"]]
     if missing:
-        raise SystemExit(f"no contrast for {len(missing)} case(s) ({', '.join(missing[:3])}, ...): "
-                         "give their case folders with --cases")
+        raise SystemExit(
+            f"no contrast for {len(missing)} case(s) ({', '.join(missing[:3])}, ...): "
+            "give their case folders with --cases"
+        )
     return rows
 
 
@@ -59,23 +61,32 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|---" * (len(groups) + 1) + "|"]
     for key in SHOWN:
         if any(key in g["dice"] for g in groups.values()):
-            lines.append(f"| {key} | " + " | ".join(f"{g['dice'][key]:.3f}" if key in g["dice"] else "-"
-                                                   for g in groups.values()) + " |")
+            lines.append(
+                f"| {key} | "
+                + " | ".join(f"{g['dice'][key]:.3f}" if key in g["dice"] else "-" for g in groups.values())
+                + " |"
+            )
     # a fixed set: each group's own mean_dice averages whichever structures its cases annotate
     common = [k for k in SHOWN if all(k in g["dice"] for g in groups.values())]
-    lines.append(f"| **mean of the {len(common)} above** | "
-                 + " | ".join(f"{sum(g['dice'][k] for k in common) / len(common):.3f}" for g in groups.values()) + " |")
+    lines.append(
+        f"| **mean of the {len(common)} above** | "
+        + " | ".join(f"{sum(g['dice'][k] for k in common) / len(common):.3f}" for g in groups.values())
+        + " |"
+    )
     return "\n".join(lines)
 
 
 def worst_cases(rows: list[dict], n: int) -> str:
     """Markdown: per structure, its ``n`` lowest Dice (case, contrast), the median, the mean
     over every case and over the others."""
-    lines = ["| structure | lowest cases (contrast: Dice) | median | mean | mean without them |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| structure | lowest cases (contrast: Dice) | median | mean | mean without them |",
+        "|---|---|---|---|---|",
+    ]
     for key in SHOWN:
-        scored = sorted((row["dice"][key], row["case_id"], row["contrast"]) for row in rows
-                        if row["dice"].get(key) is not None)
+        scored = sorted(
+            (row["dice"][key], row["case_id"], row["contrast"]) for row in rows if row["dice"].get(key) is not None
+        )
         if not scored:
             continue
         values = np.array([d for d, _, _ in scored])
@@ -89,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("evals", nargs="+", help="outputs of `orthoknee evaluate --json --per-case`")
     parser.add_argument("--cases", nargs="*", default=[], help="case folders, for outputs without contrasts")
-    parser.add_argument("--worst", type=int, default=0, metavar="N",
-                        help="also list each structure's N lowest-scoring cases and the mean without them")
+    parser.add_argument(
+        "--worst",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also list each structure's N lowest-scoring cases and the mean without them",
+    )
     args = parser.parse_args(argv)
     known = contrasts_of(args.cases)
     for path in args.evals:

@@ -22,9 +22,13 @@ sys.path.insert(0, str(REPO))
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", type=Path, nargs="+", required=True, help="`orthoknee synth` outputs or case folders")
+    parser.add_argument(
+        "--cases", type=Path, nargs="+", required=True, help="`orthoknee synth` outputs or case folders"
+    )
     parser.add_argument("--plane", default="sagittal", choices=["sagittal", "coronal", "axial"])
-    parser.add_argument("--eval", type=Path, nargs="*", default=[], help="`orthoknee evaluate --json --per-case` outputs")
+    parser.add_argument(
+        "--eval", type=Path, nargs="*", default=[], help="`orthoknee evaluate --json --per-case` outputs"
+    )
     parser.add_argument("--max-cases", type=int)
     args = parser.parse_args(argv)
 
@@ -38,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
     folders = find_cases(args.cases, None)[: args.max_cases]
     if not folders:
-        raise InputError(None, f"no case folders under {', '.join(map(str, args.cases))}.",
-                             "Give `orthoknee synth` outputs.")
+        raise InputError(
+            None, f"no case folders under {', '.join(map(str, args.cases))}.", "Give `orthoknee synth` outputs."
+        )
     models = {}
     for path in args.eval:
         scores = json.loads(path.read_text())
@@ -52,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads((folder / "case.json").read_text())
         needed = [folder / "labels.nrrd", folder / f"{args.plane}_labels.nrrd"]
         if not all(p.is_file() for p in needed) or args.plane not in meta.get("views", {}):
-            raise InputError(folder, f"lacks the work-grid labels or the {args.plane} view's labels and parameters.",
-                                 "The ceiling needs a case written by `orthoknee synth`.")
+            raise InputError(
+                folder,
+                f"lacks the work-grid labels or the {args.plane} view's labels and parameters.",
+                "The ceiling needs a case written by `orthoknee synth`.",
+            )
         truth = sitk.ReadImage(str(needed[1]))
         oracle = partial_volume_oracle(sitk.ReadImage(str(needed[0])), truth, args.plane, meta["views"][args.plane])
         scores = oracle_dice(oracle, sitk.GetArrayViewFromImage(truth), [s.label for s in structures])

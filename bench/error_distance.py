@@ -47,22 +47,34 @@ def error_bands(pred: np.ndarray, truth: np.ndarray, spacing_ijk) -> dict[str, i
     d3, d2 = distance_to(truth, spacing_ijk), distance_to(truth, spacing_ijk, in_slice=True)
     near = fp & (d3 <= NEAR_MM)
     beside = fp & ~near & (d2 <= BESIDE_MM)
-    return {"truth": int(truth.sum()), "fp_near": int(near.sum()), "fp_beside": int(beside.sum()),
-            "fp_other": int((fp & ~near & ~beside).sum()), "fn": int(fn.sum()), "tp": int((pred & truth).sum())}
+    return {
+        "truth": int(truth.sum()),
+        "fp_near": int(near.sum()),
+        "fp_beside": int(beside.sum()),
+        "fp_other": int((fp & ~near & ~beside).sum()),
+        "fn": int(fn.sum()),
+        "tp": int((pred & truth).sum()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", nargs="+", required=True)
     parser.add_argument("--cases", required=True, help="a folder of synthetic cases (as for orthoknee evaluate)")
-    parser.add_argument("--structures", nargs="+", default=["femoral_cartilage", "tibial_cartilage", "patellar_cartilage"])
+    parser.add_argument(
+        "--structures", nargs="+", default=["femoral_cartilage", "tibial_cartilage", "patellar_cartilage"]
+    )
     parser.add_argument("--max-cases", type=int)
-    parser.add_argument("--cache", default=default_cache_dir(), help="feature cache (default $ORTHOKNEE_CACHE, as for the CLI)")
+    parser.add_argument(
+        "--cache", default=default_cache_dir(), help="feature cache (default $ORTHOKNEE_CACHE, as for the CLI)"
+    )
     args = parser.parse_args(argv)
 
     folders = find_cases([args.cases])[: args.max_cases]
-    print("| bundle | structure | cases | FP within 0.7 mm | FP 0.7-4.5 mm beside, same slice | FP elsewhere "
-          "| FN | Dice (pooled voxels) |")
+    print(
+        "| bundle | structure | cases | FP within 0.7 mm | FP 0.7-4.5 mm beside, same slice | FP elsewhere "
+        "| FN | Dice (pooled voxels) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for path in args.bundle:
         bundle = Bundle.open(path)
@@ -89,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             share = {k: t[k] / t["truth"] for k in ("fp_near", "fp_beside", "fp_other", "fn")}
             dice = 2 * t["tp"] / (2 * t["tp"] + t["fp_near"] + t["fp_beside"] + t["fp_other"] + t["fn"])
-            print(f"| {Path(path).name} | {key} | {cases[key]} | {share['fp_near']:.2f} | {share['fp_beside']:.2f} | "
-                  f"{share['fp_other']:.2f} | {share['fn']:.2f} | {dice:.3f} |")
+            print(
+                f"| {Path(path).name} | {key} | {cases[key]} | {share['fp_near']:.2f} | {share['fp_beside']:.2f} | "
+                f"{share['fp_other']:.2f} | {share['fn']:.2f} | {dice:.3f} |"
+            )
     return 0
 
 

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", required=True, help="a folder of synthetic cases (as for orthoknee evaluate)")
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--max-cases", type=int)
-    parser.add_argument("--cache", default=default_cache_dir(), help="feature cache (default $ORTHOKNEE_CACHE, as for the CLI)")
+    parser.add_argument(
+        "--cache", default=default_cache_dir(), help="feature cache (default $ORTHOKNEE_CACHE, as for the CLI)"
+    )
     args = parser.parse_args(argv)
     if not 2 <= args.bits <= 16:
         raise InputError(None, f"--bits {args.bits} is out of range.", "Give 2 to 16 bits.")
@@ -67,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     catalog = bundle.catalog
     kind, heads = load_heads(bundle, device="cpu")
     if kind != "diffusion-heads":
-        raise InputError(Path(args.bundle), "holds the supervised baseline, which reads no features.",
-                         "Give a bundle with diffusion heads.")
+        raise InputError(
+            Path(args.bundle),
+            "holds the supervised baseline, which reads no features.",
+            "Give a bundle with diffusion heads.",
+        )
     folders = find_cases([args.cases])[: args.max_cases]
     precisions = ("float32", "float16", f"{args.bits} bits")
     dice_by: dict[str, dict[str, list[float]]] = {p: {s.key: [] for s in catalog.structures} for p in precisions}
@@ -81,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         inputs = fusion_inputs(bundle, read_case(folder).case, use=views)
         variants = {
             "float32": inputs,
-            "float16": dataclasses.replace(inputs, features={p: f.astype(np.float16).astype(np.float32)
-                                                             for p, f in inputs.features.items()}),
-            precisions[2]: dataclasses.replace(inputs, features={p: quantized(f, args.bits)
-                                                                 for p, f in inputs.features.items()}),
+            "float16": dataclasses.replace(
+                inputs, features={p: f.astype(np.float16).astype(np.float32) for p, f in inputs.features.items()}
+            ),
+            precisions[2]: dataclasses.replace(
+                inputs, features={p: quantized(f, args.bits) for p, f in inputs.features.items()}
+            ),
         }
         case_means = []
         for precision, variant in variants.items():
@@ -102,15 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case.case_id}: mean Dice " + ", ".join(case_means), file=sys.stderr, flush=True)
 
     low = precisions[2]
-    print(f"{len(folders)} cases; features {bytes_16 / len(folders) / 1e6:.0f} MB a case at 16 bits, "
-          f"{bytes_n / len(folders) / 1e6:.0f} MB at {args.bits} ({bytes_n / bytes_16:.2f} x)\n")
+    print(
+        f"{len(folders)} cases; features {bytes_16 / len(folders) / 1e6:.0f} MB a case at 16 bits, "
+        f"{bytes_n / len(folders) / 1e6:.0f} MB at {args.bits} ({bytes_n / bytes_16:.2f} x)\n"
+    )
     print(f"| structure | cases | Dice, float32 | float16 | {low} | {low} - float32, mean | largest in a case |")
     print("|---|---|---|---|---|---|---|")
     for key, full in dice_by["float32"].items():
         if full:
             diff = np.asarray(dice_by[low][key]) - np.asarray(full)
-            print(f"| {key} | {len(full)} | " + " | ".join(f"{np.mean(dice_by[p][key]):.4f}" for p in precisions) +
-                  f" | {diff.mean():+.4f} | {diff[np.abs(diff).argmax()]:+.4f} |")
+            print(
+                f"| {key} | {len(full)} | "
+                + " | ".join(f"{np.mean(dice_by[p][key]):.4f}" for p in precisions)
+                + f" | {diff.mean():+.4f} | {diff[np.abs(diff).argmax()]:+.4f} |"
+            )
     y, k = np.array(truths), np.array(known)
     probs = {p: np.array(v) for p, v in probs_by.items()}
     print(f"\n| finding | cases | positive | AUC, float32 | float16 | {low} | largest probability change, {low} |")

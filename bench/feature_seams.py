@@ -39,13 +39,21 @@ def measure(bundle, case_dir: Path, plane: str, span: bool) -> dict:
     config = bundle.view_config(plane)
     series = case_dir / f"{plane}.nrrd"
     if not series.is_file():
-        raise SystemExit(f"{case_dir}: no {plane}.nrrd; give a case folder with that series, or leave "
-                         f"{plane} out of --planes")
+        raise SystemExit(
+            f"{case_dir}: no {plane}.nrrd; give a case folder with that series, or leave {plane} out of --planes"
+        )
     view = prepare_view(sitk.ReadImage(str(series)), config)
     unet, scheduler = bundle.load_backbone(plane)
-    extractor = FeatureExtractor(unet, scheduler, timesteps=view_timesteps(bundle, plane),
-                                 budget_per_block=bundle.features["budget_per_block"], window_ijk=config.window,
-                                 overlap=bundle.features["overlap"], seed=bundle.features["seed"], span_slices=span)
+    extractor = FeatureExtractor(
+        unet,
+        scheduler,
+        timesteps=view_timesteps(bundle, plane),
+        budget_per_block=bundle.features["budget_per_block"],
+        window_ijk=config.window,
+        overlap=bundle.features["overlap"],
+        seed=bundle.features["seed"],
+        span_slices=span,
+    )
     start = time.perf_counter()
     try:
         features = extractor(view)
@@ -79,16 +87,20 @@ def _table(args) -> int:
     from OrthoKneeLib.resources import demo_bundle_dir
 
     bundle = Bundle.open(args.bundle or demo_bundle_dir())
-    print(f"{args.case.name}, bundle {bundle.metadata.get('name')} {bundle.metadata.get('version')}, "
-          f"{args.threads} threads\n")
+    print(
+        f"{args.case.name}, bundle {bundle.metadata.get('name')} {bundle.metadata.get('version')}, "
+        f"{args.threads} threads\n"
+    )
     print("| view | slices | windows | seconds | largest interior jump / median | at slice |")
     print("|---|---|---|---|---|---|")
     for plane in args.planes:
         for span in (False, True):
             r = measure(bundle, args.case, plane, span)
             windows = "spanning the slices" if span else f"{bundle.view_config(plane).window[2]} slices"
-            print(f"| {plane} | {r['slices']} | {windows} | {r['seconds']:.1f} | {r['max_jump']:.2f} | {r['at']} |",
-                  flush=True)
+            print(
+                f"| {plane} | {r['slices']} | {windows} | {r['seconds']:.1f} | {r['max_jump']:.2f} | {r['at']} |",
+                flush=True,
+            )
     return 0
 
 

@@ -67,8 +67,9 @@ def near_other_lesions(masks: np.ndarray, present: list[int], own: int) -> np.nd
     return F.max_pool3d(lesion, 3, 1, 1)[0, 0].numpy() > 0
 
 
-def peak_on_other_lesion(cell_map: np.ndarray, inside: np.ndarray, masks: np.ndarray, present: list[int],
-                         own: int) -> int | None:
+def peak_on_other_lesion(
+    cell_map: np.ndarray, inside: np.ndarray, masks: np.ndarray, present: list[int], own: int
+) -> int | None:
     """The index of a finding in ``present`` (other than ``own``) whose lesion lies within one cell
     of ``cell_map``'s highest seen cell; None when the peak is on no other lesion."""
     peak = np.unravel_index(np.argmax(np.where(inside, cell_map, -np.inf)), cell_map.shape)
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--cases", required=True, help="a folder of synthetic cases (as for orthoknee evaluate)")
-    parser.add_argument("--cache", default=default_cache_dir(), help="feature cache (default $ORTHOKNEE_CACHE, as for the CLI)")
+    parser.add_argument(
+        "--cache", default=default_cache_dir(), help="feature cache (default $ORTHOKNEE_CACHE, as for the CLI)"
+    )
     args = parser.parse_args(argv)
 
     bundle = Bundle.open(args.bundle)
@@ -100,16 +103,23 @@ def main(argv: list[str] | None = None) -> int:
         labels = np.asarray(case.array("labels_fusion"))  # read once: several findings' sites use it
         inside = result["cells_inside"]
         seen.append(int(inside.sum()))
-        present = [n for n in range(len(catalog.findings)) if known[n] and values[n] and (case.pooled_masks[n] > 0).any()]
+        present = [
+            n for n in range(len(catalog.findings)) if known[n] and values[n] and (case.pooled_masks[n] > 0).any()
+        ]
         for n, finding in enumerate(catalog.findings):
             if not known[n]:
                 continue
             cell_map, lesion = result["cell_probabilities"][n], case.pooled_masks[n] >= 0.5
             cells = cell_map[inside]
             top = np.sort(cells)[::-1]
-            row = {"y": int(values[n]), "score": float(result["finding_probabilities"][n]),
-                   "max": float(top[0]), "top30": float(top[:30].mean()), "above": int((cells > 0.5).sum()),
-                   "lesion": int(lesion.sum())}
+            row = {
+                "y": int(values[n]),
+                "score": float(result["finding_probabilities"][n]),
+                "max": float(top[0]),
+                "top30": float(top[:30].mean()),
+                "above": int((cells > 0.5).sum()),
+                "lesion": int(lesion.sum()),
+            }
             if not values[n]:
                 other = peak_on_other_lesion(cell_map, inside, case.pooled_masks, present, n)
                 row["peak_on"] = None if other is None else catalog.findings[other].key
@@ -118,35 +128,50 @@ def main(argv: list[str] | None = None) -> int:
                 best = cell_map[lesion & inside].max()
                 row["outranked_by"] = int((cell_map[inside & (case.pooled_masks[n] == 0)] > best).sum())
             if finding.structures and set(finding.structures) <= annotated:
-                site = true_site(case, labels, [s.label for s in catalog.structures if s.key in finding.structures]) & inside
+                site = (
+                    true_site(case, labels, [s.label for s in catalog.structures if s.key in finding.structures])
+                    & inside
+                )
                 row["site_max"] = float(cell_map[site].max()) if site.any() else 0.0
             rows[finding.key].append(row)
     if not seen:
         parser.error(f"no cases in {args.cases}")
     print(f"bundle {args.bundle}, cases {args.cases}")
-    print("| finding | AUC head | AUC max cell | AUC top-30 mean | AUC cells > 0.5 | cells > 0.5 with | without "
-          "| lesion cells (>= half covered) | lesions with none |")
+    print(
+        "| finding | AUC head | AUC max cell | AUC top-30 mean | AUC cells > 0.5 | cells > 0.5 with | without "
+        "| lesion cells (>= half covered) | lesions with none |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for key, found in rows.items():
         y = [r["y"] for r in found]
         aucs = [roc_auc([r[m] for r in found], y) for m in ("score", "max", "top30", "above")]
         pos = [r for r in found if r["y"]]
-        print(f"| {key} | " + " | ".join(f"{a:.2f}" if a is not None else "-" for a in aucs)
-              + f" | {_range([r['above'] for r in pos])} | {_range([r['above'] for r in found if not r['y']])}"
-              + f" | {_range([r['lesion'] for r in pos])} | {sum(r['lesion'] == 0 for r in pos)} of {len(pos)} |")
+        print(
+            f"| {key} | "
+            + " | ".join(f"{a:.2f}" if a is not None else "-" for a in aucs)
+            + f" | {_range([r['above'] for r in pos])} | {_range([r['above'] for r in found if not r['y']])}"
+            + f" | {_range([r['lesion'] for r in pos])} | {sum(r['lesion'] == 0 for r in pos)} of {len(pos)} |"
+        )
     print()
-    print(f"| finding | cells above the lesion's best cell, median (range), of ~{int(np.median(seen))} seen | "
-          "AUC max cell in the true site | cases annotating the site (with the finding) |")
+    print(
+        f"| finding | cells above the lesion's best cell, median (range), of ~{int(np.median(seen))} seen | "
+        "AUC max cell in the true site | cases annotating the site (with the finding) |"
+    )
     print("|---|---|---|---|")
     for key, found in rows.items():
         ranked = [r["outranked_by"] for r in found if "outranked_by" in r]
         sited = [r for r in found if "site_max" in r]
         auc = roc_auc([r["site_max"] for r in sited], [r["y"] for r in sited]) if sited else None
-        print(f"| {key} | {_median_range(ranked)} | "
-              + (f"{auc:.2f}" if auc is not None else "-") + f" | {len(sited)} ({sum(r['y'] for r in sited)}) |")
+        print(
+            f"| {key} | {_median_range(ranked)} | "
+            + (f"{auc:.2f}" if auc is not None else "-")
+            + f" | {len(sited)} ({sum(r['y'] for r in sited)}) |"
+        )
     print()
-    print("| finding | cases without it | their map peaks on another finding's lesion | a random seen cell would "
-          "(expected cases) | on which |")
+    print(
+        "| finding | cases without it | their map peaks on another finding's lesion | a random seen cell would "
+        "(expected cases) | on which |"
+    )
     print("|---|---|---|---|---|")
     for key, found in rows.items():
         negatives = [r for r in found if not r["y"]]

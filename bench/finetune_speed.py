@@ -56,10 +56,14 @@ def main() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = "fresh heads" if training["started_from"] is None else f"from the heads of {bundle.metadata['version']}"
     print(f"finetune heads ({start}): {len(caches)} cached cases, {args.steps} steps, {args.threads} threads")
-    print(f"  {seconds:.1f} s total (incl. loading the cache and writing the bundle), "
-          f"{training['seconds'] / args.steps:.2f} s/step = {seconds / BUDGET_S:.2f} x the {BUDGET_S:.0f} s budget")
-    print(f"  loss {training['first_loss']:.3f} -> {training['final_loss']:.3f} (mean of the first / last "
-          f"{training['loss_average_steps']} steps), peak RSS {rss:.0f} MB")
+    print(
+        f"  {seconds:.1f} s total (incl. loading the cache and writing the bundle), "
+        f"{training['seconds'] / args.steps:.2f} s/step = {seconds / BUDGET_S:.2f} x the {BUDGET_S:.0f} s budget"
+    )
+    print(
+        f"  loss {training['first_loss']:.3f} -> {training['final_loss']:.3f} (mean of the first / last "
+        f"{training['loss_average_steps']} steps), peak RSS {rss:.0f} MB"
+    )
     return 0
 
 

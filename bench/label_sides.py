@@ -26,6 +26,7 @@ from OrthoKneeLib.model.heads import grid_of  # noqa: E402
 from OrthoKneeLib.postprocess import knee_side  # noqa: E402
 from OrthoKneeLib.synth.sources import SOURCES, load_source_maps, map_labels  # noqa: E402
 
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))

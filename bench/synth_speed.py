@@ -37,14 +37,23 @@ def main() -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="orthoknee-synth-bench-"))
     config = SynthConfig(source=args.source, n=args.n, seed=args.seed, mirror_fraction=args.mirror_fraction)
     start = time.perf_counter()
-    manifest = synthesize(args.data / SOURCES[args.source].shared_folder, out, config, workers=args.workers,
-                          progress=TextProgress("synth", unit="case"))
+    manifest = synthesize(
+        args.data / SOURCES[args.source].shared_folder,
+        out,
+        config,
+        workers=args.workers,
+        progress=TextProgress("synth", unit="case"),
+    )
     wall = time.perf_counter() - start
     rendered = manifest["rendered_now"]
-    print(f"source={args.source} cases={rendered} workers={args.workers} cpus={os.cpu_count()} "
-          f"mirror_fraction={args.mirror_fraction:g}")
-    print(f"wall {wall:.1f} s, {wall / max(rendered, 1):.2f} s/case (wall), "
-          f"{manifest['seconds_per_case'] or 0:.2f} s/case per worker")
+    print(
+        f"source={args.source} cases={rendered} workers={args.workers} cpus={os.cpu_count()} "
+        f"mirror_fraction={args.mirror_fraction:g}"
+    )
+    print(
+        f"wall {wall:.1f} s, {wall / max(rendered, 1):.2f} s/case (wall), "
+        f"{manifest['seconds_per_case'] or 0:.2f} s/case per worker"
+    )
     budget = 600.0 * rendered / 100.0
     print(f"budget for {rendered} cases: {budget:.0f} s -> ratio {wall / budget:.2f} (<= 1.00 meets it)")
     if args.out is None:

@@ -61,8 +61,11 @@ def save_figure(data: Path, cases: Path, out: Path) -> None:
         raise SystemExit(f"no DESS-contrast case under {cases}")
     synth = sitk.ReadImage(str(chosen / "sagittal.nrrd"))
     labels = sitk.ReadImage(str(chosen / "sagittal_labels.nrrd"))
-    tiles = [_tile(real, None, "real DESS (pyKNEEr)"), _tile(synth, None, f"synthetic DESS {chosen.name}"),
-             _tile(synth, labels, "same, labels outlined")]
+    tiles = [
+        _tile(real, None, "real DESS (pyKNEEr)"),
+        _tile(synth, None, f"synthetic DESS {chosen.name}"),
+        _tile(synth, labels, "same, labels outlined"),
+    ]
     sheet = Image.new("RGB", (sum(t.width for t in tiles) + 8, max(t.height for t in tiles)))
     x = 0
     for t in tiles:
@@ -88,7 +91,9 @@ def main() -> int:
         by_contrast: dict[str, list[np.ndarray]] = {}
         for meta_path in sorted((args.cases / "cases").glob("*/case.json"))[:60]:
             contrast = json.loads(meta_path.read_text())["contrast"]["contrast"]
-            by_contrast.setdefault(contrast, []).append(profile(sitk.ReadImage(str(meta_path.parent / "sagittal.nrrd"))))
+            by_contrast.setdefault(contrast, []).append(
+                profile(sitk.ReadImage(str(meta_path.parent / "sagittal.nrrd")))
+            )
         for contrast, profiles in sorted(by_contrast.items()):
             rows.append((f"synthetic {contrast} (n={len(profiles)})", np.mean(profiles, axis=0)))
     if args.figure and args.cases:

@@ -24,8 +24,14 @@ from ..progress import CancelToken, ProgressFn, no_progress
 from ..volumes import list_volumes, normalize_intensity, reformat, resample_to_spacing
 
 __all__ = [
-    "ViewModelConfig", "build_unet", "build_scheduler", "prepare_view", "to_network", "from_network",
-    "PretrainConfig", "pretrain",
+    "ViewModelConfig",
+    "build_unet",
+    "build_scheduler",
+    "prepare_view",
+    "to_network",
+    "from_network",
+    "PretrainConfig",
+    "pretrain",
 ]
 
 
@@ -120,8 +126,9 @@ class PretrainConfig:
     max_volumes: int | None = None
 
 
-def _collect_volumes(paths: Sequence[str | os.PathLike], config: ViewModelConfig, reformat_others: bool,
-                     max_volumes: int | None) -> tuple[list[np.ndarray], list[str]]:
+def _collect_volumes(
+    paths: Sequence[str | os.PathLike], config: ViewModelConfig, reformat_others: bool, max_volumes: int | None
+) -> tuple[list[np.ndarray], list[str]]:
     """Every volume under ``paths`` as this view sees it (other planes reformatted if asked)."""
     arrays, names = [], []
     files: list[Path] = []
@@ -147,7 +154,9 @@ def _collect_volumes(paths: Sequence[str | os.PathLike], config: ViewModelConfig
                     continue
                 image = reformat(image, config.plane, config.spacing[0], config.spacing[2], subsamples=3)
             arrays.append(prepare_view(image, config).astype(np.float32))
-            names.append(f"{volume.source.label} ({plane}->{config.plane})" if plane != config.plane else volume.source.label)
+            names.append(
+                f"{volume.source.label} ({plane}->{config.plane})" if plane != config.plane else volume.source.label
+            )
             if max_volumes and len(arrays) >= max_volumes:
                 return arrays, names
     if not arrays:
@@ -234,9 +243,15 @@ def pretrain(
         with atomic_path(checkpoint_path) as tmp:
             torch.save(
                 {
-                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "losses": losses, "elapsed": elapsed_before + time.perf_counter() - start,
-                    "torch_rng": torch.get_rng_state(), "view": view.to_json(), "config": asdict(config),
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "losses": losses,
+                    "elapsed": elapsed_before + time.perf_counter() - start,
+                    "torch_rng": torch.get_rng_state(),
+                    "view": view.to_json(),
+                    "config": asdict(config),
                     "data": names,
                 },
                 tmp,
@@ -250,7 +265,9 @@ def pretrain(
             cancel.raise_if_cancelled()
         # patches drawn from a per-step generator: a resumed run sees what an uninterrupted one would
         rng = np.random.default_rng([config.seed, step])
-        batch = np.stack([_sample_patch(volumes[rng.integers(len(volumes))], patch_kji, rng) for _ in range(config.batch_size)])
+        batch = np.stack(
+            [_sample_patch(volumes[rng.integers(len(volumes))], patch_kji, rng) for _ in range(config.batch_size)]
+        )
         x = to_network(torch.from_numpy(batch[:, None])).contiguous().to(dev)
         if use_amp:
             x = x.to(memory_format=torch.channels_last_3d)

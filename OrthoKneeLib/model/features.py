@@ -66,7 +66,9 @@ class FeatureExtractor:
 
         bad = [c for c in unet.block_out_channels if c > budget_per_block and c % budget_per_block]
         if bad:
-            raise ValueError(f"budget_per_block={budget_per_block} must divide the wider decoder blocks' channels {bad}")
+            raise ValueError(
+                f"budget_per_block={budget_per_block} must divide the wider decoder blocks' channels {bad}"
+            )
         self.unet = unet.eval()
         self.scheduler = scheduler
         self.timesteps = tuple(int(t) for t in timesteps)
@@ -147,8 +149,13 @@ class FeatureExtractor:
                         cancel.raise_if_cancelled()
                     noisy = self.scheduler.add_noise(x, noise, torch.tensor([t], device=self.device))
                     feats = sliding_window_inference(
-                        noisy, roi, self.sw_batch_size, lambda w, _t=t: self._window_features(w, _t),
-                        overlap=self.overlap, mode="gaussian", padding_mode="replicate",
+                        noisy,
+                        roi,
+                        self.sw_batch_size,
+                        lambda w, _t=t: self._window_features(w, _t),
+                        overlap=self.overlap,
+                        mode="gaussian",
+                        padding_mode="replicate",
                     )
                     outputs.append(from_network(feats[0]).to("cpu", dtype or torch.float32))
         finally:

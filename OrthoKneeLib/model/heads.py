@@ -26,8 +26,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "Grid", "grid_of", "resample_to_grid", "pooled_grid", "pooled", "HeadsConfig", "ViewFusion", "SegmentationHead",
-    "FindingHead", "OrthoKneeHeads", "marginal_seg_loss",
+    "Grid",
+    "grid_of",
+    "resample_to_grid",
+    "pooled_grid",
+    "pooled",
+    "HeadsConfig",
+    "ViewFusion",
+    "SegmentationHead",
+    "FindingHead",
+    "OrthoKneeHeads",
+    "marginal_seg_loss",
 ]
 
 VIEW_ORDER = ("sagittal", "coronal", "axial")
@@ -67,7 +76,9 @@ class Grid:
 
 
 def grid_of(image: sitk.Image) -> Grid:
-    return Grid(tuple(image.GetOrigin()), tuple(image.GetSpacing()), tuple(image.GetDirection()), tuple(image.GetSize()))
+    return Grid(
+        tuple(image.GetOrigin()), tuple(image.GetSpacing()), tuple(image.GetDirection()), tuple(image.GetSize())
+    )
 
 
 def pooled_grid(grid: Grid, factor_ijk: Sequence[int]) -> Grid:
@@ -108,8 +119,9 @@ def _sampling_grid(src: Grid, dst: Grid, device=None) -> torch.Tensor:
     return points @ m[:3, :3].T + m[:3, 3]
 
 
-def resample_to_grid(values: torch.Tensor, src: Grid, dst: Grid, mode: str = "bilinear",
-                     chunk_slices: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def resample_to_grid(
+    values: torch.Tensor, src: Grid, dst: Grid, mode: str = "bilinear", chunk_slices: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample (C, k, j, i) ``values`` from ``src`` onto ``dst`` in physical space.
 
     Returns the resampled values and the coverage (1, k, j, i): the fraction of the voxel's
@@ -124,8 +136,13 @@ def resample_to_grid(values: torch.Tensor, src: Grid, dst: Grid, mode: str = "bi
     k = dst.size[2]
     for k0 in range(0, k, chunk_slices):
         sub = Grid(
-            tuple(np.asarray(dst.origin) + np.asarray(dst.direction).reshape(3, 3) @ (np.asarray(dst.spacing) * np.array([0, 0, k0]))),
-            dst.spacing, dst.direction, (dst.size[0], dst.size[1], min(chunk_slices, k - k0)),
+            tuple(
+                np.asarray(dst.origin)
+                + np.asarray(dst.direction).reshape(3, 3) @ (np.asarray(dst.spacing) * np.array([0, 0, k0]))
+            ),
+            dst.spacing,
+            dst.direction,
+            (dst.size[0], dst.size[1], min(chunk_slices, k - k0)),
         )
         g = _sampling_grid(src, sub, values.device)[None].to(values.dtype)
         out.append(F.grid_sample(source, g, mode=mode, padding_mode="zeros", align_corners=True)[0])
@@ -164,8 +181,10 @@ class HeadsConfig:
         d.setdefault("attention_reads_logits", False)  # heads trained before the field existed
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"heads config has unknown fields {sorted(unknown)}: the bundle was written by another "
-                             "version of OrthoKnee")
+            raise ValueError(
+                f"heads config has unknown fields {sorted(unknown)}: the bundle was written by another "
+                "version of OrthoKnee"
+            )
         return cls(**d)
 
 
@@ -208,8 +227,8 @@ class Pointwise(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cout, cin))
         self.bias = nn.Parameter(torch.zeros(cout))
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
-        bound = 1 / cin ** 0.5
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        bound = 1 / cin**0.5
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -289,8 +308,9 @@ class ContextUNet(nn.Module):
         super().__init__()
         w0, w1, w2 = widths
         self.enc0 = nn.Sequential(Pointwise(cin, w0), _act(), InPlaneConv(w0, w0), _act())
-        self.enc1 = nn.Sequential(InPlaneConv(w0, w1), _act(), InPlaneConv(w1, w1), _act(),
-                                  ThroughPlaneConv(w1, w1), _act())
+        self.enc1 = nn.Sequential(
+            InPlaneConv(w0, w1), _act(), InPlaneConv(w1, w1), _act(), ThroughPlaneConv(w1, w1), _act()
+        )
         self.enc2 = _context(w1, w2, dilations)
         self.dec1 = nn.Sequential(Pointwise(w2 + w1, w1), _act(), InPlaneConv(w1, w1), _act())
         self.dec0 = nn.Sequential(Pointwise(w1 + w0, w0), _act(), InPlaneConv(w0, w0), _act(), Pointwise(w0, cout))
@@ -344,7 +364,7 @@ class FindingHead(nn.Module):
         self.attention_v = Pointwise(c.finding_hidden, c.n_findings * a)
         self.attention_u = Pointwise(c.finding_hidden, c.n_findings * a)
         # one attention vector per finding (Ilse et al.'s w), applied to that finding's gate
-        self.attention_w = nn.Parameter(torch.randn(c.n_findings, a) / a ** 0.5)
+        self.attention_w = nn.Parameter(torch.randn(c.n_findings, a) / a**0.5)
         # Attention starts from the cells' own logits (a soft maximum over the cells) and the
         # gate learns what to add. With ~50 training cases the gate alone did not learn where
         # lesions are: attention held < 0.1 % of its weight on the lesion cells, so the overlay
@@ -418,8 +438,9 @@ class OrthoKneeHeads(nn.Module):
         _init_weights(self)
 
 
-def marginal_seg_loss(logits: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor,
-                      dice_weight: float = 1.0) -> torch.Tensor:
+def marginal_seg_loss(
+    logits: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor, dice_weight: float = 1.0
+) -> torch.Tensor:
     """Dice + cross-entropy over the classes a case annotates only.
 
     ``annotated`` (N, n_classes) bool, background always True. The classes a case does not
@@ -454,8 +475,14 @@ def build_baseline(n_classes: int = 12):
     """
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=3, in_channels=1, out_channels=n_classes, channels=(16, 32, 64, 128),
-                strides=((1, 2, 2), (1, 2, 2), (2, 2, 2)), num_res_units=1)
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=n_classes,
+        channels=(16, 32, 64, 128),
+        strides=((1, 2, 2), (1, 2, 2), (2, 2, 2)),
+        num_res_units=1,
+    )
 
 
 BASELINE_PATCH_KJI = (8, 160, 160)

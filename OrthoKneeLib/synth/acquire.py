@@ -61,8 +61,9 @@ def acquire_views(
         gap = float(thickness * rng.uniform(0.0, 0.15))
         motion = _misregistration(intensity, rng, shift_mm, rotate_deg)
         # Motion moves the anatomy (the transform maps view points to points of the knee).
-        acquired = reformat(intensity, plane, in_plane, thickness, slice_gap=gap, subsamples=SLAB_SUBSAMPLES,
-                            transform=motion)
+        acquired = reformat(
+            intensity, plane, in_plane, thickness, slice_gap=gap, subsamples=SLAB_SUBSAMPLES, transform=motion
+        )
         acquired = _crop_fov(acquired, rng, keep=float(rng.uniform(0.85, 1.0)))
         noise_sigma = float(rng.uniform(0.01, 0.04))
         array = sitk.GetArrayFromImage(acquired)
@@ -84,7 +85,10 @@ def acquire_views(
                 "noise_sigma": round(noise_sigma, 4),
                 "misregistration": {
                     "translation_mm": [round(v, 3) for v in motion.GetTranslation()],
-                    "rotation_deg": [round(float(np.degrees(a)), 3) for a in (motion.GetAngleX(), motion.GetAngleY(), motion.GetAngleZ())],
+                    "rotation_deg": [
+                        round(float(np.degrees(a)), 3)
+                        for a in (motion.GetAngleX(), motion.GetAngleY(), motion.GetAngleZ())
+                    ],
                 },
             },
         }
@@ -99,8 +103,17 @@ def recorded_motion(work_grid: sitk.Image, params: dict) -> sitk.Euler3DTransfor
     return _rigid_about_centre(work_grid, np.radians(motion["rotation_deg"]), motion["translation_mm"])
 
 
-def acquire_like(volume: sitk.Image, plane: str, params: dict, motion: sitk.Transform,
-                 output_type: int | None = None) -> sitk.Image:
+def acquire_like(
+    volume: sitk.Image, plane: str, params: dict, motion: sitk.Transform, output_type: int | None = None
+) -> sitk.Image:
     """``volume`` (on the work grid) acquired with a view's recorded resolution, slab and gap."""
-    return reformat(volume, plane, params["in_plane_mm"], params["thickness_mm"], slice_gap=params["gap_mm"],
-                    subsamples=SLAB_SUBSAMPLES, transform=motion, output_type=output_type)
+    return reformat(
+        volume,
+        plane,
+        params["in_plane_mm"],
+        params["thickness_mm"],
+        slice_gap=params["gap_mm"],
+        subsamples=SLAB_SUBSAMPLES,
+        transform=motion,
+        output_type=output_type,
+    )

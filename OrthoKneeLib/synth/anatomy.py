@@ -203,9 +203,7 @@ def build_knee(
     """Resample a source map onto the grid with a random affine and elastic warp, map it,
     implant the ligaments the source lacks, and derive the tissue map."""
     source: LabelSource = smap.source
-    transform = (
-        _random_affine(grid, rng, rotate_deg=6.0, scale=0.07, shift_mm=3.0) if deform else sitk.Transform()
-    )
+    transform = _random_affine(grid, rng, rotate_deg=6.0, scale=0.07, shift_mm=3.0) if deform else sitk.Transform()
     raw_image = sitk.Resample(smap.image, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
     raw = sitk.GetArrayFromImage(raw_image)
     if deform:

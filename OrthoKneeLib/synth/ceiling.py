@@ -20,8 +20,9 @@ from .acquire import acquire_like, recorded_motion
 __all__ = ["partial_volume_oracle", "oracle_dice"]
 
 
-def partial_volume_oracle(work_labels: sitk.Image, truth: sitk.Image, plane: str, params: dict,
-                          motion: sitk.Transform | None = None) -> np.ndarray:
+def partial_volume_oracle(
+    work_labels: sitk.Image, truth: sitk.Image, plane: str, params: dict, motion: sitk.Transform | None = None
+) -> np.ndarray:
     """The oracle's labels (k, j, i) on ``truth``'s grid: per voxel, the label with the largest
     acquired fraction. ``motion`` defaults to the one ``params`` records."""
     motion = recorded_motion(work_labels, params) if motion is None else motion
@@ -37,8 +38,9 @@ def partial_volume_oracle(work_labels: sitk.Image, truth: sitk.Image, plane: str
         mask = sitk.GetImageFromArray((work == label).astype(np.float32))
         mask.CopyInformation(work_labels)
         acquired = acquire_like(mask, plane, params, motion, output_type=sitk.sitkFloat32)
-        fraction = sitk.GetArrayFromImage(sitk.Resample(acquired, truth, sitk.Transform(), sitk.sitkNearestNeighbor,
-                                                        0.0, sitk.sitkFloat32))
+        fraction = sitk.GetArrayFromImage(
+            sitk.Resample(acquired, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)
+        )
         better = fraction > best
         best[better], oracle[better] = fraction[better], label
     return oracle

@@ -83,8 +83,9 @@ def split_subjects(subjects: list[str], val_fraction: float, seed: int) -> dict[
     return {s: ("validation" if s in val else "train") for s in unique}
 
 
-def render_case(smap: SourceMap, grid: sitk.Image, config: SynthConfig, index: int,
-                mirrored_source: SourceMap | None = None) -> dict:
+def render_case(
+    smap: SourceMap, grid: sitk.Image, config: SynthConfig, index: int, mirrored_source: SourceMap | None = None
+) -> dict:
     """Everything one case holds, in memory (written by :func:`write_case`).
 
     ``mirrored_source`` is ``smap`` already mirrored, for a caller that renders many mirrored
@@ -198,12 +199,17 @@ def synthesize(
 ) -> dict:
     """Render ``config.n`` cases into ``out_dir``; cases already complete are kept (resume)."""
     if config.contrast != "mixed" and config.contrast not in CONTRASTS:
-        raise InputError(None, f"unknown contrast {config.contrast!r}.", f"Choose mixed or one of {', '.join(CONTRASTS)}.")
+        raise InputError(
+            None, f"unknown contrast {config.contrast!r}.", f"Choose mixed or one of {', '.join(CONTRASTS)}."
+        )
     if config.n < 1:
         raise InputError(None, "--n must be at least 1.")
     if not 0.0 <= config.mirror_fraction <= 1.0:
-        raise InputError(None, f"--mirror-fraction is {config.mirror_fraction}; it is a share of the cases.",
-                         "Give a number from 0 (no case mirrored) to 1 (every case).")
+        raise InputError(
+            None,
+            f"--mirror-fraction is {config.mirror_fraction}; it is a share of the cases.",
+            "Give a number from 0 (no case mirrored) to 1 (every case).",
+        )
     maps = load_source_maps(labels_dir, config.source)
     out = Path(out_dir)
     split = split_subjects([m.subject for m in maps], config.val_fraction, config.seed)

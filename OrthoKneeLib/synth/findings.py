@@ -112,8 +112,12 @@ def _meniscal_tear(knee: Knee, key: str, rng: np.random.Generator) -> np.ndarray
     n /= np.linalg.norm(n)
     zs, ys, xs = _coords_mm(meniscus.shape, knee.spacing)
     q = p * knee.spacing
-    plane = np.abs(((zs[:, None, None] - q[0]) * n[0]) + ((ys[None, :, None] - q[1]) * n[1]) + ((xs[None, None, :] - q[2]) * n[2]))
-    near = ((zs[:, None, None] - q[0]) ** 2 + (ys[None, :, None] - q[1]) ** 2 + (xs[None, None, :] - q[2]) ** 2) <= rng.uniform(6, 10) ** 2
+    plane = np.abs(
+        ((zs[:, None, None] - q[0]) * n[0]) + ((ys[None, :, None] - q[1]) * n[1]) + ((xs[None, None, :] - q[2]) * n[2])
+    )
+    near = (
+        (zs[:, None, None] - q[0]) ** 2 + (ys[None, :, None] - q[1]) ** 2 + (xs[None, None, :] - q[2]) ** 2
+    ) <= rng.uniform(6, 10) ** 2
     cleft = meniscus & (plane <= max(0.75, 0.6 * knee.spacing)) & near
     knee.tissue[cleft] = Tissue.FLUID
     return cleft

@@ -28,35 +28,77 @@ T = Tissue
 # tissue -> (low, high) of the tissue's mean intensity, drawn once per case.
 CONTRASTS: dict[str, dict[int, tuple[float, float]]] = {
     "dess": {
-        T.AIR: (0.0, 0.01), T.FAT: (0.02, 0.08), T.MUSCLE: (0.35, 0.55), T.MARROW: (0.03, 0.12),
-        T.CORTEX: (0.0, 0.03), T.CARTILAGE: (0.45, 0.70), T.MENISCUS: (0.01, 0.05), T.LIGAMENT: (0.03, 0.10),
-        T.TENDON: (0.01, 0.05), T.FLUID: (0.85, 1.0), T.EDEMA_SOFT: (0.60, 0.80), T.EDEMA_MARROW: (0.45, 0.65),
-        T.VESSEL: (0.60, 0.90), T.NERVE: (0.30, 0.45),
+        T.AIR: (0.0, 0.01),
+        T.FAT: (0.02, 0.08),
+        T.MUSCLE: (0.35, 0.55),
+        T.MARROW: (0.03, 0.12),
+        T.CORTEX: (0.0, 0.03),
+        T.CARTILAGE: (0.45, 0.70),
+        T.MENISCUS: (0.01, 0.05),
+        T.LIGAMENT: (0.03, 0.10),
+        T.TENDON: (0.01, 0.05),
+        T.FLUID: (0.85, 1.0),
+        T.EDEMA_SOFT: (0.60, 0.80),
+        T.EDEMA_MARROW: (0.45, 0.65),
+        T.VESSEL: (0.60, 0.90),
+        T.NERVE: (0.30, 0.45),
     },
     "pdfs": {
-        T.AIR: (0.0, 0.01), T.FAT: (0.05, 0.12), T.MUSCLE: (0.22, 0.32), T.MARROW: (0.06, 0.14),
-        T.CORTEX: (0.0, 0.03), T.CARTILAGE: (0.40, 0.55), T.MENISCUS: (0.02, 0.06), T.LIGAMENT: (0.04, 0.10),
-        T.TENDON: (0.02, 0.06), T.FLUID: (0.85, 1.0), T.EDEMA_SOFT: (0.60, 0.80), T.EDEMA_MARROW: (0.55, 0.80),
-        T.VESSEL: (0.60, 0.90), T.NERVE: (0.30, 0.40),
+        T.AIR: (0.0, 0.01),
+        T.FAT: (0.05, 0.12),
+        T.MUSCLE: (0.22, 0.32),
+        T.MARROW: (0.06, 0.14),
+        T.CORTEX: (0.0, 0.03),
+        T.CARTILAGE: (0.40, 0.55),
+        T.MENISCUS: (0.02, 0.06),
+        T.LIGAMENT: (0.04, 0.10),
+        T.TENDON: (0.02, 0.06),
+        T.FLUID: (0.85, 1.0),
+        T.EDEMA_SOFT: (0.60, 0.80),
+        T.EDEMA_MARROW: (0.55, 0.80),
+        T.VESSEL: (0.60, 0.90),
+        T.NERVE: (0.30, 0.40),
     },
     "t2": {
-        T.AIR: (0.0, 0.01), T.FAT: (0.50, 0.70), T.MUSCLE: (0.15, 0.25), T.MARROW: (0.45, 0.65),
-        T.CORTEX: (0.0, 0.04), T.CARTILAGE: (0.28, 0.42), T.MENISCUS: (0.02, 0.06), T.LIGAMENT: (0.03, 0.08),
-        T.TENDON: (0.02, 0.06), T.FLUID: (0.80, 1.0), T.EDEMA_SOFT: (0.70, 0.90), T.EDEMA_MARROW: (0.75, 0.95),
-        T.VESSEL: (0.60, 0.90), T.NERVE: (0.30, 0.45),
+        T.AIR: (0.0, 0.01),
+        T.FAT: (0.50, 0.70),
+        T.MUSCLE: (0.15, 0.25),
+        T.MARROW: (0.45, 0.65),
+        T.CORTEX: (0.0, 0.04),
+        T.CARTILAGE: (0.28, 0.42),
+        T.MENISCUS: (0.02, 0.06),
+        T.LIGAMENT: (0.03, 0.08),
+        T.TENDON: (0.02, 0.06),
+        T.FLUID: (0.80, 1.0),
+        T.EDEMA_SOFT: (0.70, 0.90),
+        T.EDEMA_MARROW: (0.75, 0.95),
+        T.VESSEL: (0.60, 0.90),
+        T.NERVE: (0.30, 0.45),
     },
     "random": {
-        T.AIR: (0.0, 0.01), T.FAT: (0.02, 0.75), T.MUSCLE: (0.02, 0.75), T.MARROW: (0.02, 0.75),
-        T.CORTEX: (0.0, 0.04), T.CARTILAGE: (0.02, 0.75), T.MENISCUS: (0.01, 0.07), T.LIGAMENT: (0.02, 0.10),
-        T.TENDON: (0.01, 0.07), T.FLUID: (0.85, 1.0), T.EDEMA_SOFT: (0.70, 0.95), T.EDEMA_MARROW: (0.70, 0.95),
-        T.VESSEL: (0.60, 0.90), T.NERVE: (0.02, 0.75),
+        T.AIR: (0.0, 0.01),
+        T.FAT: (0.02, 0.75),
+        T.MUSCLE: (0.02, 0.75),
+        T.MARROW: (0.02, 0.75),
+        T.CORTEX: (0.0, 0.04),
+        T.CARTILAGE: (0.02, 0.75),
+        T.MENISCUS: (0.01, 0.07),
+        T.LIGAMENT: (0.02, 0.10),
+        T.TENDON: (0.01, 0.07),
+        T.FLUID: (0.85, 1.0),
+        T.EDEMA_SOFT: (0.70, 0.95),
+        T.EDEMA_MARROW: (0.70, 0.95),
+        T.VESSEL: (0.60, 0.90),
+        T.NERVE: (0.02, 0.75),
     },
 }
 # how often "mixed" picks each contrast: the real sample is DESS; random contrasts teach shape.
 CONTRAST_MIX: dict[str, float] = {"dess": 0.4, "random": 0.3, "pdfs": 0.15, "t2": 0.15}
 
 
-def render_intensity(tissue: np.ndarray, contrast: str, rng: np.random.Generator, spacing: float) -> tuple[np.ndarray, dict]:
+def render_intensity(
+    tissue: np.ndarray, contrast: str, rng: np.random.Generator, spacing: float
+) -> tuple[np.ndarray, dict]:
     """Float32 image in roughly [0, 1] and the parameters drawn (recorded in case.json)."""
     ranges = CONTRASTS[contrast]
     means = np.zeros(Tissue.COUNT, dtype=np.float32)
@@ -114,6 +156,7 @@ def _skin_proximity(body: np.ndarray, spacing: float, depth_mm: float = 12.0) ->
     air = torch.from_numpy(np.ascontiguousarray(~body, dtype=np.float32))[None, None]
     coarse = F.avg_pool3d(air, step, step, ceil_mode=True)[0, 0].numpy()
     near_air = _gaussian(coarse, max(depth_mm / (spacing * step), 0.5))
-    fine = F.interpolate(torch.from_numpy(near_air)[None, None], size=body.shape, mode="trilinear",
-                         align_corners=False)[0, 0].numpy()
+    fine = F.interpolate(
+        torch.from_numpy(near_air)[None, None], size=body.shape, mode="trilinear", align_corners=False
+    )[0, 0].numpy()
     return np.clip(2.0 * fine, 0.0, 1.0) * body

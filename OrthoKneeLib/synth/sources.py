@@ -43,8 +43,20 @@ class Tissue:
     COUNT = 14
 
     NAMES = (
-        "air", "fat", "muscle", "marrow", "cortex", "cartilage", "meniscus", "ligament",
-        "tendon", "fluid", "edema_soft", "edema_marrow", "vessel", "nerve",
+        "air",
+        "fat",
+        "muscle",
+        "marrow",
+        "cortex",
+        "cartilage",
+        "meniscus",
+        "ligament",
+        "tendon",
+        "fluid",
+        "edema_soft",
+        "edema_marrow",
+        "vessel",
+        "nerve",
     )
 
 
@@ -91,8 +103,16 @@ SOURCES: dict[str, LabelSource] = {
         pattern="SAG_3D_DESS_*-label.nrrd",
         shared_folder="labels-pymskt",
         structures={
-            1: "femoral_cartilage", 2: "tibial_cartilage", 3: "tibial_cartilage", 4: "patellar_cartilage",
-            5: "femur", 6: "tibia", 7: "patella", 8: "fibula", 9: "lateral_meniscus", 10: "medial_meniscus",
+            1: "femoral_cartilage",
+            2: "tibial_cartilage",
+            3: "tibial_cartilage",
+            4: "patellar_cartilage",
+            5: "femur",
+            6: "tibia",
+            7: "patella",
+            8: "fibula",
+            9: "lateral_meniscus",
+            10: "medial_meniscus",
         },
     ),
     "spl": LabelSource(
@@ -100,9 +120,18 @@ SOURCES: dict[str, LabelSource] = {
         pattern="seg.nrrd",
         shared_folder="labels-spl-atlas",
         structures={
-            31: "acl", 32: "pcl", 81: "lateral_meniscus", 82: "medial_meniscus", 83: "femoral_cartilage",
-            84: "tibial_cartilage", 85: "tibial_cartilage", 86: "patellar_cartilage",
-            95: "femur", 96: "tibia", 97: "fibula", 98: "patella",
+            31: "acl",
+            32: "pcl",
+            81: "lateral_meniscus",
+            82: "medial_meniscus",
+            83: "femoral_cartilage",
+            84: "tibial_cartilage",
+            85: "tibial_cartilage",
+            86: "patellar_cartilage",
+            95: "femur",
+            96: "tibia",
+            97: "fibula",
+            98: "patella",
         },
         extras=_SPL_EXTRAS,
     ),
@@ -110,9 +139,20 @@ SOURCES: dict[str, LabelSource] = {
         name="oai",
         pattern="*/*.nii.gz",
         shared_folder="labels-oai",
-        structures={1: "femur", 2: "femoral_cartilage", 3: "tibia", 4: "tibial_cartilage", 5: "patella", 6: "patellar_cartilage"},
+        structures={
+            1: "femur",
+            2: "femoral_cartilage",
+            3: "tibia",
+            4: "tibial_cartilage",
+            5: "patella",
+            6: "patellar_cartilage",
+        },
         # Bone lesions lie inside their bone: structure = the bone, plus a real finding mask.
-        extras={7: (Tissue.EDEMA_MARROW, BONE_LESION), 8: (Tissue.EDEMA_MARROW, BONE_LESION), 9: (Tissue.EDEMA_MARROW, BONE_LESION)},
+        extras={
+            7: (Tissue.EDEMA_MARROW, BONE_LESION),
+            8: (Tissue.EDEMA_MARROW, BONE_LESION),
+            9: (Tissue.EDEMA_MARROW, BONE_LESION),
+        },
         subject_regex=r"(\d{7})",
     ),
 }

@@ -33,11 +33,22 @@ def _prediction_from_case(folder: Path):
     overlays, probs = {}, {}
     for f in DEFAULT_CATALOG.findings:
         mask = case.finding_mask(f.key)
-        overlays[f.key] = (sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(mask > 0, sitk.sitkFloat32), ref))
-                           if mask is not None else np.zeros(labels.shape, np.float32))
+        overlays[f.key] = (
+            sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(mask > 0, sitk.sitkFloat32), ref))
+            if mask is not None
+            else np.zeros(labels.shape, np.float32)
+        )
         probs[f.key] = 0.5 + 0.4 * min(1.0, float(overlays[f.key].sum()) / 20000) if case.findings.get(f.key) else 0.05
-    prediction = Prediction(case.meta["case_id"], "sagittal", grid_of(ref), labels,
-                            np.zeros((1, *labels.shape), np.float16), probs, overlays, DEFAULT_CATALOG)
+    prediction = Prediction(
+        case.meta["case_id"],
+        "sagittal",
+        grid_of(ref),
+        labels,
+        np.zeros((1, *labels.shape), np.float16),
+        probs,
+        overlays,
+        DEFAULT_CATALOG,
+    )
     return prediction, {p: v.image for p, v in case.case.views.items()}
 
 
@@ -46,8 +57,12 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--out", type=Path, default=REPO / "Resources" / "Screenshots" / "slicer_overlay.png")
     parser.add_argument("--size", type=int, default=720)
-    parser.add_argument("--from-case", type=Path, help="a synthetic case folder: show its ground-truth labels and "
-                        "its first finding mask through the same scene code, instead of a model's prediction")
+    parser.add_argument(
+        "--from-case",
+        type=Path,
+        help="a synthetic case folder: show its ground-truth labels and "
+        "its first finding mask through the same scene code, instead of a model's prediction",
+    )
     args = parser.parse_args()
 
     import vtk
@@ -66,12 +81,13 @@ def main() -> int:
         prediction, images = _prediction_from_case(args.from_case)
         nodes = {p: volume_node_from_image(app.scene, image, f"case {p}") for p, image in images.items()}
     else:
-        nodes = {p: volume_node_from_image(app.scene, load_volume(sample_case_dir() / n).image, f"sample {p}")
-                 for p, n in SAMPLE_VIEWS.items()}
+        nodes = {
+            p: volume_node_from_image(app.scene, load_volume(sample_case_dir() / n).image, f"sample {p}")
+            for p, n in SAMPLE_VIEWS.items()
+        }
         case = case_from_nodes(**nodes, name="sample")
         prediction = Predictor(args.bundle, device="cpu").predict(case)
-    result = add_prediction(app.scene, prediction, reference_node=nodes["sagittal"], opacity=0.6,
-                            surfaces=False)
+    result = add_prediction(app.scene, prediction, reference_node=nodes["sagittal"], opacity=0.6, surfaces=False)
     top = prediction.top_finding()
     view.set_background_volume_id(nodes["sagittal"].GetID())
     view.set_foreground_volume_id(result["overlays"][top].GetID())

@@ -13,8 +13,17 @@ import math
 import sys
 from typing import Callable, NoReturn
 
-__all__ = ["OneLineParser", "positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "fraction",
-           "open_fraction", "probability", "int_at_least"]
+__all__ = [
+    "OneLineParser",
+    "positive_int",
+    "nonnegative_int",
+    "positive_float",
+    "nonnegative_float",
+    "fraction",
+    "open_fraction",
+    "probability",
+    "int_at_least",
+]
 
 
 class OneLineParser(argparse.ArgumentParser):

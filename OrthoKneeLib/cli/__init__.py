@@ -1,0 +1,70 @@
+"""The ``orthoknee`` command.
+
+Each subcommand is a thin shell over the engine, one module per group of commands (info,
+images, synth, pretrain, predict, training, cache): it parses arguments, calls OrthoKneeLib,
+and prints either a table for people or ``--json`` for programs. Errors of the
+OrthoKneeError family are printed as one line (file, problem, advice) with exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .. import __version__
+from ..errors import OrthoKneeError
+from . import cache, images, info, predict, pretrain, synth, training
+from .args import OneLineParser
+from .common import EXIT_USAGE_OR_INPUT
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="orthoknee", description="Knee MRI: 11 structures and 8 findings.")
+    parser.add_argument("--version", action="version", version=f"orthoknee {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (info, images, synth, pretrain, predict, training, cache):
+        module.register(sub)
+    return parser
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: files being written are discarded, one line is printed."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in bundles, so a model card can quote the exact command
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return int(args.func(args) or 0)
+    except OrthoKneeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE_OR_INPUT
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, _Terminated) else "cancelled"
+        print(
+            f"orthoknee {args.command}: {what}; files being written were discarded, earlier results are as they were.",
+            file=sys.stderr,
+        )
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
