@@ -415,6 +415,9 @@ class Prediction:
     knee_side: dict = field(default_factory=dict)
     # {"plausible": bool, "knee_found": bool, "checks": [{"check", "ok", "detail"}]} (plausibility.py)
     plausibility: dict = field(default_factory=dict)
+    # finding key -> {"structure", "where", "peak_lps_mm", "map_ml"} (localize.py)
+    finding_locations: dict = field(default_factory=dict)
+    input_paths: dict[str, str] = field(default_factory=dict)  # view -> the series' file or folder
 
     def labelmap_image(self) -> sitk.Image:
         return self.reference_grid.image(self.labelmap.astype(np.uint8))
@@ -441,7 +444,11 @@ class Prediction:
             "reference_view": self.reference_plane,
             "views": self.views,
             "findings": {
-                k: {"name": self.catalog.finding(k).name, "probability": round(float(v), 4)}
+                k: {
+                    "name": self.catalog.finding(k).name,
+                    "probability": round(float(v), 4),
+                    **self.finding_locations.get(k, {}),
+                }
                 for k, v in self.finding_probabilities.items()
             },
             "measurements": self.measurements,
@@ -449,6 +456,8 @@ class Prediction:
             "plausibility": self.plausibility,
             "bundle": self.bundle,
             "input_sha256": self.input_hashes,
+            "inputs": self.input_paths,
+            "catalog": self.catalog.to_json(),
             "device": self.device,
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
             "warnings": self.warnings,
@@ -649,6 +658,10 @@ class Predictor:
             if not prediction.plausibility["knee_found"] and prediction.knee_side:
                 # no knee, no side: a side read off a "fibula" in a non-knee image would be one more false answer
                 prediction.knee_side = dict(prediction.knee_side, side=None, **{"from": "no knee found"})
+        from .localize import locate_findings
+
+        prediction.finding_locations = locate_findings(prediction)
+        prediction.input_paths = {p: str(Path(v.path).resolve()) for p, v in case.views.items()}
         prediction.timings = dict(timings, total=time.perf_counter() - t0)
         progress(n_steps, n_steps, "done")
         return prediction

@@ -172,32 +172,74 @@ def _labelmap_hash(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.uint8).tobytes()).hexdigest()
 
 
-def segmentation_labelmap(segmentation_node, reference_node) -> np.ndarray:
-    """The segmentation as one labelmap on ``reference_node``'s grid (segment label values kept)."""
+def _node_ids(scene, node_class: str) -> set[str]:
+    nodes = scene.GetNodesByClass(node_class)
+    return {nodes.GetItemAsObject(n).GetID() for n in range(nodes.GetNumberOfItems())}
+
+
+def segment_labels(segmentation_node, catalog=None) -> dict[str, int]:
+    """segment ID -> label value in an exported labelmap, by ID, never by the segment's own label
+    value: the Segment Editor renumbers those when it moves a segment to another layer. A segment
+    whose ID is a catalog structure key gets that structure's label; any other segment (one an
+    annotator added) keeps its own label value when no other segment has it, else takes the next
+    free value above the catalog's, in segment order."""
+    from .labels import DEFAULT_CATALOG
+
+    catalog = catalog or DEFAULT_CATALOG
+    known = {s.key: s.label for s in catalog.structures}
+    segmentation = segmentation_node.GetSegmentation()
+    ids = list(segmentation.GetSegmentIDs())
+    labels = {segment_id: known[segment_id] for segment_id in ids if segment_id in known}
+    taken = set(labels.values())
+    next_free = max(known.values(), default=0) + 1
+    for segment_id in ids:
+        if segment_id in known:
+            continue
+        own = int(segmentation.GetSegment(segment_id).GetLabelValue())
+        if own < 1 or own > 255 or own in taken:
+            while next_free in taken:
+                next_free += 1
+            own = next_free
+        labels[segment_id] = own
+        taken.add(own)
+    return labels
+
+
+def segmentation_labelmap(segmentation_node, reference_node, catalog=None) -> np.ndarray:
+    """The segmentation as one labelmap on ``reference_node``'s grid, labels by segment ID
+    (:func:`segment_labels`)."""
+    import vtk
+
     slicer = _slicer()
     scene = segmentation_node.GetScene()
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "orthoknee-export")
-    try:
-        ids = segmentation_node.GetSegmentation().GetSegmentIDs()
-        import vtk
-
-        id_list = vtk.vtkStringArray()
-        for segment_id in ids:
+    values = segment_labels(segmentation_node, catalog)
+    colour_tables = _node_ids(scene, "vtkMRMLColorTableNode")
+    out = None
+    for segment_id, value in values.items():  # one segment at a time: its mask does not depend on layers
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "orthoknee-export")
+        try:
+            id_list = vtk.vtkStringArray()
             id_list.InsertNextValue(segment_id)
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation_node, id_list, labelmap, reference_node
-        )
-        if not ok:
-            raise RuntimeError("Slicer could not export the segmentation to a labelmap")
-        array = _array_of(labelmap)
-        # Slicer numbers exported labels 1..n in segment order; map them back to label values
-        out = np.zeros_like(array, dtype=np.uint8)
-        segmentation = segmentation_node.GetSegmentation()
-        for n, segment_id in enumerate(ids, start=1):
-            out[array == n] = segmentation.GetSegment(segment_id).GetLabelValue() or n
-        return out
-    finally:
-        scene.RemoveNode(labelmap)
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, id_list, labelmap, reference_node
+            )
+            if not ok:
+                raise RuntimeError(f"Slicer could not export segment {segment_id} to a labelmap")
+            mask = _array_of(labelmap) > 0
+            if out is None:
+                out = np.zeros(mask.shape, np.uint8)
+            out[mask] = value
+        finally:  # the export adds a display node and a colour table ("<segmentation>_ColorTable"): leave none
+            display = labelmap.GetDisplayNode()
+            scene.RemoveNode(labelmap)
+            if display is not None and display.GetScene() is not None:
+                scene.RemoveNode(display)
+            for node_id in _node_ids(scene, "vtkMRMLColorTableNode") - colour_tables:
+                scene.RemoveNode(scene.GetNodeByID(node_id))
+    if out is None:
+        image = image_from_node(reference_node)
+        out = np.zeros(image.GetSize()[::-1], np.uint8)
+    return out
 
 
 def segmentation_edited(segmentation_node, reference_node) -> bool:
@@ -315,6 +357,16 @@ def add_prediction(
     return {"segmentation": segmentation, "overlays": overlays, "reference": reference_node, "warnings": warnings}
 
 
+def set_overlay_threshold(scene, overlay_nodes, threshold: float) -> None:
+    """Show each overlay from ``threshold`` up: its colour table (transparent below the threshold)
+    and its display threshold both move, so a live slider changes what is seen."""
+    table = probability_color_table(scene, threshold)
+    for node in overlay_nodes:
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID(table.GetID())
+        display.SetLowerThreshold(threshold)
+
+
 def show_overlay(scene, background_node, overlay_node, opacity: float = 0.6) -> None:
     """Reference volume as background, the overlay as foreground at ``opacity``, in every slice view."""
     composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
@@ -351,7 +403,7 @@ def export_training_case(
     folder = Path(folder)
     reference_plane = next(p for p in ("sagittal", "coronal", "axial") if view_nodes.get(p) is not None)
     reference_node = view_nodes[reference_plane]
-    labels = segmentation_labelmap(segmentation_node, reference_node)
+    labels = segmentation_labelmap(segmentation_node, reference_node, catalog)
     reference_image = image_from_node(reference_node)
     labels_image = sitk.GetImageFromArray(labels)
     labels_image.CopyInformation(reference_image)
@@ -365,14 +417,13 @@ def export_training_case(
         write_image_atomic(on_view, folder / f"{plane}_labels.nrrd")
     write_image_atomic(labels_image, folder / "labels.nrrd")
     seg = segmentation_node.GetSegmentation()
-    known = {s.label: s.key for s in catalog.structures}
+    values = segment_labels(segmentation_node, catalog)
     annotated, extra = [], {}
-    for n in range(seg.GetNumberOfSegments()):
-        segment = seg.GetNthSegment(n)
-        value = segment.GetLabelValue()
-        if value in known and segment.GetName() == catalog.structure(known[value]).name:
-            annotated.append(known[value])
-        else:
+    for segment_id, value in values.items():
+        if segment_id in catalog.structure_keys:
+            annotated.append(segment_id)
+        else:  # a label the catalog does not know: its name and colour travel with the case
+            segment = seg.GetSegment(segment_id)
             extra[str(value)] = segment.GetName()
     review = review or {}
     findings = {}

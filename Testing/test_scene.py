@@ -280,3 +280,32 @@ def test_cmake_lists_name_files_that_exist():
     assert "add_subdirectory(OrthoKnee)" in top and "EXTENSION_DESCRIPTION" in top
     engine = {p.relative_to(REPO).as_posix() for p in (REPO / "OrthoKneeLib").rglob("*.py")}
     assert engine == {e[3:] for e in listed if e.startswith("../")}  # every engine file ships with the module
+
+
+def test_export_maps_segments_by_id_after_a_layer_change_and_leaves_no_nodes(app, tmp_path):
+    """The Segment Editor renumbers label values when it moves a segment to another layer;
+    the export must still write each structure's catalog label, and leave no colour table."""
+    from OrthoKneeLib.labels import DEFAULT_CATALOG
+    from OrthoKneeLib.scene import segmentation_labelmap, set_segment_mask
+
+    image = make_image(np.zeros((6, 20, 20), np.float32) + np.arange(20.0), spacing=(1.0, 1.0, 3.0))
+    reference = volume_node_from_image(app.scene, image, "ref")
+    seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    seg.CreateDefaultDisplayNodes()
+    segmentation = seg.GetSegmentation()
+    for key in ("femur", "tibia"):
+        segmentation.AddEmptySegment(key, key)
+    a, b = np.zeros((6, 20, 20), bool), np.zeros((6, 20, 20), bool)
+    a[1:3, 2:8, 2:8], b[3:5, 10:16, 10:16] = True, True
+    set_segment_mask(seg, "femur", a, reference)
+    set_segment_mask(seg, "tibia", b, reference)
+    segmentation.SeparateSegmentLabelmap("tibia")  # what the Segment Editor does on overlap: a layer of its own
+    assert segmentation.GetSegment("tibia").GetLabelValue() == segmentation.GetSegment("femur").GetLabelValue() == 1
+    colours = app.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")
+    nodes = app.scene.GetNumberOfNodes()
+    labels = segmentation_labelmap(seg, reference, DEFAULT_CATALOG)
+    assert (labels[a] == DEFAULT_CATALOG.structure("femur").label).all()
+    assert (labels[b] == DEFAULT_CATALOG.structure("tibia").label).all()
+    assert app.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == colours
+    assert app.scene.GetNumberOfNodes() == nodes

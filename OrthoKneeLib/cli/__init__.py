@@ -15,7 +15,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import OrthoKneeError
-from . import cache, images, info, predict, pretrain, synth, training
+from . import cache, images, info, predict, pretrain, serve, synth, training
 from .args import OneLineParser
 from .common import EXIT_USAGE_OR_INPUT
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="orthoknee", description="Knee MRI: 11 structures and 8 findings.")
     parser.add_argument("--version", action="version", version=f"orthoknee {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (info, images, synth, pretrain, predict, training, cache):
+    for module in (info, images, synth, pretrain, predict, serve, training, cache):
         module.register(sub)
     return parser
 
