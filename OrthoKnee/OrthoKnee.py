@@ -26,7 +26,7 @@ try:  # inside Slicer
     import qt
     import slicer
     from slicer import vtkMRMLScalarVolumeNode
-    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
     from slicer.ScriptedLoadableModule import (
         ScriptedLoadableModule,
         ScriptedLoadableModuleLogic,
@@ -60,12 +60,32 @@ except ImportError:  # guarded path: no Slicer application (tests check syntax, 
     def WithinRange(lo, hi):  # noqa: D103,N802 - stand-in
         return None
 
+    def Choice(choices):  # noqa: D103,N802 - stand-in
+        return None
+
 
 DEVICES = ("auto", "cuda", "cpu")
+
+
+def _pytorch_utils_logic():
+    """PyTorchUtils' logic when that extension is installed (it installs a CUDA-matched torch), else None."""
+    try:
+        import PyTorchUtils
+
+        return PyTorchUtils.PyTorchUtilsLogic()
+    except ImportError:
+        return None
+
+
 REQUIREMENTS = _HERE / "Resources" / "requirements.txt"
 
 
 # ------------------------------------------------------------------------------- pure helpers
+
+
+def _bundle_or_default(path) -> Path | None:
+    """The bundle the path selector names, or None (the shipped bundle) when it is empty."""
+    return None if path is None or str(path) in ("", ".") else Path(path)
 
 
 def review_record(prediction_summary: dict, decisions: dict[str, dict]) -> dict:
@@ -140,8 +160,8 @@ class OrthoKneeParameterNode:
     sagittal: vtkMRMLScalarVolumeNode
     coronal: vtkMRMLScalarVolumeNode
     axial: vtkMRMLScalarVolumeNode
-    bundlePath: str = ""
-    device: str = "auto"
+    bundlePath: Path = Path()  # ctkPathLineEdit connects to pathlib types only; "" / "." = the shipped bundle
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"  # a QComboBox needs the Choice annotation
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
 
@@ -165,7 +185,6 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = OrthoKneeLogic()
-        self.ui.deviceComboBox.addItems(list(DEVICES))
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
@@ -241,7 +260,7 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         try:
-            self._job = self.logic.start(p.sagittal, p.coronal, p.axial, p.bundlePath or None, p.device)
+            self._job = self.logic.start(p.sagittal, p.coronal, p.axial, _bundle_or_default(p.bundlePath), p.device)
         except Exception as exc:  # an OrthoKneeError names the file and what to do
             slicer.util.errorDisplay(str(exc))
             return
@@ -365,14 +384,20 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
             "OrthoKnee needs PyTorch and MONAI (about 1 GB with CUDA support). Install them now?"
         ):
             return False
-        # one requirement per line; comments (whole-line or trailing) are not package names
-        lines = (line.split("#", 1)[0].strip() for line in REQUIREMENTS.read_text().splitlines())
-        requirements = [r for r in lines if r]
-        if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
-            slicer.packaging.pip_ensure(requirements)  # Slicer >= 5.8
-        else:
-            slicer.util.pip_install(" ".join(requirements))
-        return True
+        from OrthoKneeLib.slicerdeps import missing, read_requirements
+
+        requirements = missing(read_requirements(REQUIREMENTS))
+        torch_requirement = next((r for r in requirements if r.startswith("torch")), None)
+        if torch_requirement and _pytorch_utils_logic() is not None:
+            # PyTorchUtils picks the CUDA build that matches this machine's driver
+            _pytorch_utils_logic().installTorch(askConfirmation=False, torchVersionRequirement=torch_requirement[5:])
+            requirements.remove(torch_requirement)
+        with slicer.util.tryWithErrorDisplay("OrthoKnee could not install its Python dependencies.", waitCursor=True):
+            if requirements and hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
+                slicer.packaging.pip_ensure(requirements)  # Slicer >= 5.10
+            elif requirements:
+                slicer.util.pip_install(requirements)
+        return not missing(read_requirements(REQUIREMENTS))
 
     @staticmethod
     def willRunOnCpu(device: str) -> bool:

@@ -299,7 +299,10 @@ def _import_structures(scene, segmentation, reference_node, prediction: "Predict
         segment.SetColor(*(c / 255.0 for c in structure.color))
         segment.SetLabelValue(structure.label)
         if structure.terminology:
-            segment.SetTerminology(structure.terminology.slicer_string())
+            if hasattr(segment, "SetTerminology"):  # Slicer >= 5.8
+                segment.SetTerminology(structure.terminology.slicer_string())
+            else:  # older Slicer keeps the terminology as a tag
+                segment.SetTag("TerminologyEntry", structure.terminology.slicer_string())
         seg.SetSegmentIndex(structure.key, index)
 
 

@@ -42,20 +42,6 @@ def make_image(
     return image
 
 
-@pytest.fixture(scope="session")
-def bench_script():
-    """Load a script of bench/ as a module by name, to call its main() and helpers."""
-    import importlib.util
-
-    def _load(name: str):
-        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    return _load
-
-
 @pytest.fixture
 def write_volume(tmp_path):
     """Write a synthetic image to a file under tmp_path and return the path."""

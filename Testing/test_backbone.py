@@ -289,7 +289,7 @@ def test_pretrain_command_writes_a_bundle(tmp_path, capsys):
 
 def test_span_slices_runs_each_window_over_every_slice_and_keeps_the_in_plane_windows():
     """span_slices = one window along the slice axis (no seams between slices; the seams
-    themselves are measured on the real backbone by bench/feature_seams.py), while in plane
+    themselves are measured on the real backbone in docs/experiments.md, "window seams"), while in plane
     the view is still tiled by the configured window."""
     view = np.random.default_rng(2).uniform(-1, 1, (40, 32, 32)).astype(np.float32)
     spanning = _extractor(window=(16, 16, 8))
@@ -363,24 +363,3 @@ def test_pretrain_init_from_continues_a_bundle_backbone_as_a_new_version(
     assert main(argv[:-4] + ["--out", str(tmp_path / "other"), "--channels", "4", "8"]) != 0
     assert "another architecture than --channels asks for. Leave those options out" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
-
-
-def test_denoise_bench_ranks_a_trained_backbone_above_a_random_one(tiny_bundle, tmp_path, mese_volumes, bench_script):
-    """bench/denoise_loss.py: the same patches and noise for both bundles, so a bundle against
-    itself gives a ratio of exactly 1, and a denoiser trained on these series beats random weights."""
-    bench = bench_script("denoise_loss")
-    trained = pretrain(
-        TINY,
-        [],
-        tmp_path / "p.pt",
-        PretrainConfig(steps=40, learning_rate=2e-3, seed=1, ema_decay=0.0),
-        device="cpu",
-        volumes=mese_volumes,
-    )  # no averaging: the 40-step weights themselves
-    other = create_bundle(tmp_path / "trained", name="tiny", version="0.0.2")
-    other.set_view("sagittal", TINY, trained["ema"].state_dict(), {"steps": 40})
-    random_net = bench.denoise_errors(Bundle.open(tiny_bundle), "sagittal", mese_volumes, [200], patches=6)
-    again = bench.denoise_errors(Bundle.open(tiny_bundle), "sagittal", mese_volumes, [200], patches=6)
-    trained_net = bench.denoise_errors(other, "sagittal", mese_volumes, [200], patches=6)
-    assert random_net == again
-    assert trained_net[200] < 0.5 * random_net[200]

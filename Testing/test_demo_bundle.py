@@ -1,9 +1,13 @@
 """The shipped demo bundle: complete, untampered, and usable on the real sample case."""
 
+import json
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch is an engine dependency")
+
+from conftest import REPO  # noqa: E402
 
 from OrthoKneeLib.bundle import Bundle  # noqa: E402
 from OrthoKneeLib.model.diffusion import prepare_view  # noqa: E402
@@ -124,3 +128,24 @@ def test_a_header_naming_the_other_knee_is_flagged_on_the_real_sample():
     prediction = Predictor(device="cpu").predict(Case(sagittal=sagittal))
     assert prediction.knee_side["side"] == "right" and prediction.knee_side["dicom_laterality"] == "left"
     assert any("DICOM Laterality says left" in w and "check which knee" in w for w in prediction.warnings)
+
+
+def test_the_recipe_lists_the_steps_that_made_the_shipped_bundle():
+    """`make_demo_bundle.sh --dry-run` prints the lineage with wall times; the steps metadata.json
+    records (each backbone's pretraining, the last heads run) are there with the same command and time."""
+    import subprocess
+
+    recipe = REPO / "Resources" / "Models" / "make_demo_bundle.sh"
+    done = subprocess.run(["bash", str(recipe), "--dry-run"], capture_output=True, text=True, check=True, cwd=REPO)
+    lines = done.stdout.splitlines()
+    steps = {}
+    for title, command in zip(lines[0::2], lines[1::2]):
+        if title.strip()[0].isdigit():
+            steps[command.strip()] = title.split()[-2]
+    metadata = json.loads((REPO / "Resources" / "Models" / "orthoknee-demo" / "metadata.json").read_text())
+    recorded = [(v["training"]["command"], v["training"]["seconds"]) for v in metadata["views"].values()]
+    recorded.append((metadata["heads"]["training"]["command"], metadata["heads"]["training"]["seconds"]))
+    for command, seconds in recorded:
+        assert command in steps, command
+        assert float(steps[command]) == pytest.approx(seconds)
+    assert lines[-1].startswith("recorded wall time of the timed steps:")

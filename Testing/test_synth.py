@@ -163,47 +163,6 @@ def test_partial_volume_oracle_draws_bones_almost_exactly_and_thin_plates_less_w
     assert oracle_dice(still, truth, [L["femoral_cartilage"]])[L["femoral_cartilage"]] < scores[L["femoral_cartilage"]]
 
 
-def test_dice_ceiling_bench_puts_a_model_beside_the_ceiling(shared_data, tmp_path, capsys, bench_script):
-    from OrthoKneeLib.cli import main as cli
-
-    out = tmp_path / "cases"
-    assert (
-        cli(
-            [
-                "synth",
-                "--labels",
-                str(_source_dir(shared_data, "pymskt")),
-                "--source",
-                "pymskt",
-                "--out",
-                str(out),
-                "--n",
-                "1",
-                "--seed",
-                "4",
-                "--work-spacing",
-                "1.5",
-                "--no-sheets",
-            ]
-        )
-        == 0
-    )
-    case_id = json.loads((out / "dataset.json").read_text())["cases"][0]["case_id"]
-    evaluation = tmp_path / "model.eval.json"
-    evaluation.write_text(json.dumps({"per_case": [{"case_id": case_id, "dice": {"femur": 0.5}}]}))
-    bench = bench_script("dice_ceiling")
-    capsys.readouterr()
-    assert bench.main(["--cases", str(out), "--eval", str(evaluation)]) == 0
-    table = capsys.readouterr().out
-    femur = next(line for line in table.splitlines() if line.startswith("| femur |")).split("|")
-    ceiling, model, share = float(femur[3]), float(femur[4]), float(femur[5])
-    assert 0.9 <= ceiling <= 1 and model == 0.5 and share == pytest.approx(0.5 / ceiling, abs=0.01)
-    assert "| tibia | 1 |" in table and "| acl |" not in table  # pymskt does not annotate the ligaments
-    evaluation.write_text(json.dumps({"dice": {}}))
-    with pytest.raises(Exception, match="no per-case rows"):
-        bench.main(["--cases", str(out), "--eval", str(evaluation)])
-
-
 def test_all_findings_are_simulated_where_they_belong(spl_case):
     rendered = spl_case[0]
     knee, findings = rendered["knee"], rendered["findings"]

@@ -6,6 +6,8 @@ Prints, per size: seconds per view (all feature timesteps), FLOP counted by torc
 FlopCounterMode, achieved FLOP/s, the machine's measured fp32 matmul FLOP/s, their ratio
 (the efficiency), and peak resident memory. Each size runs in its own process so that peak
 memory is that size's own. Cost should grow linearly with the voxels (sliding windows).
+Budget: the 1x view (a sagittal series at the model's spacing) in 15 s, a third of what a
+three-view prediction may spend on features within its 30-second budget (bench/predict_speed.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+BUDGET_1X_S = 15.0
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -128,6 +132,9 @@ def main() -> int:
             f"{r['flops'] / 1e9:>8.1f} {r['flop_per_s'] / 1e9:>8.1f} {r['matmul_flop_per_s'] / 1e9:>15.1f} "
             f"{r['flop_per_s'] / r['matmul_flop_per_s']:>10.1%} {r['peak_rss_mb']:>12.0f}"
         )
+    print(
+        f"1x view: {base['seconds']:.1f} s = {base['seconds'] / BUDGET_1X_S:.2f} x the {BUDGET_1X_S:.0f}-second budget"
+    )
     return 0
 
 

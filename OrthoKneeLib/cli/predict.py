@@ -178,8 +178,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_predict(predict_args)
     out = Path(args.out).resolve()
     print(
-        f"\nOpen the result: montage {out / 'montage.png'}; in 3D Slicer load {out / 'structures.seg.nrrd'} "
-        f"over {paths['sagittal']} (and overlays/*.nrrd as probability maps). Not for clinical use."
+        f"\nOpen the result: in a browser, `orthoknee serve {args.out}` then http://127.0.0.1:8080/; the montage "
+        f"{out / 'montage.png'}; in 3D Slicer, {out / 'structures.seg.nrrd'} over {paths['sagittal']} "
+        "(overlays/*.nrrd are the probability maps). Not for clinical use."
     )
     return code
 

@@ -110,6 +110,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..progress import TextProgress
     from ..train import find_cases
 
+    if args.compare:
+        from ..compare import compare_table
+
+        if args.bundle or args.cases:
+            raise InputError(
+                None,
+                "--compare reads two saved scores; it takes no --bundle or --cases.",
+                "Score each model with `orthoknee evaluate --json --per-case` first.",
+            )
+        print(
+            compare_table(
+                args.compare[0],
+                args.compare[1],
+                names=tuple(args.names) if args.names else None,
+                bootstrap=args.bootstrap,
+            )
+        )
+        return 0
+    if not args.bundle or not args.cases:
+        raise InputError(
+            None,
+            "evaluate needs --bundle and --cases (or --compare A.json B.json).",
+            "Give e.g. `orthoknee evaluate --bundle B --cases CASES`.",
+        )
     bundle = Bundle.open(args.bundle)
     cases = find_cases(args.cases, args.split)
     if args.max_cases:
@@ -207,8 +231,18 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="Dice/HD95 per structure and AUC per finding on labelled cases")
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--cases", type=Path, nargs="+", required=True, help="`orthoknee synth` outputs or case folders")
+    p.add_argument("--bundle", type=Path)
+    p.add_argument("--cases", type=Path, nargs="+", help="`orthoknee synth` outputs or case folders")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        nargs=2,
+        metavar=("A.json", "B.json"),
+        help="compare two saved `evaluate --json --per-case` scores on the same cases, paired, with 95 %% "
+        "bootstrap intervals (B - A)",
+    )
+    p.add_argument("--names", nargs=2, metavar=("A", "B"), help="with --compare: names for the two models")
+    p.add_argument("--bootstrap", type=positive_int, default=10000, help="with --compare: resamples of the cases")
     p.add_argument("--split", default="all", help="which split to score: validation, train or all (default)")
     p.add_argument("--max-cases", type=positive_int)
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")

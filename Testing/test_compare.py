@@ -1,9 +1,13 @@
-"""bench/compare_two.py: paired differences between two models' per-case scores."""
+"""`orthoknee evaluate --compare`: paired differences between two models' per-case scores."""
 
 import json
 
 import numpy as np
 import pytest
+
+from OrthoKneeLib import compare as ct
+from OrthoKneeLib.cli import main
+from OrthoKneeLib.evaluate import roc_auc
 
 
 def _eval(dice_femur: list[float], probs: list[float], truth: list[bool]) -> dict:
@@ -20,17 +24,15 @@ def _eval(dice_femur: list[float], probs: list[float], truth: list[bool]) -> dic
     return {"dice": {"femur": float(np.mean(dice_femur)), "fibula": None}, "auc": {"acl_tear": 0.5}, "per_case": rows}
 
 
-def test_auc_counts_ties_half_and_needs_both_classes(bench_script):
-    ct = bench_script("compare_two")
+def test_auc_counts_ties_half_and_needs_both_classes():
     truth = np.array([True, True, False, False])
-    assert ct.roc_auc(np.array([0.9, 0.8, 0.1, 0.2]), truth) == 1.0
-    assert ct.roc_auc(np.array([0.1, 0.2, 0.9, 0.8]), truth) == 0.0
-    assert ct.roc_auc(np.array([0.5, 0.5, 0.5, 0.5]), truth) == 0.5
-    assert ct.roc_auc(np.array([0.9, 0.8]), np.array([True, True])) is None
+    assert roc_auc(np.array([0.9, 0.8, 0.1, 0.2]), truth) == 1.0
+    assert roc_auc(np.array([0.1, 0.2, 0.9, 0.8]), truth) == 0.0
+    assert roc_auc(np.array([0.5, 0.5, 0.5, 0.5]), truth) == 0.5
+    assert roc_auc(np.array([0.9, 0.8]), np.array([True, True])) is None
 
 
-def test_paired_dice_and_auc_say_which_model_is_better(bench_script):
-    ct = bench_script("compare_two")
+def test_paired_dice_and_auc_say_which_model_is_better():
     truth = [True, False] * 5
     a = ct._per_case(_eval([0.80] * 10, [0.5] * 10, truth), "a")
     b = ct._per_case(_eval([0.85 + 0.01 * (i % 2) for i in range(10)], [0.9 if t else 0.1 for t in truth], truth), "b")
@@ -46,31 +48,26 @@ def test_paired_dice_and_auc_say_which_model_is_better(bench_script):
     assert (r["a"], r["b"], r["positive"]) == (0.5, 1.0, 5) and r["diff"] == 0.5 and r["lo"] <= 0.5 <= r["hi"]
 
 
-def test_command_line_table_and_missing_per_case(bench_script, tmp_path, capsys):
-    ct = bench_script("compare_two")
+def test_evaluate_compare_prints_the_table_and_explains_a_missing_per_case(tmp_path, capsys):
     truth = [True, False] * 3
     (tmp_path / "a.json").write_text(json.dumps(_eval([0.9] * 6, [0.4] * 6, truth)))
     (tmp_path / "b.json").write_text(json.dumps(_eval([0.7] * 6, [0.6 if t else 0.2 for t in truth], truth)))
-    assert (
-        ct.main(
-            [
-                str(tmp_path / "a.json"),
-                str(tmp_path / "b.json"),
-                "--names",
-                "old",
-                "new",
-                "--bootstrap",
-                "100",
-                "--auc-bootstrap",
-                "50",
-            ]
-        )
-        == 0
-    )
+    argv = [
+        "evaluate",
+        "--compare",
+        str(tmp_path / "a.json"),
+        str(tmp_path / "b.json"),
+        "--names",
+        "old",
+        "new",
+        "--bootstrap",
+        "100",
+    ]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "A = old, B = new; 6 cases scored by both" in out
     assert "| femur | 0.900 | 0.700 | -0.200 (-0.200 to -0.200) | 0 of 6 |" in out
     assert "| acl_tear | 0.500 | 1.000 | +0.500" in out
     (tmp_path / "c.json").write_text(json.dumps({"dice": {}}))
-    with pytest.raises(SystemExit, match="--per-case"):
-        ct.main([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+    assert main(["evaluate", "--compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 2
+    assert "--per-case" in capsys.readouterr().err

@@ -1,34 +1,41 @@
-"""Two models scored on the same held-out cases, compared case by case.
+"""Two models scored on the same held-out cases, compared case by case (`orthoknee evaluate --compare`).
 
-    python bench/compare_two.py A.eval.json B.eval.json [--names A B] [--bootstrap N]
-
-Both files are `orthoknee evaluate --json --per-case` outputs on the same cases (e.g. the shipped
-sagittal heads against three-view heads). A difference of means hides how much of it is a few
-cases; the cases, not the voxels, are the independent units, so every difference here is paired
-over the cases both models were scored on, with a 95 % bootstrap interval over those cases:
-Dice per structure and its mean over structures, HD95 per structure, and AUC per finding (the
-same resampled cases for both models). Positive differences mean B is better (for HD95, B's
-distances are shorter).
+Both files are `orthoknee evaluate --json --per-case` outputs on the same cases. A difference of
+means hides how much of it is a few cases; the cases, not the voxels, are the independent units,
+so every difference here is paired over the cases both models were scored on, with a 95 %
+bootstrap interval over those cases: Dice per structure and its mean over structures, HD95 per
+structure, and AUC per finding (the same resampled cases for both models). Positive differences
+mean B is better (for HD95, B's distances are shorter).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from .errors import InputError
+from .evaluate import roc_auc
 
-from OrthoKneeLib.evaluate import roc_auc  # noqa: E402
+__all__ = ["compare_table", "paired_metric", "paired_auc", "mean_dice_per_case", "load_per_case"]
+
+
+def load_per_case(path: Path) -> tuple[dict, dict[str, dict]]:
+    """An evaluate JSON and its per-case rows by case id."""
+    try:
+        scores = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"is not an `orthoknee evaluate --json` output ({exc}).", "Give one.") from None
+    return scores, _per_case(scores, path)
 
 
 def _per_case(scores: dict, path: Path) -> dict[str, dict]:
     rows = scores.get("per_case")
     if not rows:
-        raise SystemExit(f"{path}: no per-case scores. Score it again with `orthoknee evaluate --json --per-case`.")
+        raise InputError(
+            path, "holds no per-case scores.", "Score it again with `orthoknee evaluate --json --per-case`."
+        )
     return {r["case_id"]: r for r in rows}
 
 
@@ -129,62 +136,48 @@ def paired_auc(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("a", type=Path)
-    parser.add_argument("b", type=Path)
-    parser.add_argument("--names", nargs=2, default=None, help="column names for A and B")
-    parser.add_argument("--bootstrap", type=int, default=10000, help="resamples of the cases")
-    parser.add_argument("--auc-bootstrap", type=int, default=2000, help="resamples for the AUC intervals")
-    args = parser.parse_args(argv)
-    loaded = []
-    for path in (args.a, args.b):
-        try:
-            loaded.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            parser.error(f"{path}: cannot read an evaluate JSON ({e})")
-    a, b = (_per_case(s, p) for s, p in zip(loaded, (args.a, args.b)))
+def compare_table(
+    path_a: Path, path_b: Path, names: tuple[str, str] | None = None, bootstrap: int = 10000, auc_bootstrap: int = 2000
+) -> str:
+    """The Markdown tables of B - A (Dice, HD95, mean per case, AUC) with 95 % intervals."""
+    loaded_a, a = load_per_case(path_a)
+    loaded_b, b = load_per_case(path_b)
     cases = sorted(set(a) & set(b))
     if not cases:
-        parser.error(f"{args.a} and {args.b} share no case: score both on the same cases")
-    name_a, name_b = args.names or (args.a.name, args.b.name)
+        raise InputError(path_b, f"shares no case with {path_a}.", "Score both models on the same cases.")
+    name_a, name_b = names or (Path(path_a).name, Path(path_b).name)
     rng = np.random.default_rng(0)
-
-    print(
+    lines = [
         f"A = {name_a}, B = {name_b}; {len(cases)} cases scored by both "
-        f"({len(a) - len(cases)} only in A, {len(b) - len(cases)} only in B)\n"
-    )
-    print("| structure | Dice A | Dice B | B - A (95 % interval) | B better on | HD95 mm A | HD95 mm B |")
-    print("|---|---|---|---|---|---|---|")
-    for key in loaded[0]["dice"]:
-        d = paired_metric(a, b, cases, "dice", key, rng, args.bootstrap)
-        h = paired_metric(a, b, cases, "hd95", key, rng, args.bootstrap, lower_is_better=True)
+        f"({len(a) - len(cases)} only in A, {len(b) - len(cases)} only in B)",
+        "",
+        "| structure | Dice A | Dice B | B - A (95 % interval) | B better on | HD95 mm A | HD95 mm B |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in loaded_a["dice"]:
+        d = paired_metric(a, b, cases, "dice", key, rng, bootstrap)
+        h = paired_metric(a, b, cases, "hd95", key, rng, bootstrap, lower_is_better=True)
         if d is None:
             continue
         hd = f"| {h['a']:.1f} | {h['b']:.1f} |" if h else "| - | - |"
-        print(
+        lines.append(
             f"| {key} | {d['a']:.3f} | {d['b']:.3f} | {d['diff']:+.3f} ({d['lo']:+.3f} to {d['hi']:+.3f}) "
             f"| {d['b_better']} of {d['n']} {hd}"
         )
-    m = mean_dice_per_case(a, b, cases, rng, args.bootstrap)
+    m = mean_dice_per_case(a, b, cases, rng, bootstrap)
     if m:
-        print(
+        lines.append(
             f"| **mean per case** | {m['a']:.3f} | {m['b']:.3f} | {m['diff']:+.3f} ({m['lo']:+.3f} to "
             f"{m['hi']:+.3f}) | {m['b_better']} of {m['n']} | | |"
         )
-    findings = list(loaded[0].get("auc", {}))
+    findings = list(loaded_a.get("auc", {}))
     if findings:
-        print("\n| finding | AUC A | AUC B | B - A (95 % interval) | cases (positive) |")
-        print("|---|---|---|---|---|")
+        lines += ["", "| finding | AUC A | AUC B | B - A (95 % interval) | cases (positive) |", "|---|---|---|---|---|"]
         for f in findings:
-            r = paired_auc(a, b, cases, f, rng, args.auc_bootstrap)
+            r = paired_auc(a, b, cases, f, rng, auc_bootstrap)
             if r:
-                print(
+                lines.append(
                     f"| {f} | {r['a']:.3f} | {r['b']:.3f} | {r['diff']:+.3f} ({r['lo']:+.3f} to {r['hi']:+.3f}) "
                     f"| {r['n']} ({r['positive']}) |"
                 )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return "\n".join(lines)

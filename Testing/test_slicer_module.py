@@ -1,0 +1,105 @@
+"""The Slicer module against Slicer's real rules, without the Slicer application.
+
+- Every widget the .ui binds to a parameter (SlicerParameterName) has a parameter of a type that
+  Slicer's GUI connectors accept for that widget class. The rules below restate those of Slicer's
+  `Base/Python/slicer/parameterNodeWrapper/guiConnectors.py` (canRepresent of each connector):
+  a QComboBox needs a Choice annotation (or an Enum), a ctkPathLineEdit a pathlib type, a
+  ctkSliderWidget a bounded float.
+- The requirements file's comments never reach pip.
+"""
+
+from __future__ import annotations
+
+import ast
+import xml.etree.ElementTree as ET
+
+import pytest
+from conftest import REPO
+
+from OrthoKneeLib.slicerdeps import missing, read_requirements, requirement_name
+
+MODULE = REPO / "OrthoKnee" / "OrthoKnee.py"
+UI = REPO / "OrthoKnee" / "Resources" / "UI" / "OrthoKnee.ui"
+REQUIREMENTS = REPO / "OrthoKnee" / "Resources" / "requirements.txt"
+
+_PATH_TYPES = {"Path", "pathlib.Path", "PurePath", "pathlib.PurePath", "PosixPath", "pathlib.PosixPath"}
+
+
+def _accepts(widget_class: str, annotation: ast.expr) -> tuple[bool, str]:
+    """Whether Slicer's connector for ``widget_class`` can represent the annotated type."""
+    base, extras = annotation, []
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) in ("Annotated", "typing.Annotated"):
+        elements = annotation.slice.elts
+        base, extras = elements[0], [ast.unparse(e) for e in elements[1:]]
+    base_name = ast.unparse(base)
+    has = lambda name: any(e.startswith(name + "(") for e in extras)  # noqa: E731
+    if widget_class == "qMRMLNodeComboBox":
+        return base_name.startswith("vtkMRML"), "a MRML node type"
+    if widget_class == "ctkPathLineEdit":
+        return base_name in _PATH_TYPES, "a pathlib type (pathlib.Path)"
+    if widget_class == "QComboBox":
+        return base_name in ("str", "int", "float", "bool") and has("Choice"), "str/int/float/bool with Choice([...])"
+    if widget_class == "ctkSliderWidget":
+        bounded = has("WithinRange") or (has("Minimum") and has("Maximum"))
+        return base_name == "float" and bounded, "a float with WithinRange (bounded)"
+    if widget_class in ("QDoubleSpinBox",):
+        return base_name == "float", "float"
+    if widget_class in ("QSpinBox", "QSlider"):
+        return base_name == "int", "int"
+    if widget_class in ("QCheckBox", "QPushButton"):
+        return base_name == "bool", "bool"
+    if widget_class in ("QLineEdit", "QTextEdit"):
+        return base_name == "str", "str"
+    return False, f"a type some connector knows (no connector for {widget_class})"
+
+
+def _parameters() -> dict[str, ast.expr]:
+    tree = ast.parse(MODULE.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OrthoKneeParameterNode")
+    return {s.target.id: s.annotation for s in node.body if isinstance(s, ast.AnnAssign)}
+
+
+def _bound_widgets() -> dict[str, str]:
+    bound = {}
+    for widget in ET.parse(UI).iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = widget.get("class")
+    return bound
+
+
+def test_every_bound_widget_has_a_parameter_type_slicer_can_connect():
+    parameters, widgets = _parameters(), _bound_widgets()
+    assert set(widgets) <= set(parameters), set(widgets) - set(parameters)
+    problems = []
+    for name, widget_class in widgets.items():
+        ok, needs = _accepts(widget_class, parameters[name])
+        if not ok:
+            problems.append(f"{name}: {widget_class} needs {needs}, the parameter is {ast.unparse(parameters[name])}")
+    assert not problems, problems
+
+
+@pytest.mark.parametrize(
+    "widget_class, annotation, ok",
+    [
+        ("ctkPathLineEdit", "str", False),  # what made the panel raise on first open
+        ("QComboBox", "str", False),
+        ("QComboBox", "Annotated[str, Choice(['a', 'b'])]", True),
+        ("ctkSliderWidget", "float", False),
+        ("ctkSliderWidget", "Annotated[float, WithinRange(0.0, 1.0)]", True),
+        ("ctkPathLineEdit", "Path", True),
+    ],
+)
+def test_the_rules_refuse_what_slicer_refuses(widget_class, annotation, ok):
+    assert _accepts(widget_class, ast.parse(annotation, mode="eval").body)[0] is ok
+
+
+def test_requirements_comments_never_reach_pip(tmp_path):
+    listed = read_requirements(REQUIREMENTS)
+    assert listed and all("#" not in r and " " not in r.split(";")[0].strip() for r in listed)
+    assert [requirement_name(r) for r in listed][:3] == ["torch", "monai", "einops"]
+    assert not any("==" in r for r in listed)  # lower bounds: never replace another extension's CUDA torch
+    sample = tmp_path / "requirements.txt"
+    sample.write_text("# a comment with words like install now\n\ntorch>=2.1  # trailing words\n  monai>=1.4\n")
+    assert read_requirements(sample) == ["torch>=2.1", "monai>=1.4"]
+    assert missing(["numpy>=1", "surely-not-installed-package>=1"]) == ["surely-not-installed-package>=1"]
