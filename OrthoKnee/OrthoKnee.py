@@ -78,6 +78,7 @@ def _pytorch_utils_logic():
 
 
 REQUIREMENTS = _HERE / "Resources" / "requirements.txt"
+TERMINOLOGY = _HERE / "Resources" / "Terminology" / "OrthoKnee.term.json"
 
 
 # ------------------------------------------------------------------------------- pure helpers
@@ -185,6 +186,7 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = OrthoKneeLogic()
+        self.logic.loadTerminology()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
@@ -209,6 +211,7 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self._result = None  # its nodes go with the scene
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -244,6 +247,8 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
+        if p is not None and self._result is not None:  # threshold and opacity act on the shown result at once
+            self.logic.updateDisplay(self._result, p.threshold, p.opacity)
         running = self._job is not None
         has_view = p and (p.sagittal or p.coronal or p.axial)
         self.ui.applyButton.text = "Cancel" if running else "Apply"
@@ -272,6 +277,9 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _poll(self) -> None:
         job = self._job
+        if job is None:  # the scene closed or the module was left meanwhile
+            self._timer.stop()
+            return
         done, total, message = job["progress"]
         self.ui.progressBar.maximum = max(total, 1)
         self.ui.progressBar.value = done
@@ -287,8 +295,12 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(str(job["error"]))
             return
         p = self._parameterNode
+        reference = job["reference"]
+        if p is None or reference is None or reference.GetScene() is None:  # the scene was closed meanwhile
+            self.ui.statusLabel.text = "The scene was closed while OrthoKnee ran; the result was not shown."
+            return
         self._result = self.logic.showPrediction(
-            job["prediction"], reference=p.sagittal or p.coronal or p.axial, threshold=p.threshold, opacity=p.opacity
+            job["prediction"], reference=reference, threshold=p.threshold, opacity=p.opacity
         )
         self._decisions = {}
         self._fillFindingsTable(job["prediction"])
@@ -422,11 +434,17 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
         from OrthoKneeLib.scene import case_from_nodes
 
         case = case_from_nodes(sagittal, coronal, axial)  # read on the main thread (MRML is not thread-safe)
-        predictor = self.predictor(bundle_path, device)
-        job = {"cancel": CancelToken(), "progress": (0, 1, "Starting..."), "prediction": None, "error": None}
+        job = {
+            "cancel": CancelToken(),
+            "progress": (0, 1, "Loading the model..."),
+            "prediction": None,
+            "error": None,
+            "reference": sagittal or coronal or axial,
+        }  # the reference as chosen now, not at the end
 
-        def work():
+        def work():  # never touches MRML: the case's images were copied above
             try:
+                predictor = self.predictor(bundle_path, device)  # torch import and weights: off the GUI thread
                 job["prediction"] = predictor.predict(
                     case, progress=lambda d, t, m="": job.__setitem__("progress", (d, t, m)), cancel=job["cancel"]
                 )
@@ -443,7 +461,26 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
         job["thread"].join()
         if job["error"] is not None:
             raise job["error"]
-        return self.showPrediction(job["prediction"], sagittal or coronal or axial, threshold, opacity)
+        return self.showPrediction(job["prediction"], job["reference"], threshold, opacity)
+
+    @staticmethod
+    def loadTerminology() -> bool:
+        """The knee structures' terminology (codes, colours) into Slicer's terminology selector."""
+        terminologies = getattr(slicer.modules, "terminologies", None)
+        if terminologies is None or not TERMINOLOGY.is_file():
+            return False
+        return bool(terminologies.logic().LoadTerminologyFromFile(str(TERMINOLOGY)))
+
+    @staticmethod
+    def updateDisplay(result: dict, threshold: float, opacity: float) -> None:
+        """Live threshold and opacity of a shown result (each overlay's colour table and the slice views)."""
+        from OrthoKneeLib.scene import set_overlay_threshold
+
+        set_overlay_threshold(slicer.mrmlScene, result["overlays"].values(), threshold)
+        composites = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
+        for composite in composites:
+            if composite.GetForegroundVolumeID() in {n.GetID() for n in result["overlays"].values()}:
+                composite.SetForegroundOpacity(opacity)
 
     @staticmethod
     def showPrediction(prediction, reference, threshold=0.5, opacity=0.6) -> dict:

@@ -119,11 +119,13 @@ def evaluate_cached(
     progress: ProgressFn = no_progress,
     cancel: CancelToken | None = None,
     postprocess: bool = True,
+    gate: bool = False,
 ) -> dict:
     """Scores of a heads (or baseline) module on cached cases (train.CachedCase), on the labelmap
     ``orthoknee predict`` writes (``postprocess``: femur, tibia and patella each in one piece,
     cartilage off its bone removed, menisci medial and lateral by the fibula's side; False scores
-    the raw argmax)."""
+    the raw argmax). ``gate``: the finding scores come from the maps confined to their anatomy
+    (gating.py), and ``peak_in_lesion`` says how often a positive case's gated map peaks on its lesion."""
     from .postprocess import MAX_CARTILAGE_GAP_MM, SINGLE_PIECE, finish_prediction
     from .predict import run_on_cached
 
@@ -131,6 +133,7 @@ def evaluate_cached(
     per_hd: dict[str, list[float]] = {s.key: [] for s in catalog.structures}
     finding_scores: dict[str, list[tuple[float, int]]] = {f.key: [] for f in catalog.findings}
     lesion_cells = _LesionCells(catalog.finding_keys)
+    peak_hits: dict[str, list[bool]] = {}
     per_case = []
     for n, case in enumerate(cases):
         if cancel:
@@ -162,6 +165,12 @@ def evaluate_cached(
                 if h is not None:
                     per_hd[s.key].append(h)
                     row["hd95"][s.key] = h
+        if finding_probs is not None and gate and "overlays" in result:
+            finding_probs, peaks = _gated_scores(result, probs, case, catalog)
+            values, known = case.finding_targets(catalog)
+            for f, v, k in zip(catalog.findings, values, known):
+                if k and v > 0 and f.key in peaks:
+                    peak_hits.setdefault(f.key, []).append(peaks[f.key])
         if finding_probs is not None:
             values, known = case.finding_targets(catalog)
             row["findings"], row["finding_truth"] = {}, {}
@@ -200,6 +209,8 @@ def evaluate_cached(
         "auc": auc,
         **lesion_cells.aucs(),
         "finding_counts": counts,
+        "gated": gate,
+        "peak_in_lesion": {k: {"cases": len(v), "share": float(np.mean(v))} for k, v in peak_hits.items()},
         "mean_dice": float(np.mean(list(dice_mean.values()))) if dice_mean else None,
         "mean_auc": float(np.mean(list(auc.values()))) if auc else None,
         "cases": len(cases),
@@ -214,6 +225,35 @@ def evaluate_cached(
         "by_contrast": dice_by_contrast(per_case),
         "per_case": per_case,
     }
+
+
+def _gated_scores(result: dict, probs: np.ndarray, case, catalog) -> tuple[np.ndarray, dict[str, bool]]:
+    """Case scores from the gated maps, and per finding whether the gated map's peak lies on the
+    case's lesion (its pooled mask, widened by one cell: about 2-3 mm)."""
+    import SimpleITK as sitk
+
+    from .gating import case_score_from_map, gate_maps
+    from .model.heads import Grid
+
+    grid = case.reference_grid
+    overlays = {f.key: result["overlays"][n] for n, f in enumerate(catalog.findings)}
+    gated = gate_maps(overlays, probs, grid, catalog)
+    scores = np.array([case_score_from_map(gated[f.key], grid) for f in catalog.findings], np.float32)
+    masks = case.pooled_masks
+    peaks: dict[str, bool] = {}
+    if "pooled_grid" not in case.meta:
+        return scores, peaks
+    cells = Grid(**{k: tuple(v) for k, v in case.meta["pooled_grid"].items()})
+    to_cells = np.linalg.inv(cells.index_to_physical()) @ grid.index_to_physical()
+    for n, f in enumerate(catalog.findings):
+        k, j, i = np.unravel_index(int(np.argmax(gated[f.key])), gated[f.key].shape)
+        ci, cj, ck = np.rint((to_cells @ np.array([i, j, k, 1.0]))[:3]).astype(int)
+        mask = sitk.GetArrayFromImage(
+            sitk.BinaryDilate(sitk.GetImageFromArray((masks[n] > 0).astype(np.uint8)), [1, 1, 1])
+        )
+        inside = 0 <= ck < mask.shape[0] and 0 <= cj < mask.shape[1] and 0 <= ci < mask.shape[2]
+        peaks[f.key] = bool(inside and mask[ck, cj, ci])
+    return scores, peaks
 
 
 def dice_by_contrast(per_case: Sequence[dict]) -> dict[str, dict]:
@@ -251,6 +291,7 @@ def evaluate_bundle(
     cancel: CancelToken | None = None,
     with_hd95: bool = True,
     postprocess: bool = True,
+    gate: bool = False,
 ) -> dict:
     """Cache (if needed) and score every case folder; warns about subjects the heads trained on."""
     from .cachedcase import CachedCase, cache_case
@@ -274,6 +315,7 @@ def evaluate_bundle(
         cancel=cancel,
         progress=lambda d, t, m: progress(len(case_folders) + d, 2 * len(case_folders), m),
         postprocess=postprocess,
+        gate=gate,
     )
     trained = set((bundle.metadata["heads"].get("training") or {}).get("subjects", []))
     seen = sorted({c.meta.get("subject") for c in cases} & trained)

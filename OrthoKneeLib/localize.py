@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .gating import HOSTS as _HOSTS
+
 __all__ = ["locate_findings", "side_of"]
 
 _NEAR_MM = 4.0
@@ -68,7 +70,12 @@ def locate_findings(prediction, threshold: float = 0.5) -> dict[str, dict]:
         peak = np.unravel_index(int(np.argmax(overlay)), overlay.shape)
         box = tuple(slice(max(0, p - r), p + r + 1) for p, r in zip(peak, reach))
         around = labels[box]
-        label = int(labels[peak]) or (int(np.bincount(around[around > 0]).argmax()) if (around > 0).any() else 0)
+        hosts = [catalog.structure(k).label for k in _HOSTS.get(key, ()) if k in catalog.structure_keys]
+        near_hosts = [h for h in hosts if (around == h).any()]
+        if near_hosts:  # a gated map sits on its host: name the host structure it touches most
+            label = max(near_hosts, key=lambda h: int((around == h).sum()))
+        else:
+            label = int(labels[peak]) or (int(np.bincount(around[around > 0]).argmax()) if (around > 0).any() else 0)
         structure = by_label.get(label)
         peak_lps = _index_to_lps(grid, np.asarray(peak, float))
         side = side_of(float(peak_lps[0]), centre_x, knee_side) if centre_x is not None else None

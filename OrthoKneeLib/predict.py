@@ -418,20 +418,42 @@ class Prediction:
     # finding key -> {"structure", "where", "peak_lps_mm", "map_ml"} (localize.py)
     finding_locations: dict = field(default_factory=dict)
     input_paths: dict[str, str] = field(default_factory=dict)  # view -> the series' file or folder
+    work_grid: "Grid | None" = None  # where probabilities and overlays are, when not the reference grid
+    # the finding head's own case probabilities, when the reported ones come from the gated maps
+    head_probabilities: dict[str, float] = field(default_factory=dict)
 
     def labelmap_image(self) -> sitk.Image:
         return self.reference_grid.image(self.labelmap.astype(np.uint8))
 
+    @property
+    def map_grid(self) -> "Grid":
+        """The grid of ``probabilities`` and ``overlays``: the working grid of a fine series, else the reference."""
+        return self.work_grid or self.reference_grid
+
     def probability_image(self, structure_key: str) -> sitk.Image:
+        """A structure's probability on the grid it was computed on (``map_grid``)."""
         label = self.catalog.structure(structure_key).label
-        return self.reference_grid.image(self.probabilities[label].astype(np.float32))
+        return self.map_grid.image(self.probabilities[label].astype(np.float32))
+
+    def lift_to(self, reference_image: sitk.Image) -> None:
+        """Put the labelmap on ``reference_image``'s grid (nearest neighbour); the maps stay where they are."""
+        from .model.heads import grid_of
+
+        work_labels = self.labelmap_image()
+        lifted = sitk.Resample(
+            work_labels, reference_image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+        )
+        self.work_grid = self.reference_grid
+        self.reference_grid = grid_of(reference_image)
+        self.labelmap = sitk.GetArrayFromImage(lifted)
 
     def overlay_image(self, finding_key: str, decimals: int | None = None) -> sitk.Image:
-        """The finding's overlay on the reference grid, optionally rounded to ``decimals``."""
+        """The finding's overlay on the grid it was computed on (``map_grid``; the overlay is a
+        map of coarse cells, nothing is gained on a finer grid), optionally rounded to ``decimals``."""
         overlay = self.overlays[finding_key]
         if decimals is not None:
             overlay = np.round(overlay, decimals)
-        return self.reference_grid.image(overlay.astype(np.float32))
+        return self.map_grid.image(overlay.astype(np.float32))
 
     def top_finding(self) -> str | None:
         if not self.finding_probabilities:
@@ -447,6 +469,11 @@ class Prediction:
                 k: {
                     "name": self.catalog.finding(k).name,
                     "probability": round(float(v), 4),
+                    **(
+                        {"head_probability": round(float(self.head_probabilities[k]), 4)}
+                        if k in self.head_probabilities
+                        else {}
+                    ),
                     **self.finding_locations.get(k, {}),
                 }
                 for k, v in self.finding_probabilities.items()
@@ -460,6 +487,8 @@ class Prediction:
             "catalog": self.catalog.to_json(),
             "device": self.device,
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+            # a fine series is predicted on a coarser working grid; the overlays are written on it
+            "working_spacing_mm": [round(s, 4) for s in self.work_grid.spacing] if self.work_grid else None,
             "warnings": self.warnings,
             "not_for_clinical_use": True,
         }
@@ -554,10 +583,16 @@ class Predictor:
     """
 
     def __init__(
-        self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto", postprocess: bool = True
+        self,
+        bundle: Bundle | str | os.PathLike | None = None,
+        device: str = "auto",
+        postprocess: bool = True,
+        gate: bool | None = None,
     ) -> None:
         """``postprocess``: femur, tibia and patella each in one piece and the menisci medial and lateral by the
-        fibula's side (postprocess.py); False keeps the raw argmax."""
+        fibula's side (postprocess.py); False keeps the raw argmax. ``gate``: each finding's map confined to
+        its anatomy and its score taken from there (gating.py); None: as the bundle says
+        (``features.gate_findings``, default on)."""
         from .model.device import select_device
         from .resources import demo_bundle_dir
 
@@ -565,15 +600,35 @@ class Predictor:
         self.device = select_device(device)
         self.kind, self.heads = load_heads(self.bundle, device=self.device)
         self.postprocess = postprocess
+        self.gate = bool(self.bundle.features.get("gate_findings", True) if gate is None else gate)
 
     def predict(self, case: Case, progress: ProgressFn = no_progress, cancel: CancelToken | None = None) -> Prediction:
+        """Predict on a working copy of ``case`` whose reference series is at most as fine as
+        WORKING_INPLANE_MM in plane (the heads resolve no finer), then lift the labelmap onto the
+        reference series' own grid (nearest neighbour). Probabilities and overlays stay on the
+        working grid (``Prediction.work_grid``): a native 512 x 512 series never holds 19 float
+        maps at full size."""
+        from .model.features import array_hash
+
+        t0 = time.perf_counter()
+        native = case.reference
+        work_case = working_case(case)
+        prediction = self._predict(work_case, progress, cancel, t0)
+        if work_case is not case:
+            prediction.lift_to(native.image)
+            prediction.input_hashes[case.reference_plane] = array_hash(sitk.GetArrayViewFromImage(native.image))
+        prediction.case_name = case.name
+        prediction.input_paths = {p: str(Path(v.path).resolve()) for p, v in case.views.items()}
+        prediction.timings["total"] = time.perf_counter() - t0
+        return prediction
+
+    def _predict(self, case: Case, progress: ProgressFn, cancel: CancelToken | None, t0: float) -> Prediction:
         import torch
 
         from .model.features import array_hash
         from .model.heads import grid_of
         from .postprocess import finish_prediction
 
-        t0 = time.perf_counter()
         warnings = list(case.warnings)
         used = views_fused(self.kind, self.heads)
         for p in used:
@@ -621,6 +676,12 @@ class Predictor:
             cancel.raise_if_cancelled()
         progress(n_steps - 1, n_steps, "measurements")
         probs, labelmap, side = finish_prediction(probs, ref_grid, catalog, self.postprocess, tagged=case.laterality)
+        head_probabilities = dict(findings)
+        if self.gate and overlays:  # findings on their anatomy, scored from where they are (gating.py)
+            from .gating import case_score_from_map, gate_maps
+
+            overlays = gate_maps(overlays, probs, ref_grid, catalog)
+            findings = {k: case_score_from_map(overlays[k], ref_grid) for k in findings}
         if side is not None and side.warning:
             warnings.append(side.warning)
         elif side is not None and side.side is None and _has_menisci(labelmap, catalog):
@@ -645,6 +706,7 @@ class Predictor:
                 "path": str(self.bundle.path),
             },
         )
+        prediction.head_probabilities = head_probabilities if self.gate and overlays else {}
         if side is not None:
             prediction.knee_side = {"side": side.side, "from": side.reason, "dicom_laterality": case.laterality}
         prediction.measurements = measure(prediction.labelmap_image(), catalog)
@@ -661,7 +723,31 @@ class Predictor:
         from .localize import locate_findings
 
         prediction.finding_locations = locate_findings(prediction)
-        prediction.input_paths = {p: str(Path(v.path).resolve()) for p, v in case.views.items()}
         prediction.timings = dict(timings, total=time.perf_counter() - t0)
         progress(n_steps, n_steps, "done")
         return prediction
+
+
+# The heads' finest useful in-plane spacing: they were trained on series of 0.6-1 mm pixels, and the
+# finding maps come from 3 x 3 x 1 cells of 1 mm features. A finer reference series is predicted on a
+# copy resampled to this spacing and its labelmap lifted back onto the series' own grid.
+WORKING_INPLANE_MM = 0.625
+
+
+def working_case(case: Case, inplane_mm: float = WORKING_INPLANE_MM) -> Case:
+    """``case`` itself, or a copy whose reference series is resampled to ``inplane_mm`` in plane
+    (its slice spacing kept) when it is finer than that."""
+    from .volumes import Volume, slice_axis
+
+    ref = case.reference
+    spacing = list(ref.image.GetSpacing())
+    through = slice_axis(spacing)
+    if all(spacing[a] >= inplane_mm * 0.95 for a in range(3) if a != through):
+        return case
+    target = [s if a == through else max(s, inplane_mm) for a, s in enumerate(spacing)]
+    coarse = Volume(resample_to_spacing(ref.image, target), ref.source)
+    coarse._checked = True  # the same voxels, smoothed: the checks the series passed still hold
+    views = dict(case.views, **{case.reference_plane: coarse})
+    work = Case(**views, name=case.name)
+    work.warnings = list(case.warnings)
+    return work

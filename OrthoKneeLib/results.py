@@ -68,20 +68,23 @@ def load_prediction(folder: str | os.PathLike):
         raise InputError(folder, "holds no structures.seg.nrrd.", "Predict the case again.")
     labels_image = sitk.ReadImage(str(segs[-1]))
     labelmap = sitk.GetArrayFromImage(labels_image).astype(np.uint8)
-    overlays = {}
+    overlays, map_grid = {}, None
     for key in summary.get("findings", {}):
         path = folder / "overlays" / f"{key}.nrrd"
-        overlays[key] = (
-            sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
-            if path.is_file()
-            else np.zeros(labelmap.shape, np.float32)
-        )
+        if path.is_file():  # overlays of a fine series are on the working grid, not the labelmap's
+            image = sitk.ReadImage(str(path))
+            map_grid = map_grid or grid_of(image)
+            overlays[key] = sitk.GetArrayFromImage(image).astype(np.float32)
+    reference_grid = grid_of(labels_image)
+    map_grid = map_grid or reference_grid
+    for key in summary.get("findings", {}):
+        overlays.setdefault(key, np.zeros(map_grid.size[::-1], np.float32))
     prediction = Prediction(
         case_name=summary.get("case", folder.name),
         reference_plane=summary.get("reference_view", "sagittal"),
-        reference_grid=grid_of(labels_image),
+        reference_grid=reference_grid,
         labelmap=labelmap,
-        probabilities=np.zeros((1, *labelmap.shape), np.float16),  # not saved; viewers do not need them
+        probabilities=np.zeros((1, *map_grid.size[::-1]), np.float16),  # not saved; viewers do not need them
         finding_probabilities={k: float(v["probability"]) for k, v in summary.get("findings", {}).items()},
         overlays=overlays,
         catalog=catalog,
@@ -99,5 +102,6 @@ def load_prediction(folder: str | os.PathLike):
             for k, v in summary.get("findings", {}).items()
         },
         input_paths=summary.get("inputs", {}),
+        work_grid=None if map_grid == reference_grid else map_grid,
     )
     return prediction

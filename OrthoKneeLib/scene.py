@@ -99,25 +99,36 @@ def volume_node_from_image(scene, image: sitk.Image, name: str, node_class: str 
 
 def image_from_node(node) -> sitk.Image:
     """The node's voxels as a SimpleITK image in LPS (the inverse of :func:`volume_node_from_image`)."""
-    import vtk
-
     if node is None or node.GetImageData() is None:
         raise InputError(
             None,
             f"volume node {getattr(node, 'GetName', lambda: '?')()} holds no image.",
             "Load a series into it first.",
         )
+    image = sitk.GetImageFromArray(_array_of(node))
+    _set_geometry(image, node)
+    return image
+
+
+def _set_geometry(image: sitk.Image, node) -> None:
+    """Spacing, direction and origin of ``node`` (RAS) onto ``image`` (LPS)."""
+    import vtk
+
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
-    ijk_to_ras_m = _numpy_matrix(m)
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras_m
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ _numpy_matrix(m)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    direction = lps[:3, :3] / spacing
-    image = sitk.GetImageFromArray(_array_of(node))
     image.SetSpacing(tuple(float(s) for s in spacing))
-    image.SetDirection(tuple(float(d) for d in direction.ravel()))
+    image.SetDirection(tuple(float(d) for d in (lps[:3, :3] / spacing).ravel()))
     image.SetOrigin(tuple(float(o) for o in lps[:3, 3]))
-    return image
+
+
+def node_plane(node) -> str:
+    """The plane of a volume node from its geometry alone: no voxel is read or copied (this runs
+    on every node Slicer adds, and a native series is tens of megabytes)."""
+    geometry = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    _set_geometry(geometry, node)
+    return detect_plane(geometry)
 
 
 def assign_views(nodes: Iterable) -> dict[str, object]:
@@ -126,7 +137,7 @@ def assign_views(nodes: Iterable) -> dict[str, object]:
     for node in nodes:
         if node is None or node.GetImageData() is None or node.IsA("vtkMRMLLabelMapVolumeNode"):
             continue
-        plane = detect_plane(image_from_node(node))
+        plane = node_plane(node)
         if plane in ("sagittal", "coronal", "axial") and plane not in out:
             out[plane] = node
     return out

@@ -309,3 +309,22 @@ def test_export_maps_segments_by_id_after_a_layer_change_and_leaves_no_nodes(app
     assert (labels[b] == DEFAULT_CATALOG.structure("tibia").label).all()
     assert app.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == colours
     assert app.scene.GetNumberOfNodes() == nodes
+
+
+def test_plane_detection_of_nodes_reads_no_voxels(app, monkeypatch):
+    """assign_views runs on every node Slicer adds: it must use the geometry alone."""
+    import OrthoKneeLib.scene as scene_module
+
+    nodes = {
+        name: volume_node_from_image(
+            app.scene, make_image(np.zeros((4, 8, 8), np.float32), spacing=(0.5, 0.5, 3.0), direction=d), f"geom {name}"
+        )
+        for name, d in (("c", COR), ("s", SAG), ("a", AX_LEFT_HANDED))
+    }
+
+    def no_voxels(node):
+        raise AssertionError("assign_views read the voxels of a node")
+
+    monkeypatch.setattr(scene_module, "_array_of", no_voxels)
+    views = scene_module.assign_views(nodes.values())
+    assert {p: n.GetName() for p, n in views.items()} == {"coronal": "geom c", "sagittal": "geom s", "axial": "geom a"}

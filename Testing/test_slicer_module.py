@@ -103,3 +103,17 @@ def test_requirements_comments_never_reach_pip(tmp_path):
     sample.write_text("# a comment with words like install now\n\ntorch>=2.1  # trailing words\n  monai>=1.4\n")
     assert read_requirements(sample) == ["torch>=2.1", "monai>=1.4"]
     assert missing(["numpy>=1", "surely-not-installed-package>=1"]) == ["surely-not-installed-package>=1"]
+
+
+def test_the_shipped_terminology_file_is_the_catalog():
+    import json
+
+    from OrthoKneeLib.labels import DEFAULT_CATALOG
+    from OrthoKneeLib.terminology import TERMINOLOGY_FILE, slicer_terminology
+
+    shipped = json.loads(TERMINOLOGY_FILE.read_text())
+    assert shipped == json.loads(json.dumps(slicer_terminology(DEFAULT_CATALOG)))
+    types = {t["CodeMeaning"]: t for c in shipped["SegmentationCodes"]["Category"] for t in c["Type"]}
+    assert {"Femur", "Tibia", "Fibula", "Patella", "Cartilage", "Meniscus", "Ligament"} <= set(types)
+    assert {m["CodeMeaning"] for m in types["Meniscus"]["Modifier"]} == {"Medial", "Lateral"}
+    assert "Terminology/OrthoKnee.term.json" in (REPO / "OrthoKnee" / "CMakeLists.txt").read_text()

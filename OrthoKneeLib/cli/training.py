@@ -152,6 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=TextProgress("evaluate", unit="step"),
         with_hd95=not args.no_hd95,
         postprocess=not args.raw,
+        gate=args.gate,
     )
     if args.json:
         print(json_text({k: v for k, v in scores.items() if args.per_case or k != "per_case"}))
@@ -240,6 +241,12 @@ def register(sub) -> None:
         metavar=("A.json", "B.json"),
         help="compare two saved `evaluate --json --per-case` scores on the same cases, paired, with 95 %% "
         "bootstrap intervals (B - A)",
+    )
+    p.add_argument(
+        "--gate",
+        action="store_true",
+        help="score findings from their maps confined to their anatomy (gating.py), and report how often "
+        "a positive case's map peaks on its lesion",
     )
     p.add_argument("--names", nargs=2, metavar=("A", "B"), help="with --compare: names for the two models")
     p.add_argument("--bootstrap", type=positive_int, default=10000, help="with --compare: resamples of the cases")
