@@ -52,9 +52,19 @@ def _image(array: np.ndarray, grid) -> sitk.Image:
 
 
 def _widen(mask: np.ndarray, grid, mm: float) -> np.ndarray:
-    """A grey dilation (max filter) by ``mm``: keeps the soft values, reaches ``mm`` further."""
-    radius = [max(1, int(round(mm / s))) for s in grid.spacing]
-    return sitk.GetArrayFromImage(sitk.GrayscaleDilate(_image(mask, grid), radius, sitk.sitkBall))
+    """A grey dilation (a max filter over a box reaching ``mm`` along each axis, at least one voxel):
+    keeps the soft values, reaches ``mm`` further along each axis. Separable max pooling in torch:
+    a fraction of a second per map where ITK's ball took half a second and a 3D pool a second."""
+    import torch
+
+    radius_kji = [max(1, int(round(mm / s))) for s in grid.spacing][::-1]
+    x = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    with torch.inference_mode():  # a box max filter is separable: one axis at a time, 1D windows
+        for axis, r in enumerate(radius_kji):
+            kernel, padding = [1, 1, 1], [0, 0, 0]
+            kernel[axis], padding[axis] = 2 * r + 1, r
+            x = torch.nn.functional.max_pool3d(x, kernel, stride=1, padding=padding)
+    return x[0, 0].numpy()
 
 
 def _distance_mm(mask: np.ndarray, grid) -> np.ndarray:
@@ -104,9 +114,38 @@ def host_masks(probs: np.ndarray, grid, catalog) -> dict[str, np.ndarray]:
     return {k: np.clip(v, 0, 1).astype(np.float32) for k, v in hosts.items()}
 
 
+def _coarser(probs: np.ndarray, grid, step: int):
+    """Every ``step``-th voxel in plane (the two finest axes) and the grid they lie on."""
+    from dataclasses import replace
+
+    spacing = np.asarray(grid.spacing)
+    through = int(np.argmax(spacing))  # i, j, k order
+    steps_ijk = [1 if a == through else step for a in range(3)]
+    sub = probs[:, :: steps_ijk[2], :: steps_ijk[1], :: steps_ijk[0]]
+    coarse = replace(
+        grid,
+        spacing=tuple(float(s * f) for s, f in zip(grid.spacing, steps_ijk)),
+        size=tuple(int(n) for n in sub.shape[1:][::-1]),
+    )
+    return sub, coarse, steps_ijk[::-1]
+
+
 def gate_maps(overlays: dict[str, np.ndarray], probs: np.ndarray, grid, catalog) -> dict[str, np.ndarray]:
-    """Each overlay times its host mask (findings without a known host are left as they are)."""
-    hosts = host_masks(probs, grid, catalog)
+    """Each overlay times its host mask (findings without a known host are left as they are).
+
+    The hosts of a fine grid are found on every second voxel in plane and repeated back: they are
+    widened by 2 mm anyway, and the maps they gate come from 3 mm cells."""
+    fine = probs.shape[2] * probs.shape[3] > 200 * 200
+    if fine:
+        sub, coarse_grid, steps_kji = _coarser(probs, grid, 2)
+        small = host_masks(np.ascontiguousarray(sub), coarse_grid, catalog)
+        hosts = {}
+        for key, mask in small.items():
+            for axis, n in enumerate(steps_kji):
+                mask = np.repeat(mask, n, axis=axis) if n > 1 else mask
+            hosts[key] = mask[: probs.shape[1], : probs.shape[2], : probs.shape[3]]
+    else:
+        hosts = host_masks(probs, grid, catalog)
     return {k: (v * hosts[k]).astype(np.float32) if k in hosts else v for k, v in overlays.items()}
 
 

@@ -37,6 +37,9 @@ class Check:
     ok: bool
     detail: str
 
+    def __post_init__(self) -> None:
+        self.ok = bool(self.ok)  # numpy comparisons give numpy bools, which json refuses
+
 
 def volume_ranges() -> dict[str, tuple[float, float]]:
     """structure -> (low, high) mL a real knee's reading may show."""

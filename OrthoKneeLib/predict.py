@@ -543,6 +543,13 @@ class Prediction:
         return written
 
 
+def _half(array: np.ndarray) -> np.ndarray:
+    """float16 copy through torch (vectorised; numpy's own conversion took 4 s for 12 native-size maps)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).half().numpy()
+
+
 def _has_menisci(labelmap: np.ndarray, catalog) -> bool:
     keys = [k for k in ("medial_meniscus", "lateral_meniscus") if k in catalog.structure_keys]
     return any((labelmap == catalog.structure(k).label).any() for k in keys)
@@ -588,11 +595,14 @@ class Predictor:
         device: str = "auto",
         postprocess: bool = True,
         gate: bool | None = None,
+        score_from_map: bool | None = None,
     ) -> None:
         """``postprocess``: femur, tibia and patella each in one piece and the menisci medial and lateral by the
         fibula's side (postprocess.py); False keeps the raw argmax. ``gate``: each finding's map confined to
-        its anatomy and its score taken from there (gating.py); None: as the bundle says
-        (``features.gate_findings``, default on)."""
+        its anatomy (gating.py; None: the bundle's ``features.gate_findings``, default on).
+        ``score_from_map``: the case probability is the level the gated map reaches over 0.05 mL instead of
+        the finding head's own (None: the bundle's ``features.finding_score == "gated_map"``, default off:
+        on held-out renders it separated the findings less well, docs/experiments.md)."""
         from .model.device import select_device
         from .resources import demo_bundle_dir
 
@@ -601,6 +611,8 @@ class Predictor:
         self.kind, self.heads = load_heads(self.bundle, device=self.device)
         self.postprocess = postprocess
         self.gate = bool(self.bundle.features.get("gate_findings", True) if gate is None else gate)
+        from_bundle = self.bundle.features.get("finding_score", "head") == "gated_map"
+        self.score_from_map = self.gate and bool(from_bundle if score_from_map is None else score_from_map)
 
     def predict(self, case: Case, progress: ProgressFn = no_progress, cancel: CancelToken | None = None) -> Prediction:
         """Predict on a working copy of ``case`` whose reference series is at most as fine as
@@ -677,11 +689,20 @@ class Predictor:
         progress(n_steps - 1, n_steps, "measurements")
         probs, labelmap, side = finish_prediction(probs, ref_grid, catalog, self.postprocess, tagged=case.laterality)
         head_probabilities = dict(findings)
-        if self.gate and overlays:  # findings on their anatomy, scored from where they are (gating.py)
-            from .gating import case_score_from_map, gate_maps
+        if self.gate and overlays:  # findings' maps on their anatomy (gating.py)
+            from .gating import TOP_ML, case_score_from_map, gate_maps
 
             overlays = gate_maps(overlays, probs, ref_grid, catalog)
-            findings = {k: case_score_from_map(overlays[k], ref_grid) for k in findings}
+            if self.score_from_map:
+                findings = {k: case_score_from_map(overlays[k], ref_grid) for k in findings}
+            for key, p in findings.items():  # a score without a place on its anatomy is said to be one
+                level = case_score_from_map(overlays[key], ref_grid)
+                if p >= 0.5 and level < OVERLAY_DISPLAY_THRESHOLD:
+                    warnings.append(
+                        f"{catalog.finding(key).name} has probability {p:.2f} but its map shows less than "
+                        f"{TOP_ML:g} mL on its anatomy at the {OVERLAY_DISPLAY_THRESHOLD:g} threshold: a score "
+                        "without a place; check the images."
+                    )
         if side is not None and side.warning:
             warnings.append(side.warning)
         elif side is not None and side.side is None and _has_menisci(labelmap, catalog):
@@ -691,7 +712,7 @@ class Predictor:
             reference_plane=case.reference_plane,
             reference_grid=ref_grid,
             labelmap=labelmap,
-            probabilities=probs.astype(np.float16),
+            probabilities=_half(probs),
             finding_probabilities=findings,
             overlays=overlays,
             catalog=catalog,
@@ -706,7 +727,7 @@ class Predictor:
                 "path": str(self.bundle.path),
             },
         )
-        prediction.head_probabilities = head_probabilities if self.gate and overlays else {}
+        prediction.head_probabilities = head_probabilities if self.score_from_map and overlays else {}
         if side is not None:
             prediction.knee_side = {"side": side.side, "from": side.reason, "dicom_laterality": case.laterality}
         prediction.measurements = measure(prediction.labelmap_image(), catalog)

@@ -12,7 +12,6 @@ compared physically, never matrix to matrix (Slicer reorders a left-handed volum
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -21,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .io import json_text
 from .predict import OVERLAY_DISPLAY_THRESHOLD
 from .volumes import Case, Volume, VolumeSource, detect_plane, ijk_to_ras
 
@@ -346,7 +346,7 @@ def add_prediction(
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
     _import_structures(scene, segmentation, reference_node, prediction)
     segmentation.SetAttribute(PREDICTION_ATTRIBUTE, _labelmap_hash(segmentation_labelmap(segmentation, reference_node)))
-    segmentation.SetAttribute(CASE_ATTRIBUTE, json.dumps(prediction.summary()))
+    segmentation.SetAttribute(CASE_ATTRIBUTE, json_text(prediction.summary()))
     segmentation.GetDisplayNode().SetVisibility(True)
     if surfaces:  # for the 3D view; costs seconds, so a caller without one can skip it
         segmentation.CreateClosedSurfaceRepresentation()

@@ -110,34 +110,3 @@ def pipeline(tmp_path_factory, shared_data):
         log=lambda *_: None,
     )
     return {"root": root, "base": bundle, "trained": trained, "folders": folders, "caches": caches}
-
-
-@pytest.fixture(scope="session")
-def small_dess_dicom(tmp_path_factory, shared_data) -> Path:
-    """The real DESS DICOM series at half its in-plane resolution (256 x 256 x 80, 0.625 mm):
-    real DICOM headers and anatomy, a quarter of the voxels, so a prediction takes seconds."""
-    import pydicom
-
-    folder = tmp_path_factory.mktemp("dess-small")
-    for path in sorted((shared_data / "dess-pykneer").glob("*.dcm")):
-        ds = pydicom.dcmread(path)
-        original = ds.pixel_array
-        pixels = original.astype(np.float32)
-        half = pixels.reshape(pixels.shape[0] // 2, 2, pixels.shape[1] // 2, 2).mean(axis=(1, 3))
-        row_dir, col_dir = (
-            np.asarray(ds.ImageOrientationPatient[:3], float),
-            np.asarray(ds.ImageOrientationPatient[3:], float),
-        )
-        spacing_rows, spacing_cols = (float(v) for v in ds.PixelSpacing)
-        # the first new pixel's centre lies half an old pixel along the row and the column from the old first centre
-        ds.ImagePositionPatient = [
-            float(v)
-            for v in np.asarray(ds.ImagePositionPatient, float)
-            + 0.5 * spacing_cols * row_dir
-            + 0.5 * spacing_rows * col_dir
-        ]
-        ds.PixelSpacing = [spacing_rows * 2, spacing_cols * 2]
-        ds.Rows, ds.Columns = half.shape
-        ds.PixelData = np.round(half).astype(original.dtype).tobytes()
-        ds.save_as(folder / path.name)
-    return folder

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.shared_data
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory, small_dess_dicom) -> Path:
-    """Two good cases (the sample's three series at 1 mm in plane; the real DESS DICOM series),
+def cases(tmp_path_factory, shared_data) -> Path:
+    """Two good cases (the sample's three series at 1 mm in plane; the real DESS DICOM series at its
+    native 512 x 512 x 80),
     one with a corrupt file, one with only the sagittal series."""
     root = tmp_path_factory.mktemp("batch") / "cases"
     sample = sample_case_dir()
@@ -33,7 +34,7 @@ def cases(tmp_path_factory, small_dess_dicom) -> Path:
         image = sitk.ReadImage(str(sample / file))
         spacing = (1.0, 1.0, image.GetSpacing()[2])
         sitk.WriteImage(resample_to_spacing(image, spacing), str(root / "a-sample" / f"{plane}.nrrd"))
-    shutil.copytree(small_dess_dicom, root / "b-dicom")
+    shutil.copytree(shared_data / "dess-pykneer", root / "b-dicom")
     shutil.copy(root / "a-sample" / "sagittal.nrrd", root / "d-partial" / "sagittal.nrrd")
     shutil.copy(root / "a-sample" / "sagittal.nrrd", root / "c-corrupt" / "sagittal.nrrd")
     (root / "c-corrupt" / "coronal.nii.gz").write_bytes(b"not an image at all" * 50)
@@ -108,16 +109,18 @@ def test_a_dask_local_cluster_gives_identical_outputs(first_run, cases, tmp_path
         assert np.mean(a != b) < 1e-4, case  # the same labels (thread counts may move a tie)
 
 
-def test_the_dicom_seg_reads_back_with_its_segments_and_source(first_run, small_dess_dicom, capsys):
+def test_the_dicom_seg_reads_back_with_its_segments_and_source(first_run, shared_data, capsys):
     import highdicom as hd
     import pydicom
 
     _, out = first_run
     path = out / "b-dicom" / "structures.seg.dcm"
     seg = hd.seg.segread(path)
-    source_uid = pydicom.dcmread(next(small_dess_dicom.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
+    source = next((shared_data / "dess-pykneer").glob("*.dcm"))
+    source_uid = pydicom.dcmread(source, stop_before_pixels=True).SeriesInstanceUID
     assert [s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence] == [source_uid]
     assert len(seg.SegmentSequence) == 11
+    assert (seg.Rows, seg.Columns, int(seg.NumberOfFrames)) == (512, 512, 80 * 11)  # the native grid, every slice
     assert {d.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator for d in seg.SegmentSequence} == {"SCT"}
     femur = next(d for d in seg.SegmentSequence if d.SegmentLabel == "Femur")
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "b-dicom" / "structures.seg.nrrd")))
