@@ -144,6 +144,7 @@ def cache_case(
         "timings": fi.timings,
         "warnings": warnings,
         "bundle_hash": bundle.hash,
+        "input_sha256": dict(fi.input_hashes),  # which images these features are of (a bundle's lineage cites them)
     }
     write_json_atomic(meta, out / "meta.json")  # last: its presence marks a complete entry
     return out

@@ -181,3 +181,67 @@ def compare_table(
                     f"| {r['n']} ({r['positive']}) |"
                 )
     return "\n".join(lines)
+
+
+def compare_predictions(folder_a: Path, folder_b: Path, threshold: float = 0.5, moved: float = 0.1) -> dict:
+    """Two saved predictions of one case (e.g. by two bundle versions): Dice and volume difference per
+    structure between them, and the findings whose probability moved by ``moved`` or crossed ``threshold``."""
+    from .results import load_prediction
+
+    a, b = load_prediction(folder_a), load_prediction(folder_b)
+    if a.reference_grid != b.reference_grid:
+        raise InputError(
+            folder_b,
+            f"is a prediction on another grid than {folder_a} (another case or series).",
+            "Compare two predictions of the same case.",
+        )
+    if a.input_hashes and b.input_hashes and a.input_hashes != b.input_hashes:
+        raise InputError(
+            folder_b, f"was predicted from other images than {folder_a}.", "Compare two predictions of the same series."
+        )
+    voxel_ml = float(np.prod(a.reference_grid.spacing)) / 1000.0
+    structures = {}
+    for s in a.catalog.structures:
+        in_a, in_b = a.labelmap == s.label, b.labelmap == s.label
+        total = int(in_a.sum() + in_b.sum())
+        structures[s.key] = {
+            "dice": (2.0 * int((in_a & in_b).sum()) / total) if total else None,
+            "volume_ml_a": round(int(in_a.sum()) * voxel_ml, 3),
+            "volume_ml_b": round(int(in_b.sum()) * voxel_ml, 3),
+        }
+    findings = {}
+    for key, pa in a.finding_probabilities.items():
+        pb = b.finding_probabilities.get(key)
+        if pb is None:
+            continue
+        findings[key] = {"a": pa, "b": pb, "changed": abs(pb - pa) >= moved or (pa >= threshold) != (pb >= threshold)}
+    return {
+        "a": {"folder": str(folder_a), "bundle": a.bundle},
+        "b": {"folder": str(folder_b), "bundle": b.bundle},
+        "structures": structures,
+        "findings": findings,
+    }
+
+
+def format_prediction_diff(diff: dict) -> str:
+    def version(side: dict) -> str:
+        bundle = side["bundle"] or {}
+        return f"{bundle.get('name', '?')} {bundle.get('version', '?')} ({side['folder']})"
+
+    lines = [
+        f"A = {version(diff['a'])}",
+        f"B = {version(diff['b'])}",
+        "",
+        "| structure | Dice A vs B | volume A (mL) | volume B (mL) |",
+        "|---|---|---|---|",
+    ]
+    for key, row in diff["structures"].items():
+        d = "-" if row["dice"] is None else f"{row['dice']:.3f}"
+        lines.append(f"| {key} | {d} | {row['volume_ml_a']:.1f} | {row['volume_ml_b']:.1f} |")
+    changed = {k: v for k, v in diff["findings"].items() if v["changed"]}
+    lines.append("")
+    lines.append(
+        "findings that changed: "
+        + (", ".join(f"{k} {v['a']:.2f} -> {v['b']:.2f}" for k, v in changed.items()) or "none")
+    )
+    return "\n".join(lines)

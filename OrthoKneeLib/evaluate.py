@@ -152,19 +152,7 @@ def evaluate_cached(
             "hd95": {},
             "knee_side": side.side if side else None,
         }
-        for s in catalog.structures:
-            if s.key not in annotated:
-                continue
-            d = dice(labelmap == s.label, truth == s.label)
-            if d is None:
-                continue
-            per_dice[s.key].append(d)
-            row["dice"][s.key] = d
-            if with_hd95:
-                h = hd95(labelmap == s.label, truth == s.label, spacing)
-                if h is not None:
-                    per_hd[s.key].append(h)
-                    row["hd95"][s.key] = h
+        _score_structures(row, labelmap, truth, catalog, annotated, spacing, with_hd95, per_dice, per_hd)
         if finding_probs is not None and gate and "overlays" in result:
             finding_probs, peaks = _gated_scores(result, probs, case, catalog)
             values, known = case.finding_targets(catalog)
@@ -172,25 +160,7 @@ def evaluate_cached(
                 if k and v > 0 and f.key in peaks:
                     peak_hits.setdefault(f.key, []).append(peaks[f.key])
         if finding_probs is not None:
-            values, known = case.finding_targets(catalog)
-            row["findings"], row["finding_truth"] = {}, {}
-            for f, p, v, k in zip(catalog.findings, finding_probs, values, known):
-                row["findings"][f.key] = float(p)
-                if k:  # kept per case so that intervals over cases can be computed from the JSON
-                    finding_scores[f.key].append((float(p), int(v)))
-                    row["finding_truth"][f.key] = int(v)
-            masks = case.pooled_masks
-            if masks.shape[1:] == result["cell_probabilities"].shape[1:]:  # cached on the heads' cell grid
-                inside = result["cells_inside"]
-                for index, (f, k) in enumerate(zip(catalog.findings, known)):
-                    if k:
-                        lesion_cells.add(
-                            f.key,
-                            result["cell_probabilities"][index],
-                            result["overlay_cells"][index],
-                            masks[index],
-                            inside,
-                        )
+            _score_findings(row, result, finding_probs, case, catalog, finding_scores, lesion_cells)
         per_case.append(row)
         progress(n + 1, len(cases), case.case_id)
     dice_mean = {k: float(np.mean(v)) for k, v in per_dice.items() if v}
@@ -225,6 +195,42 @@ def evaluate_cached(
         "by_contrast": dice_by_contrast(per_case),
         "per_case": per_case,
     }
+
+
+def _score_structures(row, labelmap, truth, catalog, annotated, spacing, with_hd95, per_dice, per_hd) -> None:
+    """Dice (and HD95) of each structure the case annotates, into ``row`` and the running lists."""
+    for s in catalog.structures:
+        if s.key not in annotated:
+            continue
+        d = dice(labelmap == s.label, truth == s.label)
+        if d is None:
+            continue
+        per_dice[s.key].append(d)
+        row["dice"][s.key] = d
+        if with_hd95:
+            h = hd95(labelmap == s.label, truth == s.label, spacing)
+            if h is not None:
+                per_hd[s.key].append(h)
+                row["hd95"][s.key] = h
+
+
+def _score_findings(row, result, finding_probs, case, catalog, finding_scores, lesion_cells) -> None:
+    """Each known finding's score and truth into ``row``; its cells into the lesion-cell AUCs."""
+    values, known = case.finding_targets(catalog)
+    row["findings"], row["finding_truth"] = {}, {}
+    for f, p, v, k in zip(catalog.findings, finding_probs, values, known):
+        row["findings"][f.key] = float(p)
+        if k:  # kept per case so that intervals over cases can be computed from the JSON
+            finding_scores[f.key].append((float(p), int(v)))
+            row["finding_truth"][f.key] = int(v)
+    masks = case.pooled_masks
+    if masks.shape[1:] == result["cell_probabilities"].shape[1:]:  # cached on the heads' cell grid
+        inside = result["cells_inside"]
+        for index, (f, k) in enumerate(zip(catalog.findings, known)):
+            if k:
+                lesion_cells.add(
+                    f.key, result["cell_probabilities"][index], result["overlay_cells"][index], masks[index], inside
+                )
 
 
 def _gated_scores(result: dict, probs: np.ndarray, case, catalog) -> tuple[np.ndarray, dict[str, bool]]:

@@ -635,10 +635,6 @@ class Predictor:
         return prediction
 
     def _predict(self, case: Case, progress: ProgressFn, cancel: CancelToken | None, t0: float) -> Prediction:
-        import torch
-
-        from .model.features import array_hash
-        from .model.heads import grid_of
         from .postprocess import finish_prediction
 
         warnings = list(case.warnings)
@@ -650,40 +646,9 @@ class Predictor:
                 )
         catalog = self.bundle.catalog
         n_steps = len([p for p in case.planes if p in used]) + 3
-        if self.kind == "supervised-baseline":
-            image = sitk.GetArrayFromImage(normalize_intensity(case.reference.image))[None]
-            probs = run_baseline(self.heads, image, device=self.device)
-            findings, overlays = {}, {}
-            timings = {}
-            hashes = {p: array_hash(sitk.GetArrayViewFromImage(v.image)) for p, v in case.views.items()}
-            ref_grid = grid_of(case.reference.image)
-            views_used = [case.reference_plane]
-        else:
-            inputs = fusion_inputs(
-                self.bundle,
-                case,
-                device=self.device,
-                progress=progress,
-                cancel=cancel,
-                warnings=warnings,
-                steps=(0, n_steps),
-                use=used,
-            )
-            progress(n_steps - 2, n_steps, "heads")
-            t = time.perf_counter()
-            try:
-                out = run_heads(self.heads, inputs, device=self.device, cancel=cancel)
-            except torch.OutOfMemoryError:
-                warnings.append("GPU out of memory in the heads; they ran on the CPU.")
-                out = run_heads(self.heads.to("cpu"), inputs, device="cpu", cancel=cancel)
-                self.heads.to(self.device)
-            timings = dict(inputs.timings, heads=time.perf_counter() - t)
-            probs = out["probabilities"]
-            findings = {f.key: float(p) for f, p in zip(catalog.findings, out["finding_probabilities"])}
-            overlays = {f.key: out["overlays"][n] for n, f in enumerate(catalog.findings)}
-            hashes = inputs.input_hashes
-            ref_grid = inputs.reference_grid
-            views_used = list(inputs.features)
+        probs, findings, overlays, timings, hashes, ref_grid, views_used = self._run_model(
+            case, used, n_steps, progress, cancel, warnings
+        )
         if cancel:
             cancel.raise_if_cancelled()
         progress(n_steps - 1, n_steps, "measurements")
@@ -747,6 +712,51 @@ class Predictor:
         prediction.timings = dict(timings, total=time.perf_counter() - t0)
         progress(n_steps, n_steps, "done")
         return prediction
+
+    def _run_model(self, case: Case, used, n_steps: int, progress: ProgressFn, cancel, warnings: list):
+        """The network part: (probabilities, finding probabilities, overlays, timings, input hashes,
+        the grid of it all, the views used), from the baseline or from the backbones and heads."""
+        import torch
+
+        from .model.features import array_hash
+        from .model.heads import grid_of
+
+        catalog = self.bundle.catalog
+        if self.kind == "supervised-baseline":
+            image = sitk.GetArrayFromImage(normalize_intensity(case.reference.image))[None]
+            probs = run_baseline(self.heads, image, device=self.device)
+            hashes = {p: array_hash(sitk.GetArrayViewFromImage(v.image)) for p, v in case.views.items()}
+            return probs, {}, {}, {}, hashes, grid_of(case.reference.image), [case.reference_plane]
+        inputs = fusion_inputs(
+            self.bundle,
+            case,
+            device=self.device,
+            progress=progress,
+            cancel=cancel,
+            warnings=warnings,
+            steps=(0, n_steps),
+            use=used,
+        )
+        progress(n_steps - 2, n_steps, "heads")
+        t = time.perf_counter()
+        try:
+            out = run_heads(self.heads, inputs, device=self.device, cancel=cancel)
+        except torch.OutOfMemoryError:
+            warnings.append("GPU out of memory in the heads; they ran on the CPU.")
+            out = run_heads(self.heads.to("cpu"), inputs, device="cpu", cancel=cancel)
+            self.heads.to(self.device)
+        timings = dict(inputs.timings, heads=time.perf_counter() - t)
+        findings = {f.key: float(p) for f, p in zip(catalog.findings, out["finding_probabilities"])}
+        overlays = {f.key: out["overlays"][n] for n, f in enumerate(catalog.findings)}
+        return (
+            out["probabilities"],
+            findings,
+            overlays,
+            timings,
+            inputs.input_hashes,
+            inputs.reference_grid,
+            list(inputs.features),
+        )
 
 
 # The heads' finest useful in-plane spacing: they were trained on series of 0.6-1 mm pixels, and the

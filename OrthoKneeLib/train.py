@@ -44,6 +44,8 @@ class FinetuneConfig:
     finding_every: int = 2  # steps between finding-head updates (segmentation trains every step)
     validate_every: int = 100
     validation_cases: int = 6
+    # > 0: stop after this many validations without a better mean Dice, and keep the best validated heads
+    early_stop_patience: int = 0
     checkpoint_every: int = 100  # steps; a stopped run resumes from ``<out>.checkpoint.pt``
     model: str = "heads"  # or "baseline": a supervised MONAI UNet on the reference series
     from_scratch: bool = False  # False: start from the bundle's heads of the same kind, if it has them
@@ -348,11 +350,50 @@ def finetune(
     import torch
 
     from .model.device import select_device
-    from .model.heads import HeadsConfig, OrthoKneeHeads, build_baseline, marginal_seg_loss
 
     dev = select_device(device)
     torch.manual_seed(config.seed)
-    catalog = bundle.catalog
+    cases_all, cases, draw_p = _training_cases(train_caches, config, log)
+    val_cases = [CachedCase(c) for c in validation_caches][: config.validation_cases]
+    setup = _build_model(bundle, config, cases, len(cases_all), dev, log)
+    run = _TrainingRun(
+        setup,
+        config,
+        Path(str(out).rstrip("/\\") + ".checkpoint.pt"),
+        {"config": config.to_json(), "cases": [c.case_id for c in cases], "bundle": bundle.hash},
+        dev,
+    )
+    run.resume(log)
+    if val_cases and run.first_step == 0:  # where the run starts from, on the same validation cases
+        run.validation_before = run.scores(val_cases, bundle.catalog)
+        if config.early_stop_patience and setup.start_from:  # the start competes: a run never ships worse heads
+            run.keep_if_best(0, run.validation_before["mean_dice"])
+    setup.model.train()
+    for step in range(run.first_step, config.steps):
+        if cancel:
+            cancel.raise_if_cancelled()
+        rng = np.random.default_rng([config.seed, step])
+        run.step(step, cases[draw_case(rng, len(cases), draw_p)], rng, bundle.catalog)
+        progress(step + 1, config.steps, f"loss {np.mean(run.losses[-20:]):.3f}")
+        if val_cases and ((step + 1) % config.validate_every == 0 or step + 1 == config.steps):
+            run.validate(step + 1, val_cases, bundle.catalog, log)
+            if run.should_stop():
+                log(
+                    f"stopping early at step {step + 1}: no better validation Dice in {config.early_stop_patience} "
+                    f"validations; keeping the heads of step {run.best['step']}"
+                )
+                break
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            run.save(step + 1)
+    run.restore_best()
+    setup.model.eval()
+    out_bundle = _write_bundle(bundle, out, version, setup, run, config, cases_all, cases, command, dev)
+    run.checkpoint.unlink(missing_ok=True)
+    return out_bundle
+
+
+def _training_cases(train_caches, config: FinetuneConfig, log) -> tuple[list, list, np.ndarray | None]:
+    """(every training case, the labelled subset, the draw weights of the oversampling)."""
     cases_all = [CachedCase(c) for c in train_caches]
     if not cases_all:
         raise InputError(None, "no training cases were given.", "Give `orthoknee synth` outputs with a train split.")
@@ -364,7 +405,27 @@ def finetune(
             for pattern in config.oversample
         }
         log("oversampling: " + ", ".join(f"{k} {100 * v:.0f} % of the steps" for k, v in share.items()))
-    val_cases = [CachedCase(c) for c in validation_caches][: config.validation_cases]
+    return cases_all, cases, draw_p
+
+
+@dataclass
+class _ModelSetup:
+    """The model a run trains and what its bundle entry needs to say about it."""
+
+    model: object
+    kind: str
+    baseline: bool
+    heads_config: object
+    start_from: dict | None
+    trained: object  # the module the optimizer steps (both heads, or one of them)
+    clipped: list  # the modules whose gradients are clipped, each on its own
+
+
+def _build_model(bundle: Bundle, config: FinetuneConfig, cases: list, n_cases_all: int, dev, log) -> _ModelSetup:
+    """The heads (from the bundle's, or fresh) or the baseline, on ``dev``."""
+    from .model.heads import HeadsConfig, OrthoKneeHeads, build_baseline
+
+    catalog = bundle.catalog
     view_channels = {
         p: int(cases[0].pooled_features[p].shape[0])
         for p in cases[0].planes
@@ -381,8 +442,7 @@ def finetune(
     existing = bundle.metadata.get("heads") or {}
     start_from = None if config.from_scratch or existing.get("kind") != kind else existing
     if baseline:
-        model = build_baseline(len(catalog.structures) + 1).to(dev)
-        heads_config = None
+        model, heads_config = build_baseline(len(catalog.structures) + 1).to(dev), None
     else:
         heads_config = (
             HeadsConfig.from_json(start_from["config"])
@@ -396,64 +456,94 @@ def finetune(
     if start_from:  # the annotator's loop: corrections refine the heads the bundle already has
         bundle.load_into(model, start_from["weights"], "heads")
         log(f"continuing from the heads of {bundle.path} ({bundle.metadata.get('version')})")
-        replayed = _replayed_steps(start_from.get("training") or {}, config, len(cases_all))
+        replayed = _replayed_steps(start_from.get("training") or {}, config, n_cases_all)
         if replayed:
             log(
                 f"note: these heads were last trained on the same cases with seed {config.seed}; steps "
                 f"0-{replayed - 1} of this run draw the same patches in the same order as that run did "
                 "(pass another --seed for new ones)"
             )
-    params = sum(p.numel() for p in model.parameters())
     trained = (
         model
         if baseline or config.train_heads == "both"
         else (model.segmentation if config.train_heads == "segmentation" else model.findings)
     )
-    # each head is clipped on its own (see the training loop)
+    # each head is clipped on its own (see _TrainingRun.step)
     clipped = [model.segmentation, model.findings] if trained is model and not baseline else [trained]
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1
-    )
-    history, losses, first_step, elapsed_before = [], [], 0, 0.0
-    checkpoint = Path(str(out).rstrip("/\\") + ".checkpoint.pt")
-    fingerprint = {"config": config.to_json(), "cases": [c.case_id for c in cases], "bundle": bundle.hash}
-    if checkpoint.is_file():
-        state = load_checkpoint(checkpoint, dev)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            first_step, losses, history = state["step"], state["losses"], state["history"]
-            elapsed_before = state["elapsed"]
-            log(f"resuming from {checkpoint} at step {first_step}")
-        else:
-            log(f"ignoring {checkpoint}: it belongs to another run (config, cases or backbone differ)")
-    start = time.perf_counter()
+    return _ModelSetup(model, kind, baseline, heads_config, start_from, trained, clipped)
 
-    def save_checkpoint(step_done: int) -> None:
-        with atomic_path(checkpoint) as tmp:
+
+class _TrainingRun:
+    """Optimizer, schedule, losses and validation history of one run, and its checkpoint."""
+
+    def __init__(self, setup: _ModelSetup, config: FinetuneConfig, checkpoint: Path, fingerprint: dict, dev) -> None:
+        import torch
+
+        self.setup, self.config, self.checkpoint, self.fingerprint, self.dev = (
+            setup,
+            config,
+            checkpoint,
+            fingerprint,
+            dev,
+        )
+        self.optimizer = torch.optim.AdamW(
+            setup.trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.schedule = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1
+        )
+        self.history: list[dict] = []
+        self.losses: list[float] = []
+        self.validation_before: dict | None = None
+        self.best: dict | None = None  # {"step", "mean_dice", "state"} of the best validation so far
+        self.first_step, self.elapsed_before = 0, 0.0
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def resume(self, log) -> None:
+        if not self.checkpoint.is_file():
+            return
+        state = load_checkpoint(self.checkpoint, self.dev)
+        if state.get("fingerprint") != self.fingerprint:
+            log(f"ignoring {self.checkpoint}: it belongs to another run (config, cases or backbone differ)")
+            return
+        self.setup.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.first_step, self.losses, self.history = state["step"], state["losses"], state["history"]
+        self.elapsed_before = state["elapsed"]
+        self.start = time.perf_counter()
+        log(f"resuming from {self.checkpoint} at step {self.first_step}")
+
+    def save(self, step_done: int) -> None:
+        import torch
+
+        with atomic_path(self.checkpoint) as tmp:
             torch.save(
                 {
-                    "fingerprint": fingerprint,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
+                    "fingerprint": self.fingerprint,
+                    "model": self.setup.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "schedule": self.schedule.state_dict(),
                     "step": step_done,
-                    "losses": losses,
-                    "history": history,
-                    "elapsed": elapsed_before + time.perf_counter() - start,
+                    "losses": self.losses,
+                    "history": self.history,
+                    "elapsed": self.seconds,
                 },
                 tmp,
             )
 
-    model.train()
-    for step in range(first_step, config.steps):
-        if cancel:
-            cancel.raise_if_cancelled()
-        rng = np.random.default_rng([config.seed, step])
-        case = cases[draw_case(rng, len(cases), draw_p)]
-        if baseline:
+    def step(self, step: int, case, rng, catalog: Catalog) -> None:
+        """One optimizer step on a patch (segmentation) and, every few steps, a whole case (findings)."""
+        import torch
+
+        from .model.heads import marginal_seg_loss
+
+        config, model, dev = self.config, self.setup.model, self.dev
+        if self.setup.baseline:
             x, y, annotated = _baseline_batch(case, config, rng, dev, catalog)
             loss = marginal_seg_loss(model(x), y, annotated)
         else:
@@ -476,7 +566,7 @@ def finetune(
             )
             if finding_step:  # a whole pooled case: ~40 % of a joint step's cost
                 loss = loss + _finding_loss(model, case, planes, catalog, config, dev)
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training diverged at step {step + 1} (loss {float(loss)}): "
@@ -487,50 +577,101 @@ def finetune(
         # gradient (a patch full of a rare class) from throwing the weights off. Each head is
         # clipped on its own: their parameters are disjoint, and a joint norm let the finding
         # loss shrink the segmentation head's steps on every finding step.
-        for part in clipped:
+        for part in self.setup.clipped:
             torch.nn.utils.clip_grad_norm_(part.parameters(), config.clip_grad_norm)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        progress(step + 1, config.steps, f"loss {np.mean(losses[-20:]):.3f}")
-        if val_cases and ((step + 1) % config.validate_every == 0 or step + 1 == config.steps):
-            from .evaluate import evaluate_cached
+        self.optimizer.step()
+        self.schedule.step()
+        self.losses.append(float(loss.detach()))
 
-            model.eval()
-            scores = evaluate_cached(kind, model, val_cases, catalog, device=dev, with_hd95=False)
-            model.train()
-            entry = {
-                "step": step + 1,
-                "loss": float(np.mean(losses[-config.validate_every :])),
-                "mean_dice": scores["mean_dice"],
-                "mean_auc": scores["mean_auc"],
-            }
-            history.append(entry)
-            log(
-                f"step {step + 1}: loss {entry['loss']:.3f}  validation mean Dice {entry['mean_dice']:.3f}"
-                + (f"  mean AUC {entry['mean_auc']:.3f}" if entry["mean_auc"] is not None else "")
-            )
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save_checkpoint(step + 1)
-    seconds = elapsed_before + time.perf_counter() - start
-    model.eval()
+    def scores(self, val_cases: list, catalog: Catalog) -> dict:
+        """Mean Dice and AUC of the model as it is now on the validation cases."""
+        from .evaluate import evaluate_cached
+
+        model = self.setup.model
+        model.eval()
+        scores = evaluate_cached(self.setup.kind, model, val_cases, catalog, device=self.dev, with_hd95=False)
+        model.train()
+        return {
+            "mean_dice": scores["mean_dice"],
+            "mean_auc": scores["mean_auc"],
+            "dice": scores["dice"],
+            "auc": scores["auc"],
+        }
+
+    def should_stop(self) -> bool:
+        """Early stopping: remember the best validated heads; stop after ``patience`` validations without one."""
+        patience = self.config.early_stop_patience
+        if patience <= 0 or not self.history:
+            return False
+        last = self.history[-1]
+        if self.keep_if_best(last["step"], last["mean_dice"]):
+            return False
+        since = [h for h in self.history if h["step"] > (self.best or {"step": 0})["step"]]
+        return len(since) >= patience
+
+    def keep_if_best(self, step: int, mean_dice: float | None) -> bool:
+        """Remember the model as it is now when its validation Dice is the best so far."""
+        import copy
+
+        if mean_dice is None or (self.best is not None and mean_dice <= self.best["mean_dice"]):
+            return False
+        self.best = {"step": step, "mean_dice": mean_dice, "state": copy.deepcopy(self.setup.model.state_dict())}
+        return True
+
+    def restore_best(self) -> None:
+        """The best validated heads back, when the run went on past them."""
+        if self.best is not None and (not self.history or self.history[-1]["step"] != self.best["step"]):
+            self.setup.model.load_state_dict(self.best["state"])
+
+    def validate(self, step_done: int, val_cases: list, catalog: Catalog, log) -> None:
+        scores = self.scores(val_cases, catalog)
+        entry = {
+            "step": step_done,
+            "loss": float(np.mean(self.losses[-self.config.validate_every :])),
+            "mean_dice": scores["mean_dice"],
+            "mean_auc": scores["mean_auc"],
+        }
+        self.history.append(entry)
+        log(
+            f"step {step_done}: loss {entry['loss']:.3f}  validation mean Dice {entry['mean_dice']:.3f}"
+            + (f"  mean AUC {entry['mean_auc']:.3f}" if entry["mean_auc"] is not None else "")
+        )
+
+
+def _write_bundle(
+    bundle: Bundle,
+    out,
+    version,
+    setup: _ModelSetup,
+    run: _TrainingRun,
+    config: FinetuneConfig,
+    cases_all: list,
+    cases: list,
+    command: str,
+    dev,
+) -> Bundle:
+    """The new bundle version: the backbones copied, the trained heads, and their lineage."""
     out_bundle = derive_bundle(bundle, out, version)
+    losses = run.losses
     n_avg = max(1, min(20, len(losses) // 4))  # a short run's first and last steps must not overlap
     relative = "weights/heads.pt"
-    digest = out_bundle.save_weights(relative, model.state_dict())
+    digest = out_bundle.save_weights(relative, setup.model.state_dict())
+    start_from = setup.start_from
     out_bundle.metadata["heads"] = {
-        "kind": kind,
-        "config": heads_config.to_json() if heads_config else {"patch_kji": list(config.patch_kji)},
+        "kind": setup.kind,
+        "config": setup.heads_config.to_json() if setup.heads_config else {"patch_kji": list(config.patch_kji)},
         "weights": relative,
         "sha256": digest,
-        "parameters": params,
+        "parameters": sum(p.numel() for p in setup.model.parameters()),
         "training": {
             "command": command,
             "config": config.to_json(),
-            "seconds": round(seconds, 1),
+            "seconds": round(run.seconds, 1),
             "device": str(dev),
             "cases": len(cases_all),
             "labelled_cases": len(cases),
+            # which cases, and which images of them: a version can be traced back to its corrections
+            "case_inputs": [{"case_id": c.case_id, "input_sha256": c.meta.get("input_sha256")} for c in cases],
             "subjects": sorted({c.meta["subject"] for c in cases}),
             "sources": sorted({c.meta["source"] for c in cases}),
             "started_from": None
@@ -539,9 +680,12 @@ def finetune(
             "first_loss": float(np.mean(losses[:n_avg])),  # over the first / last n_avg steps
             "final_loss": float(np.mean(losses[-n_avg:])),
             "loss_average_steps": n_avg,
-            "validation": history,
+            "validation": run.history,
+            # the validation cases' scores before the run, and of the heads this bundle ships (the best
+            # validated ones when stopping early)
+            "validation_before": run.validation_before,
+            "kept_step": run.best["step"] if run.best else (run.history[-1]["step"] if run.history else None),
         },
     }
     out_bundle.save_metadata()
-    checkpoint.unlink(missing_ok=True)
     return out_bundle

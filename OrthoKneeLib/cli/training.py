@@ -72,6 +72,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         train_heads=args.train_heads,
         hard_negative_cells=args.hard_negative_cells,
         other_lesion_negatives=args.other_lesion_negatives,
+        early_stop_patience=args.early_stop,
     )
     # mistakes are refused now, not after every case's features are cached
     check_finetune_config(bundle, config)
@@ -165,6 +166,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Two bundle versions' outputs on one case, side by side."""
+    from ..compare import compare_predictions, format_prediction_diff
+
+    diff = compare_predictions(args.a, args.b)
+    print(json_text(diff) if args.json else format_prediction_diff(diff))
+    return 0
+
+
 def register(sub) -> None:
     """Add this module's commands to the `orthoknee` subcommands."""
     p = sub.add_parser("finetune", help="train the heads on cached features of labelled cases (backbone frozen)")
@@ -225,6 +235,13 @@ def register(sub) -> None:
         help="fresh heads even when --bundle has trained ones (default: continue from them)",
     )
     p.add_argument("--validate-every", type=positive_int, default=100, metavar="STEPS")
+    p.add_argument(
+        "--early-stop",
+        type=nonnegative_int,
+        default=0,
+        metavar="N",
+        help="stop after N validations without a better mean Dice and keep the best validated heads (default 0: off)",
+    )
     p.add_argument("--validation-cases", type=nonnegative_int, default=4)
     p.add_argument("--version", help="version of the new bundle (default: next minor)")
     p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee/features)")
@@ -264,3 +281,9 @@ def register(sub) -> None:
     p.add_argument("--cache", type=Path, help="feature cache (default $ORTHOKNEE_CACHE or ~/.cache/orthoknee/features)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("diff", help="two predictions of one case (e.g. two bundle versions): Dice, volumes, findings")
+    p.add_argument("a", type=Path, metavar="OUT_A", help="an output folder of `orthoknee predict`")
+    p.add_argument("b", type=Path, metavar="OUT_B", help="another output folder of the same case")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_diff)

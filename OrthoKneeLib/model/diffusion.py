@@ -187,6 +187,37 @@ def _ema_update(ema, model, decay: float) -> None:
             e.copy_(m)
 
 
+def _denoising_step(
+    model,
+    ema,
+    optimizer,
+    scaler,
+    scheduler,
+    batch: np.ndarray,
+    view: ViewModelConfig,
+    config: PretrainConfig,
+    dev,
+    use_amp: bool,
+) -> float:
+    """One step of the denoising objective on a batch of patches: noise at random timesteps, predict it."""
+    import torch
+
+    x = to_network(torch.from_numpy(batch[:, None])).contiguous().to(dev)
+    if use_amp:
+        x = x.to(memory_format=torch.channels_last_3d)
+    noise = torch.randn_like(x)
+    t = torch.randint(0, view.num_train_timesteps, (x.shape[0],), device=dev)
+    with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+        noisy = scheduler.add_noise(x, noise, t)
+        loss = torch.nn.functional.mse_loss(model(noisy, t).float(), noise.float())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    _ema_update(ema, model, config.ema_decay)
+    return float(loss.detach())
+
+
 def pretrain(
     view: ViewModelConfig,
     data: Sequence[str | os.PathLike],
@@ -268,21 +299,8 @@ def pretrain(
         batch = np.stack(
             [_sample_patch(volumes[rng.integers(len(volumes))], patch_kji, rng) for _ in range(config.batch_size)]
         )
-        x = to_network(torch.from_numpy(batch[:, None])).contiguous().to(dev)
-        if use_amp:
-            x = x.to(memory_format=torch.channels_last_3d)
-        noise = torch.randn_like(x)
-        t = torch.randint(0, view.num_train_timesteps, (x.shape[0],), device=dev)
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-            noisy = scheduler.add_noise(x, noise, t)
-            loss = torch.nn.functional.mse_loss(model(noisy, t).float(), noise.float())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        _ema_update(ema, model, config.ema_decay)
+        losses.append(_denoising_step(model, ema, optimizer, scaler, scheduler, batch, view, config, dev, use_amp))
         step += 1
-        losses.append(float(loss.detach()))
         progress(step, config.steps, f"loss {np.mean(losses[-20:]):.4f}")
         if step % config.checkpoint_every == 0 or step == config.steps:
             save()

@@ -1,0 +1,93 @@
+"""The annotator's loop on the tiny pipeline: a corrected case (labels redrawn, a finding rejected)
+fine-tunes the next bundle version, which predicts that case closer to the correction and records
+where it came from; two versions' outputs compare side by side."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+torch = pytest.importorskip("torch", reason="torch is an engine dependency")
+
+from OrthoKneeLib.cachedcase import cache_case  # noqa: E402
+from OrthoKneeLib.cli import main  # noqa: E402
+from OrthoKneeLib.predict import Predictor  # noqa: E402
+from OrthoKneeLib.synth.dataset import read_case  # noqa: E402
+from OrthoKneeLib.train import FinetuneConfig, finetune  # noqa: E402
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of voxels with the same label (the tiny model's random backbone gives no structure a
+    usable Dice; how much of the case it labels as the annotator did still moves)."""
+    return float((a == b).mean())
+
+
+def test_a_corrected_case_trains_the_next_version(pipeline, tmp_path, capsys):
+    base = pipeline["trained"]
+    source = pipeline["folders"][0]
+    before = Predictor(base, device="cpu", gate=False, postprocess=False).predict(read_case(source).case)
+    rejected = max(before.finding_probabilities, key=before.finding_probabilities.get)
+    corrected = tmp_path / "corrected" / "cases" / source.name  # the annotator's export: true labels, a rejection
+    shutil.copytree(source, corrected)
+    meta = json.loads((corrected / "case.json").read_text())
+    meta["findings"][rejected] = (
+        dict(meta["findings"][rejected], present=0) if isinstance(meta["findings"][rejected], dict) else 0
+    )
+    (corrected / "findings" / f"{rejected}.nrrd").unlink(missing_ok=True)  # a rejected finding has no lesion
+    meta["split"] = "train"
+    (corrected / "case.json").write_text(json.dumps(meta))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(corrected / "sagittal_labels.nrrd")))  # the reference grid
+
+    cache = cache_case(base, corrected, tmp_path / "cache")
+    config = FinetuneConfig(steps=40, patch_kji=(4, 24, 24), learning_rate=1e-3, validation_cases=0)
+    new = finetune(base, [cache], tmp_path / "next", config, device="cpu", log=lambda *_: None)
+    after = Predictor(new, device="cpu", gate=False, postprocess=False).predict(read_case(source).case)
+
+    assert _agreement(after.labelmap, truth) > _agreement(before.labelmap, truth) + 0.05
+    assert after.finding_probabilities[rejected] < before.finding_probabilities[rejected]
+    lineage = new.metadata
+    assert lineage["parent"] == {"name": base.metadata["name"], "version": base.metadata["version"], "hash": base.hash}
+    training = lineage["heads"]["training"]
+    assert training["started_from"]["version"] == base.metadata["version"]
+    assert [c["case_id"] for c in training["case_inputs"]] == [meta["case_id"]]
+    assert training["case_inputs"][0]["input_sha256"]  # which images the correction was made on
+
+    for bundle, out in ((base, tmp_path / "out-a"), (new, tmp_path / "out-b")):  # two versions side by side
+        Predictor(bundle, device="cpu").predict(read_case(source).case).save(out)
+    assert main(["diff", str(tmp_path / "out-a"), str(tmp_path / "out-b"), "--json"]) == 0
+    diff = json.loads(capsys.readouterr().out)
+    assert (
+        diff["b"]["bundle"]["version"] == new.metadata["version"]
+        and diff["findings"][rejected]["b"] < diff["findings"][rejected]["a"]
+    )
+
+
+def test_early_stopping_keeps_the_best_validated_heads(pipeline, tmp_path):
+    config = FinetuneConfig(
+        steps=12, patch_kji=(4, 24, 24), validate_every=3, validation_cases=1, early_stop_patience=1, learning_rate=0.05
+    )
+    new = finetune(
+        pipeline["trained"],
+        pipeline["caches"][:2],
+        tmp_path / "es",
+        config,
+        validation_caches=pipeline["caches"][2:],
+        device="cpu",
+        log=lambda *_: None,
+    )
+    training = new.metadata["heads"]["training"]
+    history = training["validation"]
+    assert training["validation_before"]["mean_dice"] is not None
+    best = max([training["validation_before"]["mean_dice"]] + [h["mean_dice"] for h in history])
+    kept = training["kept_step"]
+    kept_dice = (
+        training["validation_before"]["mean_dice"]
+        if kept == 0
+        else next(h["mean_dice"] for h in history if h["step"] == kept)
+    )
+    assert kept_dice == pytest.approx(best)
+    assert len(history) <= 4
