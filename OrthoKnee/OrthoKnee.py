@@ -258,14 +258,16 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --------------------------------------------------------------------- running
     def onApplyOrCancel(self) -> None:
         if self._job is not None:
-            self._job["cancel"].cancel()
+            self._job["stop"]()
             self.ui.statusLabel.text = "Cancelling..."
             return
         if not self.logic.ensureDependencies():
             return
         p = self._parameterNode
         try:
-            self._job = self.logic.start(p.sagittal, p.coronal, p.axial, _bundle_or_default(p.bundlePath), p.device)
+            self._job = self.logic.startProcess(
+                p.sagittal, p.coronal, p.axial, _bundle_or_default(p.bundlePath), p.device
+            )
         except Exception as exc:  # an OrthoKneeError names the file and what to do
             slicer.util.errorDisplay(str(exc))
             return
@@ -280,18 +282,20 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:  # the scene closed or the module was left meanwhile
             self._timer.stop()
             return
-        done, total, message = job["progress"]
+        done, total, message = job["poll"]()
         self.ui.progressBar.maximum = max(total, 1)
         self.ui.progressBar.value = done
         self.ui.statusLabel.text = message
-        if job["thread"].is_alive():
+        if job["alive"]():
             return
         self._timer.stop()
         self._job = None
+        if "runner" in job:
+            self.logic.finishProcess(job)
         self._checkCanApply()
         if job.get("error") is not None:
             self.ui.statusLabel.text = str(job["error"])
-            if "cancelled" not in str(job["error"]):
+            if "cancelled" not in str(job["error"]) and "terminated" not in str(job["error"]):
                 slicer.util.errorDisplay(str(job["error"]))
             return
         p = self._parameterNode
@@ -453,7 +457,58 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
 
         job["thread"] = threading.Thread(target=work, name="OrthoKnee predict", daemon=True)
         job["thread"].start()
+        job["alive"] = job["thread"].is_alive
+        job["stop"] = job["cancel"].cancel
+        job["poll"] = lambda: job["progress"]
         return job
+
+    def startProcess(self, sagittal, coronal, axial, bundle_path, device) -> dict:
+        """Run `orthoknee predict` in a child process (runner.py): Slicer keeps its memory and threads,
+        Cancel stops the child at once, and the run leaves a log. The series are written to a
+        temporary folder first (on this, the GUI thread: MRML is not thread-safe)."""
+        import shutil
+        import tempfile
+
+        import SimpleITK as sitk
+
+        from OrthoKneeLib.runner import PredictProcess
+        from OrthoKneeLib.scene import image_from_node
+
+        work = Path(tempfile.mkdtemp(prefix="OrthoKnee-", dir=slicer.app.temporaryPath))
+        series = {}
+        for plane, node in (("sagittal", sagittal), ("coronal", coronal), ("axial", axial)):
+            if node is not None:
+                series[plane] = work / f"{plane}.nrrd"
+                sitk.WriteImage(image_from_node(node), str(series[plane]))
+
+        def launch(args):
+            try:  # the child must find the engine beside this module
+                return slicer.util.launchConsoleProcess(args, updateEnvironment={"PYTHONPATH": str(_REPO)})
+            except TypeError:  # Slicer without updateEnvironment
+                return slicer.util.launchConsoleProcess(args)
+
+        python = shutil.which("PythonSlicer") or sys.executable
+        runner = PredictProcess(
+            series, work / "result", bundle=bundle_path, device=device, python=python, launcher=launch
+        ).start()
+        job = {
+            "runner": runner,
+            "reference": sagittal or coronal or axial,
+            "error": None,
+            "prediction": None,
+            "alive": runner.running,
+            "stop": lambda: runner.cancel(grace_s=5.0),
+            "poll": runner.progress,
+        }
+        return job
+
+    @staticmethod
+    def finishProcess(job: dict) -> None:
+        """The child's result (or its error) into the job, once it has ended."""
+        try:
+            job["prediction"] = job["runner"].wait(timeout=30)
+        except Exception as exc:  # an OrthoKneeError with the child's own last line and the log's path
+            job["error"] = exc
 
     def run(self, sagittal, coronal=None, axial=None, bundle_path=None, device="auto", threshold=0.5, opacity=0.6):
         """Blocking run (scripts, the self-test): predict and show."""

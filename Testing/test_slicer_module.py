@@ -117,3 +117,77 @@ def test_the_shipped_terminology_file_is_the_catalog():
     assert {"Femur", "Tibia", "Fibula", "Patella", "Cartilage", "Meniscus", "Ligament"} <= set(types)
     assert {m["CodeMeaning"] for m in types["Meniscus"]["Modifier"]} == {"Medial", "Lateral"}
     assert "Terminology/OrthoKnee.term.json" in (REPO / "OrthoKnee" / "CMakeLists.txt").read_text()
+
+
+def _cmake_entries(variable: str) -> list[str]:
+    import re
+
+    text = (REPO / "OrthoKnee" / "CMakeLists.txt").read_text()
+    block = re.search(rf"set\({variable}\n(.*?)\n\s*\)", text, flags=re.S).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_the_install_tree_the_cmake_lists_describe_runs_the_engine(tmp_path):
+    """Lay the files out as slicerMacroBuildScriptedModule installs them (each entry relative to the
+    scripted-modules folder) and use the engine from there alone: module, engine, catalog, bundle
+    (sha256 verified) and sample case are all found."""
+    import shutil
+    import subprocess
+    import sys
+
+    modules = tmp_path / "lib" / "Slicer" / "qt-scripted-modules"
+    entries = [e.replace("${MODULE_NAME}", "OrthoKnee") for e in _cmake_entries("MODULE_PYTHON_SCRIPTS")]
+    entries += [e.replace("${MODULE_NAME}", "OrthoKnee") for e in _cmake_entries("MODULE_PYTHON_RESOURCES")]
+    for entry in entries:
+        source = (REPO / "OrthoKnee" / entry).resolve()
+        target = (modules / entry).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from OrthoKneeLib.resources import demo_bundle_dir, sample_case_dir; "
+        "from OrthoKneeLib.bundle import Bundle; from OrthoKneeLib.labels import DEFAULT_CATALOG; "
+        "b = Bundle.open(demo_bundle_dir(), verify=True); s = sample_case_dir(); "
+        "import OrthoKneeLib; print(OrthoKneeLib.__file__, b.path, s, len(DEFAULT_CATALOG.structures), "
+        "len(b.catalog.findings))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(modules.parent)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    engine, bundle, sample, structures, findings = done.stdout.split()
+    for path in (engine, bundle, sample):
+        assert path.startswith(str(tmp_path)), path  # found in the install tree, not in the repository
+    assert (structures, findings) == ("11", "8")
+    assert (modules / "OrthoKnee.py").is_file() and (modules / "Resources" / "UI" / "OrthoKnee.ui").is_file()
+
+
+def test_the_subprocess_runner_predicts_and_cancels(tmp_path):
+    """The module's way to run the model: a child `orthoknee predict` with progress, a log and a hard cancel."""
+    import time
+
+    from OrthoKneeLib.errors import OrthoKneeError
+    from OrthoKneeLib.resources import SAMPLE_VIEWS, sample_case_dir
+    from OrthoKneeLib.runner import PredictProcess
+
+    pytest.importorskip("torch", reason="torch is an engine dependency")
+    series = {plane: sample_case_dir() / name for plane, name in SAMPLE_VIEWS.items()}
+    stopped = PredictProcess(series, tmp_path / "stopped", device="cpu").start()
+    deadline = time.time() + 60
+    while stopped.progress()[0] < 1 and time.time() < deadline:  # into the model
+        time.sleep(0.2)
+    assert stopped.progress()[0] >= 1 and stopped.progress()[1] >= 3
+    stopped.cancel()
+    with pytest.raises(OrthoKneeError, match="terminated"):
+        stopped.wait()
+    assert not (tmp_path / "stopped").exists()  # nothing half-written
+    assert "terminated" in stopped.log_path.read_text()
+
+    run = PredictProcess(series, tmp_path / "done", device="cpu").start()
+    prediction = run.wait(timeout=300)
+    assert len(prediction.finding_probabilities) == 8 and prediction.labelmap.max() > 0
+    assert run.progress()[0] == run.progress()[1]  # the bar reached its end
