@@ -136,6 +136,7 @@ def cache_case(
         "planes": list(fi.features),
         "reference_plane": ref_plane,
         "annotated": list(sc.annotated),
+        "extra_labels": dict(sc.meta.get("extra_labels") or {}),  # label value -> name, labels the catalog lacks
         "findings": findings,
         "fusion_grid": fi.fusion_grid.to_json(),
         "reference_grid": fi.reference_grid.to_json(),
@@ -191,10 +192,34 @@ class CachedCase:
             return None
         return (json.loads(case_json.read_text()).get("contrast") or {}).get("contrast")
 
+    @property
+    def extra_labels(self) -> dict[int, str]:
+        """Label values of this case that the catalog does not know -> their names (an annotator's
+        new labels), from the cache entry or, for entries made before it recorded them, the case."""
+        extra = self.meta.get("extra_labels")
+        if extra is None:
+            case_json = Path(self.meta.get("case_folder", "")) / "case.json"
+            extra = json.loads(case_json.read_text()).get("extra_labels", {}) if case_json.is_file() else {}
+        return {int(v): str(name) for v, name in extra.items()}
+
     def annotated_mask(self, catalog: Catalog) -> np.ndarray:
-        """(n_classes,) bool: background and the structures this case annotates."""
+        """(n_classes,) bool: background and the structures this case annotates (its new labels too)."""
         keys = set(self.meta["annotated"])
-        return np.array([True] + [s.key in keys for s in catalog.structures])
+        names = {n.lower() for n in self.extra_labels.values()}
+        return np.array([True] + [s.key in keys or s.name.lower() in names for s in catalog.structures])
+
+    def label_lut(self, catalog: Catalog) -> np.ndarray:
+        """(256,) label value in this case -> class of ``catalog``: the catalog's own labels as they are, an
+        annotator's label to the catalog structure of its name, anything else to background."""
+        lut = np.zeros(256, np.int64)
+        for s in catalog.structures:
+            if s.label < 256 and s.label not in self.extra_labels:
+                lut[s.label] = s.label
+        by_name = {s.name.lower(): s.label for s in catalog.structures}
+        for value, name in self.extra_labels.items():
+            if 0 <= value < 256:
+                lut[value] = by_name.get(name.lower(), 0)
+        return lut
 
     def finding_targets(self, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
         """(values, known) per finding; unknown (null) findings are ignored by losses and AUC."""

@@ -164,6 +164,10 @@ def _entry_from_json(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# colours for labels an annotator adds (distinct from the catalog's own)
+_NEW_LABEL_COLORS: tuple[Color, ...] = ((255, 127, 0), (0, 200, 200), (200, 0, 200), (120, 200, 60), (250, 60, 60))
+
+
 @dataclass(frozen=True)
 class Catalog:
     """The structures and findings a model knows, in label order.
@@ -183,6 +187,23 @@ class Catalog:
         labels = [s.label for s in self.structures]
         if sorted(labels) != list(range(1, len(labels) + 1)):
             raise ValueError(f"structure labels must be 1..{len(labels)} without gaps, got {labels}")
+
+    def with_structures(self, names: Iterable[str]) -> "Catalog":
+        """This catalog and a new structure per name it does not already have (an annotator's new
+        label), each with the next label value, a key made from its name and a colour of its own."""
+        known = {s.name.lower() for s in self.structures}
+        added = list(self.structures)
+        for name in names:
+            if name.lower() in known:
+                continue
+            known.add(name.lower())
+            key = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or f"label_{len(added) + 1}"
+            while key in {e.key for e in added} | set(self.finding_keys):
+                key += "_"
+            label = len(added) + 1
+            color = _NEW_LABEL_COLORS[(label - len(self.structures) - 1) % len(_NEW_LABEL_COLORS)]
+            added.append(Structure(key=key, name=name, color=color, label=label))
+        return Catalog(structures=tuple(added), findings=self.findings)
 
     def structure(self, key: str) -> Structure:
         for s in self.structures:

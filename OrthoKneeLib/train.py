@@ -46,6 +46,8 @@ class FinetuneConfig:
     validation_cases: int = 6
     # > 0: stop after this many validations without a better mean Dice, and keep the best validated heads
     early_stop_patience: int = 0
+    # True: labels an annotator added (a case's extra_labels) become new segmentation classes
+    new_labels: bool = False
     checkpoint_every: int = 100  # steps; a stopped run resumes from ``<out>.checkpoint.pt``
     model: str = "heads"  # or "baseline": a supervised MONAI UNet on the reference series
     from_scratch: bool = False  # False: start from the bundle's heads of the same kind, if it has them
@@ -292,11 +294,12 @@ def _seg_batch(case: CachedCase, planes: list[str], config: FinetuneConfig, rng,
         for p in planes
     }
     image_f = torch.from_numpy(np.asarray(case.array("image_fusion")[(slice(None), *fbox)], np.float32))[None].to(dev)
-    labels_f = torch.from_numpy(np.asarray(case.array("labels_fusion")[fbox], np.int64))[None].to(dev)
+    lut = case.label_lut(catalog)  # an annotator's new labels to their classes, unknown values to background
+    labels_f = torch.from_numpy(lut[np.asarray(case.array("labels_fusion")[fbox], np.int64)])[None].to(dev)
     image_r = torch.from_numpy(np.asarray(case.array("image_reference")[(slice(None), *rbox)], np.float32))[None].to(
         dev
     )
-    labels_r = torch.from_numpy(np.asarray(case.array("labels_reference")[rbox], np.int64))[None].to(dev)
+    labels_r = torch.from_numpy(lut[np.asarray(case.array("labels_reference")[rbox], np.int64)])[None].to(dev)
     annotated = torch.from_numpy(case.annotated_mask(catalog))[None].to(dev)
     return feats, cover, image_f, labels_f, image_r, labels_r, coords, patch, annotated
 
@@ -355,7 +358,8 @@ def finetune(
     torch.manual_seed(config.seed)
     cases_all, cases, draw_p = _training_cases(train_caches, config, log)
     val_cases = [CachedCase(c) for c in validation_caches][: config.validation_cases]
-    setup = _build_model(bundle, config, cases, len(cases_all), dev, log)
+    catalog = _catalog_for(bundle.catalog, cases, config, log)
+    setup = _build_model(bundle, catalog, config, cases, len(cases_all), dev, log)
     run = _TrainingRun(
         setup,
         config,
@@ -365,7 +369,7 @@ def finetune(
     )
     run.resume(log)
     if val_cases and run.first_step == 0:  # where the run starts from, on the same validation cases
-        run.validation_before = run.scores(val_cases, bundle.catalog)
+        run.validation_before = run.scores(val_cases, catalog)
         if config.early_stop_patience and setup.start_from:  # the start competes: a run never ships worse heads
             run.keep_if_best(0, run.validation_before["mean_dice"])
     setup.model.train()
@@ -373,10 +377,10 @@ def finetune(
         if cancel:
             cancel.raise_if_cancelled()
         rng = np.random.default_rng([config.seed, step])
-        run.step(step, cases[draw_case(rng, len(cases), draw_p)], rng, bundle.catalog)
+        run.step(step, cases[draw_case(rng, len(cases), draw_p)], rng, catalog)
         progress(step + 1, config.steps, f"loss {np.mean(run.losses[-20:]):.3f}")
         if val_cases and ((step + 1) % config.validate_every == 0 or step + 1 == config.steps):
-            run.validate(step + 1, val_cases, bundle.catalog, log)
+            run.validate(step + 1, val_cases, catalog, log)
             if run.should_stop():
                 log(
                     f"stopping early at step {step + 1}: no better validation Dice in {config.early_stop_patience} "
@@ -387,7 +391,7 @@ def finetune(
             run.save(step + 1)
     run.restore_best()
     setup.model.eval()
-    out_bundle = _write_bundle(bundle, out, version, setup, run, config, cases_all, cases, command, dev)
+    out_bundle = _write_bundle(bundle, catalog, out, version, setup, run, config, cases_all, cases, command, dev)
     run.checkpoint.unlink(missing_ok=True)
     return out_bundle
 
@@ -421,11 +425,29 @@ class _ModelSetup:
     clipped: list  # the modules whose gradients are clipped, each on its own
 
 
-def _build_model(bundle: Bundle, config: FinetuneConfig, cases: list, n_cases_all: int, dev, log) -> _ModelSetup:
-    """The heads (from the bundle's, or fresh) or the baseline, on ``dev``."""
-    from .model.heads import HeadsConfig, OrthoKneeHeads, build_baseline
+def _catalog_for(catalog: Catalog, cases: list, config: FinetuneConfig, log) -> Catalog:
+    """The bundle's catalog, and with ``config.new_labels`` a new structure per label an annotator added."""
+    if not config.new_labels:
+        return catalog
+    names = list(dict.fromkeys(name for c in cases for name in c.extra_labels.values()))
+    grown = catalog.with_structures(names)
+    added = [s.name for s in grown.structures[len(catalog.structures) :]]
+    if not added:
+        raise InputError(
+            None,
+            "--new-labels, but no training case has a label the catalog lacks.",
+            "Export the corrected cases with their added segments, or leave out --new-labels.",
+        )
+    log(f"new labels: {', '.join(added)}")
+    return grown
 
-    catalog = bundle.catalog
+
+def _build_model(
+    bundle: Bundle, catalog: Catalog, config: FinetuneConfig, cases: list, n_cases_all: int, dev, log
+) -> _ModelSetup:
+    """The heads (from the bundle's, or fresh) or the baseline, on ``dev``; grown by the new labels of ``catalog``."""
+    from .model.heads import HeadsConfig, OrthoKneeHeads, build_baseline, grow_segmentation_classes
+
     view_channels = {
         p: int(cases[0].pooled_features[p].shape[0])
         for p in cases[0].planes
@@ -456,6 +478,10 @@ def _build_model(bundle: Bundle, config: FinetuneConfig, cases: list, n_cases_al
     if start_from:  # the annotator's loop: corrections refine the heads the bundle already has
         bundle.load_into(model, start_from["weights"], "heads")
         log(f"continuing from the heads of {bundle.path} ({bundle.metadata.get('version')})")
+        extra = len(catalog.structures) + 1 - heads_config.n_classes
+        if extra > 0 and not baseline:  # new labels: the old classes keep their weights
+            model = grow_segmentation_classes(model, extra).to(dev)
+            heads_config = model.config
         replayed = _replayed_steps(start_from.get("training") or {}, config, n_cases_all)
         if replayed:
             log(
@@ -489,8 +515,13 @@ class _TrainingRun:
         self.optimizer = torch.optim.AdamW(
             setup.trained.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
-        self.schedule = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1
+        # one cycle over the run; a run too short for its warm-up (under 20 steps) keeps the rate constant
+        self.schedule = (
+            torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.1
+            )
+            if config.steps >= 20
+            else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         )
         self.history: list[dict] = []
         self.losses: list[float] = []
@@ -640,6 +671,7 @@ class _TrainingRun:
 
 def _write_bundle(
     bundle: Bundle,
+    catalog: Catalog,
     out,
     version,
     setup: _ModelSetup,
@@ -652,6 +684,7 @@ def _write_bundle(
 ) -> Bundle:
     """The new bundle version: the backbones copied, the trained heads, and their lineage."""
     out_bundle = derive_bundle(bundle, out, version)
+    out_bundle.metadata["catalog"] = catalog.to_json()  # with any new labels
     losses = run.losses
     n_avg = max(1, min(20, len(losses) // 4))  # a short run's first and last steps must not overlap
     relative = "weights/heads.pt"

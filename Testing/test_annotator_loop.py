@@ -91,3 +91,51 @@ def test_early_stopping_keeps_the_best_validated_heads(pipeline, tmp_path):
     )
     assert kept_dice == pytest.approx(best)
     assert len(history) <= 4
+
+
+def test_grown_heads_keep_the_old_classes_exactly():
+    from OrthoKneeLib.model.heads import HeadsConfig, OrthoKneeHeads, grow_segmentation_classes
+
+    torch.manual_seed(0)
+    old = OrthoKneeHeads(HeadsConfig(view_channels={"sagittal": 8}, fused_channels=8, seg_widths=(8, 8, 8))).eval()
+    grown = grow_segmentation_classes(old, 2).eval()
+    assert grown.config.n_classes == old.config.n_classes + 2
+    feats = {"sagittal": torch.randn(1, 8, 4, 16, 16)}
+    cover = {"sagittal": torch.ones(1, 1, 4, 16, 16)}
+    image = torch.randn(1, 1, 4, 16, 16)
+    with torch.no_grad():
+        a = old.segmentation.coarse_logits(feats, cover, image)
+        b = grown.segmentation.coarse_logits(feats, cover, image)
+        assert torch.allclose(a, b[:, : a.shape[1]], atol=1e-5)
+        ref = torch.randn(1, 1, 4, 16, 16)
+        ra, rb = old.segmentation.refined_logits(a, ref), grown.segmentation.refined_logits(b, ref)
+    assert torch.allclose(ra, rb[:, : ra.shape[1]], atol=1e-5)
+    assert (rb[:, ra.shape[1] :] < ra.max(dim=1, keepdim=True).values).all()  # new classes claim nothing yet
+
+
+def test_an_added_segment_becomes_a_new_class(pipeline, tmp_path):
+    base = pipeline["trained"]
+    source = pipeline["folders"][1]
+    case = tmp_path / "added" / "cases" / source.name
+    shutil.copytree(source, case)
+    for name in ("labels.nrrd", "sagittal_labels.nrrd", "coronal_labels.nrrd", "axial_labels.nrrd"):
+        image = sitk.ReadImage(str(case / name))
+        labels = sitk.GetArrayFromImage(image)
+        k, j, i = (np.array(labels.shape) * np.array([0.5, 0.3, 0.3])).astype(int)
+        labels[k - 2 : k + 2, j - 6 : j + 6, i - 6 : i + 6] = 20  # the annotator's "Baker's cyst"
+        out = sitk.GetImageFromArray(labels)
+        out.CopyInformation(image)
+        sitk.WriteImage(out, str(case / name))
+    meta = json.loads((case / "case.json").read_text())
+    meta["extra_labels"], meta["split"] = {"20": "Baker's cyst"}, "train"
+    (case / "case.json").write_text(json.dumps(meta))
+    cache = cache_case(base, case, tmp_path / "cache")
+    config = FinetuneConfig(steps=10, patch_kji=(4, 24, 24), validation_cases=0, new_labels=True)
+    new = finetune(base, [cache], tmp_path / "grown", config, device="cpu", log=lambda *_: None)
+    names = [s["name"] for s in new.metadata["catalog"]["structures"]]
+    assert names[-1] == "Baker's cyst" and len(names) == 12
+    assert new.metadata["heads"]["config"]["n_classes"] == 13
+    prediction = Predictor(new, device="cpu").predict(read_case(source).case)
+    assert prediction.probabilities.shape[0] == 13 and prediction.catalog.structure("baker_s_cyst").label == 12
+    with pytest.raises(Exception, match="no training case has a label"):
+        finetune(base, [pipeline["caches"][0]], tmp_path / "none", config, device="cpu", log=lambda *_: None)

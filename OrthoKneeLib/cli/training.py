@@ -73,6 +73,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         hard_negative_cells=args.hard_negative_cells,
         other_lesion_negatives=args.other_lesion_negatives,
         early_stop_patience=args.early_stop,
+        new_labels=args.new_labels,
     )
     # mistakes are refused now, not after every case's features are cached
     check_finetune_config(bundle, config)
@@ -235,6 +236,12 @@ def register(sub) -> None:
         help="fresh heads even when --bundle has trained ones (default: continue from them)",
     )
     p.add_argument("--validate-every", type=positive_int, default=100, metavar="STEPS")
+    p.add_argument(
+        "--new-labels",
+        action="store_true",
+        help="segments an annotator added (a case's extra_labels) become new classes of the segmentation head; "
+        "the old classes keep their weights and the new bundle's catalog lists them",
+    )
     p.add_argument(
         "--early-stop",
         type=nonnegative_int,

@@ -486,3 +486,38 @@ def build_baseline(n_classes: int = 12):
 
 
 BASELINE_PATCH_KJI = (8, 160, 160)
+
+
+def grow_segmentation_classes(model: "OrthoKneeHeads", extra: int) -> "OrthoKneeHeads":
+    """The same heads with ``extra`` more segmentation classes: every old weight kept (the old classes'
+    logits are unchanged until training moves them), the new classes' output rows start at zero
+    with a low bias so that they claim no voxel before they are trained.
+
+    Only three tensors depend on the number of classes: the coarse U's last layer (out), the
+    refinement's first layer (in: the classes' logits, then the image) and its last layer (out).
+    """
+    from dataclasses import replace
+
+    old = model.config
+    n = old.n_classes
+    grown = OrthoKneeHeads(replace(old, n_classes=n + extra))
+    state, new_state = model.state_dict(), grown.state_dict()
+    for key, value in state.items():
+        target = new_state[key]
+        if target.shape == value.shape:
+            new_state[key] = value.clone()
+        elif key.startswith("segmentation.refine.0.") and key.endswith("weight"):  # in: n classes + image
+            t = torch.zeros_like(target)
+            t[:, :n] = value[:, :n]
+            t[:, n + extra :] = value[:, n:]
+            new_state[key] = t
+        elif key.endswith("weight"):  # out rows: old classes first, new ones zero
+            t = torch.zeros_like(target)
+            t[:n] = value
+            new_state[key] = t
+        else:  # out bias: new classes start unlikely
+            t = torch.full_like(target, -4.0)
+            t[:n] = value
+            new_state[key] = t
+    grown.load_state_dict(new_state)
+    return grown
