@@ -3,7 +3,8 @@
 Follows Slicer's scripted-module template: ``OrthoKnee`` (module metadata), ``OrthoKneeWidget``
 (loads Resources/UI/OrthoKnee.ui, typed parameter node), ``OrthoKneeLogic`` and
 ``OrthoKneeTest``. The widget stays thin: scene work is ``OrthoKneeLib.scene``, inference is
-``OrthoKneeLib.predict.Predictor``, run on a worker thread so the GUI stays responsive.
+``orthoknee predict`` in a child process (``OrthoKneeLib.runner``) so the GUI stays responsive and
+Cancel stops it at once; ``OrthoKneeLogic.start`` (a worker thread) serves scripts and the self-test.
 
 Outside Slicer (tests, documentation tools) the Qt/Slicer imports are absent; the module then
 imports through the guarded path below and only its pure helpers are usable.
