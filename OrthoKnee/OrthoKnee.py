@@ -308,6 +308,9 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job["prediction"], reference=reference, threshold=p.threshold, opacity=p.opacity
         )
         self._decisions = {}
+        self.logic.showReadingAids(
+            self._result, {"sagittal": p.sagittal, "coronal": p.coronal, "axial": p.axial}, p.opacity
+        )
         self._fillFindingsTable(job["prediction"])
         self.ui.statusLabel.text = "; ".join(self._result["warnings"] + job["prediction"].warnings) or "Done."
 
@@ -344,6 +347,10 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             entry["decision"] = {"accept": "accept", "a": "accept", "reject": "reject", "r": "reject"}.get(text.lower())
         elif column == 3:
             entry["note"] = text
+        if self._result is not None:  # kept on the segmentation node: saved with the scene
+            from OrthoKneeLib.scene import set_finding_decision
+
+            set_finding_decision(self._result["segmentation"], key, entry.get("decision"), entry.get("note", ""))
 
     def onOpenSegmentEditor(self) -> None:
         if not self._result:
@@ -518,6 +525,16 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
         if job["error"] is not None:
             raise job["error"]
         return self.showPrediction(job["prediction"], job["reference"], threshold, opacity)
+
+    @staticmethod
+    def showReadingAids(result: dict, view_nodes: dict, opacity: float) -> None:
+        """Each slice view on the series of its plane, and a table of volumes and cartilage thickness."""
+        from OrthoKneeLib.scene import add_measurements_table, show_native_views
+
+        prediction = result["prediction"]
+        top = prediction.top_finding()
+        show_native_views(slicer.mrmlScene, view_nodes, result["overlays"].get(top) if top else None, opacity)
+        result["measurements"] = add_measurements_table(slicer.mrmlScene, prediction)
 
     @staticmethod
     def loadTerminology() -> bool:

@@ -12,6 +12,7 @@ compared physically, never matrix to matrix (Slicer reorders a left-handed volum
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -462,3 +463,60 @@ def export_training_case(
     }
     write_json_atomic(meta, folder / "case.json")  # last: marks the case complete
     return folder
+
+
+# ---------------------------------------------------------------------------------- reading aids
+
+_DECISION_ATTRIBUTE = "OrthoKnee.Decision."
+# Slicer's default slice views: Red shows the axial plane, Yellow the sagittal, Green the coronal
+_VIEW_OF_PLANE = {"axial": "Red", "sagittal": "Yellow", "coronal": "Green"}
+
+
+def set_finding_decision(segmentation_node, key: str, decision: str | None, note: str = "") -> None:
+    """A reader's accept / reject (and note) of a finding, kept on the segmentation node: it is saved
+    with the scene and reloads with it, unlike text typed into a table widget."""
+    if decision not in (None, "accept", "reject"):
+        raise ValueError(f"decision must be accept, reject or None, not {decision!r}")
+    segmentation_node.SetAttribute(_DECISION_ATTRIBUTE + key, json.dumps({"decision": decision, "note": note}))
+
+
+def finding_decisions(segmentation_node) -> dict[str, dict]:
+    """finding key -> {"decision", "note"} as :func:`set_finding_decision` stored them."""
+    out = {}
+    for name in segmentation_node.GetAttributeNames() or ():
+        if name.startswith(_DECISION_ATTRIBUTE):
+            out[name[len(_DECISION_ATTRIBUTE) :]] = json.loads(segmentation_node.GetAttribute(name))
+    return out
+
+
+def add_measurements_table(scene, prediction: "Prediction", name: str | None = None):
+    """A table node: each structure's volume (mL) and, for cartilage plates, mean thickness (mm)."""
+    slicer = _slicer()
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name or f"{prediction.case_name} measurements")
+    volumes = (prediction.measurements or {}).get("volume_ml", {})
+    thickness = (prediction.measurements or {}).get("mean_thickness_mm", {})
+    del slicer
+    for title in ("Structure", "Volume (mL)", "Mean thickness (mm)"):
+        table.AddColumn().SetName(title)
+    for s in prediction.catalog.structures:
+        row = table.AddEmptyRow()
+        table.SetCellText(row, 0, s.name)
+        table.SetCellText(row, 1, f"{volumes.get(s.key, 0.0):.2f}")
+        t = thickness.get(s.key)
+        table.SetCellText(row, 2, f"{t:.2f}" if t else "")
+    return table
+
+
+def show_native_views(scene, view_nodes: dict, overlay_node=None, opacity: float = 0.6) -> None:
+    """Each slice view shows the series acquired in its plane (at its own resolution), where there is
+    one; the overlay on top in all of them."""
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for n in range(composites.GetNumberOfItems()):
+        composite = composites.GetItemAsObject(n)
+        plane = next((p for p, view in _VIEW_OF_PLANE.items() if view == composite.GetLayoutName()), None)
+        node = view_nodes.get(plane) if plane else None
+        if node is not None:
+            composite.SetBackgroundVolumeID(node.GetID())
+        if overlay_node is not None:
+            composite.SetForegroundVolumeID(overlay_node.GetID())
+            composite.SetForegroundOpacity(opacity)

@@ -328,3 +328,41 @@ def test_plane_detection_of_nodes_reads_no_voxels(app, monkeypatch):
     monkeypatch.setattr(scene_module, "_array_of", no_voxels)
     views = scene_module.assign_views(nodes.values())
     assert {p: n.GetName() for p, n in views.items()} == {"coronal": "geom c", "sagittal": "geom s", "axial": "geom a"}
+
+
+def test_reading_aids_decisions_measurements_and_native_views(app, tmp_path):
+    from OrthoKneeLib.scene import (
+        add_measurements_table,
+        finding_decisions,
+        set_finding_decision,
+        show_native_views,
+    )
+
+    image, prediction = _knee_like()
+    prediction.measurements = {"volume_ml": {"femur": 12.5}, "mean_thickness_mm": {"femoral_cartilage": 2.25}}
+    sag = volume_node_from_image(app.scene, image, "aids sagittal")
+    result = add_prediction(app.scene, prediction, reference_node=sag, surfaces=False)
+    segmentation = result["segmentation"]
+    set_finding_decision(segmentation, "joint_effusion", "reject", "no fluid")
+    set_finding_decision(segmentation, "acl_tear", "accept")
+    path = tmp_path / "scene.mrml"  # decisions are node attributes: they are saved with the scene
+    app.scene.SetURL(str(path))
+    assert app.scene.Commit()
+    assert f"{'OrthoKnee.Decision.joint_effusion'}" in path.read_text()
+    assert finding_decisions(segmentation)["joint_effusion"] == {"decision": "reject", "note": "no fluid"}
+    with pytest.raises(ValueError):
+        set_finding_decision(segmentation, "acl_tear", "maybe")
+    table = add_measurements_table(app.scene, prediction)
+    assert table.GetNumberOfRows() == len(prediction.catalog.structures)
+    assert table.GetCellText(0, 0) == "Femur" and table.GetCellText(0, 1) == "12.50"
+    composites = {}
+    for layout in ("Red", "Yellow", "Green"):
+        node = app.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        node.SetLayoutName(layout)
+        composites[layout] = node
+    cor = volume_node_from_image(app.scene, image, "aids coronal")
+    overlay = next(iter(result["overlays"].values()))
+    show_native_views(app.scene, {"sagittal": sag, "coronal": cor}, overlay, 0.4)
+    assert composites["Yellow"].GetBackgroundVolumeID() == sag.GetID()
+    assert composites["Green"].GetBackgroundVolumeID() == cor.GetID()
+    assert composites["Red"].GetForegroundVolumeID() == overlay.GetID()
