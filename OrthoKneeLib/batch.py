@@ -99,11 +99,10 @@ def _already_done(case_dir: Path, out_dir: Path, bundle_hash: str) -> bool:
 
 
 def _load_case(case_dir: Path, max_voxels: int | None):
-    from .volumes import Case, list_volumes
+    from .volumes import Case, series_volumes
 
     kwargs = {"max_voxels": max_voxels} if max_voxels else {}
-    volumes = [v for v in list_volumes(case_dir, **kwargs) if "label" not in Path(v.path).name.lower()]
-    case = Case.from_volumes(volumes, name=case_dir.name)
+    case = Case.from_volumes(series_volumes(case_dir, **kwargs), name=case_dir.name)
     missing = [p for p in ("sagittal", "coronal", "axial") if p not in case.views]
     if missing:  # a reader expects three series; say which were not there, whatever the bundle uses
         case.warnings.append(

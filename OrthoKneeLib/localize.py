@@ -42,9 +42,8 @@ def side_of(x_lps: float, centre_x_lps: float, knee_side: str | None) -> str | N
 
 
 def _index_to_lps(grid, index_kji) -> np.ndarray:
-    direction = np.asarray(grid.direction, float).reshape(3, 3)
-    ijk = np.asarray(index_kji[::-1], float)
-    return np.asarray(grid.origin, float) + direction @ (ijk * np.asarray(grid.spacing, float))
+    """LPS millimetres of a (k, j, i) index on ``grid`` (the grid's own index-to-physical matrix)."""
+    return (grid.index_to_physical() @ np.append(np.asarray(index_kji, float)[::-1], 1.0))[:3]
 
 
 def locate_findings(prediction, threshold: float = 0.5) -> dict[str, dict]:

@@ -154,31 +154,25 @@ def warnings_for(summary: dict) -> list[str]:
 
 
 def volume_ranges_from_maps(folder: str | Path) -> dict:
-    """Min and max volume (mL) of each annotated structure over the OAI label maps in ``folder``."""
-    from .synth.sources import SOURCES
+    """Min and max volume (mL) of each annotated structure over the OAI label maps in ``folder``,
+    the maps read as training reads them (``synth.sources.map_labels``: a bone lesion counts to its bone)."""
+    from .labels import DEFAULT_CATALOG
+    from .synth.sources import SOURCES, map_labels
 
     source = SOURCES["oai"]
     per_structure: dict[str, list[float]] = {k: [] for k in source.structures.values()}
     files = sorted(Path(folder).glob(source.pattern))
     for path in files:
         image = sitk.ReadImage(str(path))
-        values = sitk.GetArrayViewFromImage(image)
+        labels = map_labels(source, sitk.GetArrayViewFromImage(image).astype(np.int64))[0]
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        counts = np.bincount(values.ravel().astype(np.int64), minlength=16)
-        for value, key in source.structures.items():
-            lesion = [v for v, (_, role) in source.extras.items()] if key in ("femur", "tibia", "patella") else []
-            n = counts[value] + (sum(counts[v] for v in lesion if _lesion_bone(v) == key) if lesion else 0)
-            per_structure[key].append(float(n) * voxel_ml)
+        counts = np.bincount(labels.ravel(), minlength=len(DEFAULT_CATALOG.structures) + 1)
+        for key in per_structure:
+            per_structure[key].append(float(counts[DEFAULT_CATALOG.structure(key).label]) * voxel_ml)
     return {
         "source": f"{len(files)} OAI label maps ({Path(folder).name})",
         "structures": {k: {"min_ml": round(min(v), 2), "max_ml": round(max(v), 2)} for k, v in per_structure.items()},
     }
-
-
-def _lesion_bone(value: int) -> str:
-    from .synth.sources import _LESION_BONE
-
-    return _LESION_BONE.get(value, "")
 
 
 def write_ranges_module(ranges: dict, path: Path = RANGES_FILE) -> Path:

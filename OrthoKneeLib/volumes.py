@@ -40,6 +40,7 @@ __all__ = [
     "VolumeSource",
     "Case",
     "list_volumes",
+    "series_volumes",
     "load_volume",
     "detect_plane",
     "orientation_code",
@@ -389,6 +390,12 @@ def _check_even_slices(series: DicomSeries) -> None:
             f"where the others are {median:.2f} mm (a slice is missing or corrupt).{unreadable}",
             "Export the whole series again.",
         )
+
+
+def series_volumes(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> list[Volume]:
+    """The series of a case folder (or file): :func:`list_volumes` without label maps (files named
+    ``*label*``, e.g. a training case's ``sagittal_labels.nrrd``)."""
+    return [v for v in list_volumes(path, max_voxels) if "label" not in Path(v.path).name.lower()]
 
 
 def _read_dicom(series: DicomSeries, max_voxels: int = DEFAULT_MAX_VOXELS) -> sitk.Image:

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
-from ..inputcheck import DEFAULT_MAX_VOXELS
 from ..io import json_text
 from .args import (
     positive_int,
@@ -16,7 +15,7 @@ from .common import max_voxels_option
 
 def _load_case(args: argparse.Namespace):
     """The case the arguments name; every volume goes through the same checks (in Case)."""
-    from ..volumes import Case, list_volumes, load_volume
+    from ..volumes import Case, load_volume, series_volumes
 
     def load(path):
         return load_volume(path, series=args.series, echo=args.echo, max_voxels=args.max_voxels)
@@ -27,9 +26,7 @@ def _load_case(args: argparse.Namespace):
         if args.series is not None or args.echo is not None:
             loose.append(load(path))
             continue
-        volumes = [
-            v for v in list_volumes(path, max_voxels=args.max_voxels) if "label" not in Path(v.path).name.lower()
-        ]
+        volumes = series_volumes(path, max_voxels=args.max_voxels)
         if len(volumes) > 1 and Path(path).is_file():
             volumes = [load(path)]  # one file of a series: its own series only
         loose.extend(volumes)
@@ -147,34 +144,17 @@ def _predict_batch(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole product on the shipped real sample: load its three series, predict with the
     shipped bundle, write the outputs and the montage, say how to look at them."""
-    import argparse as _argparse
-
     from ..resources import SAMPLE_VIEWS, sample_case_dir
 
     folder = Path(args.sample) if args.sample else sample_case_dir()
     paths = {plane: folder / name for plane, name in SAMPLE_VIEWS.items()}
     print(f"OrthoKnee demo: the shipped sample case (real sagittal DESS knee MRI and two reformats) from {folder}")
-    predict_args = _argparse.Namespace(
-        paths=[],
-        sagittal=paths["sagittal"],
-        coronal=paths["coronal"],
-        axial=paths["axial"],
-        bundle=args.bundle,
-        out=args.out,
-        series=None,
-        echo=None,
-        max_voxels=DEFAULT_MAX_VOXELS,
-        name="OrthoKnee sample (DESS)",
-        device=args.device,
-        raw=False,
-        no_montage=False,
-        json=False,
-        batch=False,
-        workers=None,
-        scheduler=None,
-        force=False,
-        dicom_seg=False,
-    )
+    commands = argparse.ArgumentParser(prog="orthoknee")  # the predict command as typed: each option its default
+    register(commands.add_subparsers())
+    argv = ["predict", "--name", "OrthoKnee sample (DESS)", "--out", str(args.out), "--device", args.device]
+    argv += [arg for plane in ("sagittal", "coronal", "axial") for arg in (f"--{plane}", str(paths[plane]))]
+    argv += ["--bundle", str(args.bundle)] if args.bundle else []
+    predict_args = commands.parse_args(argv)
     code = cmd_predict(predict_args)
     out = Path(args.out).resolve()
     print(

@@ -20,14 +20,13 @@ def _case_predictor(args: argparse.Namespace, out: Path):
         from ..montage import montage
         from ..outfolder import locked_folder
         from ..predict import Predictor
-        from ..volumes import Case, list_volumes, load_volume
+        from ..volumes import Case, load_volume, series_volumes
 
         if path is None:
             folder = sample_case_dir()
             case = Case(**{p: load_volume(folder / n) for p, n in SAMPLE_VIEWS.items()}, name="OrthoKnee sample (DESS)")
         else:
-            volumes = [v for v in list_volumes(path, max_voxels=args.max_voxels) if "label" not in Path(v.path).name]
-            case = Case.from_volumes(volumes)
+            case = Case.from_volumes(series_volumes(path, max_voxels=args.max_voxels))
         with locked_folder(out):
             prediction = Predictor(args.bundle, device=args.device).predict(case, progress=progress)
             prediction.save(out, extra={"montage.png": lambda p: montage(prediction, case, p)})

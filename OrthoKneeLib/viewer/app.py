@@ -269,26 +269,17 @@ class OrthoKneeViewer:
                             )
                             html.Span(" no overlay")
                         with html.Div(classes="mt-2"):
-                            html.Span("opacity ")
-                            html.Input(
-                                type="range",
-                                min=0,
-                                max=1,
-                                step=0.05,
-                                id="opacity",
-                                value=("opacity",),
-                                input="opacity = Number($event.target.value)",
-                            )
-                            html.Span(" threshold ")
-                            html.Input(
-                                type="range",
-                                min=0,
-                                max=1,
-                                step=0.05,
-                                id="threshold",
-                                value=("threshold",),
-                                input="threshold = Number($event.target.value)",
-                            )
+                            for name in ("opacity", "threshold"):  # each a 0..1 slider bound to its state
+                                html.Span(f" {name} ")
+                                html.Input(
+                                    type="range",
+                                    min=0,
+                                    max=1,
+                                    step=0.05,
+                                    id=name,
+                                    value=(name,),
+                                    input=f"{name} = Number($event.target.value)",
+                                )
                         html.Div("Edit", classes="text-subtitle-2 mt-3")
                         with html.Div():
                             with html.Select(
