@@ -82,6 +82,10 @@ def cache_case(
         views = (read_case(case_folder).case.reference_plane,)
     if views is not None and set(bundle.planes) <= set(views):
         views = None  # every view: the same entry as when none are named
+    if views is not None:  # an entry with every view serves any subset of them
+        every = Path(cache_root) / f"{case_folder.name}-{cache_key(bundle.hash, case_folder, None)}"
+        if (every / "meta.json").is_file():
+            return every
     out = Path(cache_root) / f"{case_folder.name}-{cache_key(bundle.hash, case_folder, views)}"
     if (out / "meta.json").is_file():
         return out
@@ -105,7 +109,8 @@ def cache_case(
 
     fusion_ref = fi.fusion_grid.image()
     labels_ref = sc.labels[ref_plane]
-    save("labels_reference", sitk.GetArrayFromImage(labels_ref), np.uint8)
+    labels_ref_array = sitk.GetArrayFromImage(labels_ref)
+    save("labels_reference", labels_ref_array, np.uint8)
     save("labels_fusion", sitk.GetArrayFromImage(resample_like(labels_ref, fusion_ref, kind="label")), np.uint8)
     save("image_reference", fi.image_reference)
     save("image_fusion", fi.image_fusion)
@@ -137,6 +142,7 @@ def cache_case(
         "reference_plane": ref_plane,
         "annotated": list(sc.annotated),
         "extra_labels": dict(sc.meta.get("extra_labels") or {}),  # label value -> name, labels the catalog lacks
+        "label_values": [int(v) for v in np.unique(labels_ref_array)],  # checked against a bundle's catalog
         "findings": findings,
         "fusion_grid": fi.fusion_grid.to_json(),
         "reference_grid": fi.reference_grid.to_json(),
@@ -201,6 +207,23 @@ class CachedCase:
             case_json = Path(self.meta.get("case_folder", "")) / "case.json"
             extra = json.loads(case_json.read_text()).get("extra_labels", {}) if case_json.is_file() else {}
         return {int(v): str(name) for v, name in extra.items()}
+
+    @property
+    def label_values(self) -> list[int]:
+        """The label values the case's labelmap holds (0 included); entries cached before the
+        meta recorded them read the fusion-grid labels."""
+        if "label_values" in self.meta:
+            return [int(v) for v in self.meta["label_values"]]
+        return [int(v) for v in np.unique(self.array("labels_fusion"))]
+
+    def unknown_labels(self, catalog: Catalog) -> tuple[list[int], list[str]]:
+        """What of this case ``catalog`` cannot train on: (label values neither the catalog's nor
+        named by the case, names of added labels the catalog lacks)."""
+        known = {s.label for s in catalog.structures} | set(self.extra_labels)
+        unnamed = [v for v in self.label_values if v and v not in known]
+        names = {s.name.lower() for s in catalog.structures}
+        missing = [n for n in self.extra_labels.values() if n.lower() not in names]
+        return unnamed, missing
 
     def annotated_mask(self, catalog: Catalog) -> np.ndarray:
         """(n_classes,) bool: background and the structures this case annotates (its new labels too)."""

@@ -126,6 +126,11 @@ def draw_case(rng: np.random.Generator, n_cases: int, draw_p: np.ndarray | None)
     return int(rng.integers(n_cases) if draw_p is None else rng.choice(n_cases, p=draw_p))
 
 
+# what --train-heads may train: both heads, one of them, or only the view fusion of each (views added
+# to trained heads learn where they help while predictions from the old views stay as they were)
+TRAIN_HEADS = ("both", "segmentation", "findings", "fusion")
+
+
 def check_finetune_config(bundle: Bundle, config: FinetuneConfig) -> None:
     """Refuse settings that cannot train, before any feature is cached: a negative hard-negative
     count, or one head trained alone when the other would be left untrained (or does not exist)."""
@@ -135,8 +140,8 @@ def check_finetune_config(bundle: Bundle, config: FinetuneConfig) -> None:
             f"--hard-negative-cells {config.hard_negative_cells}: the count cannot be negative.",
             "Give 0 (off) or a number of cells, e.g. 32.",
         )
-    if config.train_heads not in ("both", "segmentation", "findings"):
-        raise ValueError(f"train_heads must be both, segmentation or findings, not {config.train_heads!r}")
+    if config.train_heads not in TRAIN_HEADS:
+        raise ValueError(f"train_heads must be one of {', '.join(TRAIN_HEADS)}, not {config.train_heads!r}")
     if config.train_heads == "both":
         return
     has_heads = (bundle.metadata.get("heads") or {}).get("kind") == "diffusion-heads"
@@ -150,7 +155,7 @@ def check_finetune_config(bundle: Bundle, config: FinetuneConfig) -> None:
         )
         raise InputError(
             None,
-            f"--train-heads {config.train_heads} trains one head and keeps the other as it is, but {why}.",
+            f"--train-heads {config.train_heads} keeps part of the heads as they are, but {why}.",
             "Train both heads (--train-heads both), or start from a bundle with trained heads.",
         )
 
@@ -359,6 +364,7 @@ def finetune(
     cases_all, cases, draw_p = _training_cases(train_caches, config, log)
     val_cases = [CachedCase(c) for c in validation_caches][: config.validation_cases]
     catalog = _catalog_for(bundle.catalog, cases, config, log)
+    check_cases_fit(bundle, catalog, [*cases_all, *val_cases], config.new_labels)
     setup = _build_model(bundle, catalog, config, cases, len(cases_all), dev, log)
     run = _TrainingRun(
         setup,
@@ -425,6 +431,39 @@ class _ModelSetup:
     clipped: list  # the modules whose gradients are clipped, each on its own
 
 
+def check_cases_fit(bundle: Bundle, catalog: Catalog, cases: list, new_labels: bool) -> None:
+    """Refuse cached cases this bundle cannot train on, saying what differs and what to do: features
+    of another backbone (they would be read as if they were this one's), label values its catalog
+    does not name, or added segments it lacks without ``--new-labels`` (trained as background, they
+    would teach the heads that the annotator's structure is not there)."""
+    for case in cases:
+        made_by = case.meta.get("bundle_hash")
+        if made_by and made_by != bundle.hash:
+            raise InputError(
+                case.folder,
+                f"holds the features of case {case.case_id} made by the backbone of bundle {made_by[:12]}; "
+                f"{bundle.path} ({bundle.metadata.get('version')}) has backbone {bundle.hash[:12]}.",
+                "Give the case folders (`--cases` caches them with this bundle), or fine-tune the bundle the "
+                "features came from.",
+            )
+        unnamed, missing = case.unknown_labels(catalog)
+        if unnamed:
+            raise InputError(
+                case.meta.get("case_folder") or case.folder,
+                f"case {case.case_id} holds label values {', '.join(map(str, unnamed))}, which the catalog of "
+                f"{bundle.path} ({', '.join(f'{s.label} {s.key}' for s in catalog.structures)}) does not have "
+                "and the case's extra_labels do not name.",
+                "Name them in case.json's extra_labels (the Slicer module's export names every segment) to train "
+                "them with --new-labels, or remove them from the labelmaps.",
+            )
+        if missing and not new_labels:
+            raise InputError(
+                case.meta.get("case_folder") or case.folder,
+                f"case {case.case_id} has segments the catalog of {bundle.path} lacks: {', '.join(missing)}.",
+                "Add --new-labels to learn them as new structures (otherwise they would train as background).",
+            )
+
+
 def _catalog_for(catalog: Catalog, cases: list, config: FinetuneConfig, log) -> Catalog:
     """The bundle's catalog, and with ``config.new_labels`` a new structure per label an annotator added."""
     if not config.new_labels:
@@ -446,7 +485,7 @@ def _build_model(
     bundle: Bundle, catalog: Catalog, config: FinetuneConfig, cases: list, n_cases_all: int, dev, log
 ) -> _ModelSetup:
     """The heads (from the bundle's, or fresh) or the baseline, on ``dev``; grown by the new labels of ``catalog``."""
-    from .model.heads import HeadsConfig, OrthoKneeHeads, build_baseline, grow_segmentation_classes
+    from .model.heads import HeadsConfig, OrthoKneeHeads, add_views, build_baseline, grow_segmentation_classes
 
     view_channels = {
         p: int(cases[0].pooled_features[p].shape[0])
@@ -475,6 +514,16 @@ def _build_model(
         )
         model = OrthoKneeHeads(heads_config).to(dev)
     check_finetune_config(bundle, config)
+    added_views = (
+        [p for p in view_channels if p not in heads_config.view_channels] if start_from and not baseline else []
+    )
+    if config.train_heads == "fusion" and not added_views and heads_config.fusion != "per-voxel":
+        raise InputError(
+            None,
+            "--train-heads fusion trains the per-voxel view fusion, but these heads fuse "
+            f"{', '.join(heads_config.view_channels)} with per-view weights and no view is added.",
+            "Add views with --views (e.g. --views sagittal coronal axial), or train both heads.",
+        )
     if start_from:  # the annotator's loop: corrections refine the heads the bundle already has
         bundle.load_into(model, start_from["weights"], "heads")
         log(f"continuing from the heads of {bundle.path} ({bundle.metadata.get('version')})")
@@ -482,6 +531,10 @@ def _build_model(
         if extra > 0 and not baseline:  # new labels: the old classes keep their weights
             model = grow_segmentation_classes(model, extra).to(dev)
             heads_config = model.config
+        if added_views:  # views the heads never fused: added per voxel, the old views' weights kept
+            model = add_views(model, {**heads_config.view_channels, **view_channels}).to(dev)
+            heads_config = model.config
+            log(f"added views: {', '.join(added_views)} (per-voxel fusion)")
         replayed = _replayed_steps(start_from.get("training") or {}, config, n_cases_all)
         if replayed:
             log(
@@ -489,11 +542,19 @@ def _build_model(
                 f"0-{replayed - 1} of this run draw the same patches in the same order as that run did "
                 "(pass another --seed for new ones)"
             )
+    import torch
+
     trained = (
         model
         if baseline or config.train_heads == "both"
+        else torch.nn.ModuleList([model.segmentation.fusion, model.findings.fusion])
+        if config.train_heads == "fusion"
         else (model.segmentation if config.train_heads == "segmentation" else model.findings)
     )
+    if config.train_heads == "fusion":  # no gradients for the weights that stay (a third of a step's cost)
+        kept = {id(q) for q in trained.parameters()}
+        for q in model.parameters():
+            q.requires_grad_(id(q) in kept)
     # each head is clipped on its own (see _TrainingRun.step)
     clipped = [model.segmentation, model.findings] if trained is model and not baseline else [trained]
     return _ModelSetup(model, kind, baseline, heads_config, start_from, trained, clipped)
@@ -593,7 +654,7 @@ class _TrainingRun:
                     coarse, labels_f, annotated
                 )
             finding_step = config.train_heads == "findings" or (
-                config.train_heads == "both" and step % config.finding_every == 0
+                config.train_heads in ("both", "fusion") and step % config.finding_every == 0
             )
             if finding_step:  # a whole pooled case: ~40 % of a joint step's cost
                 loss = loss + _finding_loss(model, case, planes, catalog, config, dev)

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch", reason="torch is an engine dependency")
 
 from OrthoKneeLib.cachedcase import cache_case  # noqa: E402
 from OrthoKneeLib.cli import main  # noqa: E402
+from OrthoKneeLib.errors import InputError  # noqa: E402
 from OrthoKneeLib.predict import Predictor  # noqa: E402
 from OrthoKneeLib.synth.dataset import read_case  # noqa: E402
 from OrthoKneeLib.train import FinetuneConfig, finetune  # noqa: E402
@@ -139,3 +140,73 @@ def test_an_added_segment_becomes_a_new_class(pipeline, tmp_path):
     assert prediction.probabilities.shape[0] == 13 and prediction.catalog.structure("baker_s_cyst").label == 12
     with pytest.raises(Exception, match="no training case has a label"):
         finetune(base, [pipeline["caches"][0]], tmp_path / "none", config, device="cpu", log=lambda *_: None)
+    # the same case without --new-labels: its added segment would train as background
+    plain = FinetuneConfig(steps=2, patch_kji=(4, 24, 24), validation_cases=0)
+    with pytest.raises(InputError, match="Baker's cyst") as refused:
+        finetune(base, [cache], tmp_path / "plain", plain, device="cpu", log=lambda *_: None)
+    assert "--new-labels" in refused.value.advice
+    # a label value nobody named
+    meta["extra_labels"] = {}
+    (case / "case.json").write_text(json.dumps(meta))
+    unnamed = cache_case(base, case, tmp_path / "cache2")
+    with pytest.raises(InputError, match="label values 20"):
+        finetune(base, [unnamed], tmp_path / "unnamed", plain, device="cpu", log=lambda *_: None)
+    # features made by another backbone
+    other = tmp_path / "other-cache"
+    shutil.copytree(pipeline["caches"][0], other)
+    entry = json.loads((other / "meta.json").read_text())
+    entry["bundle_hash"] = "0123456789abcdef"
+    (other / "meta.json").write_text(json.dumps(entry))
+    with pytest.raises(InputError, match="made by the backbone of bundle 0123456789ab") as refused:
+        finetune(base, [other], tmp_path / "other", plain, device="cpu", log=lambda *_: None)
+    assert "--cases" in refused.value.advice
+
+
+def test_added_views_leave_the_old_view_alone_and_weigh_each_voxel():
+    from OrthoKneeLib.model.heads import HeadsConfig, OrthoKneeHeads, add_views
+
+    torch.manual_seed(0)
+    old = OrthoKneeHeads(HeadsConfig(view_channels={"sagittal": 8}, fused_channels=8, seg_widths=(8, 8, 8))).eval()
+    grown = add_views(old, {"sagittal": 8, "coronal": 4, "axial": 4}).eval()
+    assert grown.config.fusion == "per-voxel" and grown.segmentation.fusion.planes == ("sagittal", "coronal", "axial")
+    feats = {"sagittal": torch.randn(1, 8, 4, 16, 16), "coronal": torch.randn(1, 4, 4, 16, 16)}
+    cover = {p: torch.ones(1, 1, 4, 16, 16) for p in feats}
+    image = torch.randn(1, 1, 4, 16, 16)
+    sagittal_only = ({"sagittal": feats["sagittal"]}, {"sagittal": cover["sagittal"]})
+    with torch.no_grad():
+        a = old.segmentation.coarse_logits(*sagittal_only, image)
+        b = grown.segmentation.coarse_logits(*sagittal_only, image)
+        assert torch.allclose(a, b, atol=1e-5)  # the sagittal view alone: the old heads exactly
+        both = grown.segmentation.coarse_logits(feats, cover, image)
+        assert 0 < float((both - a).abs().max()) < float(a.abs().max())  # the new view starts faint
+        # a per-voxel score moves the weight where the coronal features say so, nowhere else
+        fusion = grown.segmentation.fusion
+        fusion.score["coronal"].bias.fill_(0.0)
+        fusion.score["coronal"].weight.zero_()
+        fusion.score["coronal"].weight[:, 0] = 20.0
+        mixed = fusion(feats, cover)
+        coronal = fusion.project["coronal"](feats["coronal"])
+        sagittal = fusion.project["sagittal"](feats["sagittal"])
+    high = feats["coronal"][:, 0:1] > 1.0
+    low = feats["coronal"][:, 0:1] < -1.0
+    assert torch.allclose(mixed.masked_select(high), coronal.masked_select(high), atol=1e-3)
+    assert torch.allclose(mixed.masked_select(low), sagittal.masked_select(low), atol=1e-3)
+    # a coronal series alone is read through its own projection
+    alone = grown.segmentation.fusion({"coronal": feats["coronal"]}, {"coronal": cover["coronal"]})
+    assert torch.allclose(alone, grown.segmentation.fusion.project["coronal"](feats["coronal"]), atol=1e-5)
+
+
+def test_training_the_fusion_moves_nothing_else(pipeline, tmp_path):
+    caches = pipeline["caches"][:2]
+    quiet = {"device": "cpu", "log": lambda *_: None}
+    one_view = FinetuneConfig(steps=3, patch_kji=(4, 24, 24), validation_cases=0, views=("sagittal",))
+    base = finetune(pipeline["base"], caches, tmp_path / "sagittal", one_view, **quiet)
+    config = FinetuneConfig(
+        steps=4, patch_kji=(4, 24, 24), validation_cases=0, views=("sagittal", "coronal", "axial"), train_heads="fusion"
+    )
+    new = finetune(base, caches, tmp_path / "three", config, **quiet)
+    assert set(new.metadata["heads"]["config"]["view_channels"]) == {"sagittal", "coronal", "axial"}
+    before = base.load_state(base.metadata["heads"]["weights"], "heads")
+    after = new.load_state(new.metadata["heads"]["weights"], "heads")
+    moved = {k for k in after if k not in before or not torch.equal(after[k], before[k])}
+    assert moved and all(".fusion." in k for k in moved)

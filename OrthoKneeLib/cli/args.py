@@ -95,3 +95,17 @@ def open_fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
     return value
+
+
+def value_name(text: str) -> tuple[int, str]:
+    """VALUE=NAME: a label value (1-255) and the structure's name."""
+    value, sep, name = text.partition("=")
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not sep or not name.strip() or not 1 <= number <= 255:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not VALUE=NAME with a label value 1-255, e.g. '35=Patellar ligament'"
+        )
+    return number, name.strip()

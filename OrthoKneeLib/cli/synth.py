@@ -11,6 +11,7 @@ from .args import (
     positive_float,
     positive_int,
     probability,
+    value_name,
 )
 
 
@@ -28,6 +29,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         work_spacing=args.work_spacing,
         mirror_fraction=args.mirror_fraction,
         contact_sheets=not args.no_sheets,
+        keep_labels=dict(args.keep_label or []),
     )
     manifest = synthesize(
         args.labels, args.out, config, workers=args.workers, progress=TextProgress("synth", unit="case")
@@ -66,6 +68,14 @@ def register(sub) -> None:
         metavar="F",
         help="share of the cases drawn as the other knee (the label map mirrored left-right); "
         "0 keeps every case the side its source is",
+    )
+    p.add_argument(
+        "--keep-label",
+        type=value_name,
+        action="append",
+        metavar="VALUE=NAME",
+        help="also label this source structure the catalog lacks, as an extra label named NAME (repeatable), "
+        "e.g. --keep-label '35=Patellar ligament' on the SPL atlas: cases to train a new label on",
     )
     p.add_argument("--workers", type=positive_int, default=1, help="parallel processes")
     p.add_argument("--no-sheets", action="store_true", help="skip the PNG contact sheets")

@@ -207,8 +207,9 @@ def register(sub) -> None:
     p.add_argument(
         "--train-heads",
         default="both",
-        choices=["both", "segmentation", "findings"],
-        help="which heads learn; the other keeps its weights exactly (default: both)",
+        choices=["both", "segmentation", "findings", "fusion"],
+        help="which heads learn; the rest keeps its weights exactly (default: both). fusion: only how "
+        "the views are weighed and projected, e.g. after adding views with --views",
     )
     p.add_argument(
         "--hard-negative-cells",

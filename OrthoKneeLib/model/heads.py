@@ -168,6 +168,7 @@ class HeadsConfig:
     finding_pool: tuple[int, int, int] = (3, 3, 1)  # i, j, k cells of the fusion grid
     context_dilations: tuple[int, ...] = (1, 2, 4, 8)  # at the coarsest level: ~130 mm in-plane receptive field
     attention_reads_logits: bool = True  # see FindingHead; bundles written before it existed: False
+    fusion: str = "per-view"  # "per-view" weights, or "per-voxel" weights read from each view's features
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -179,6 +180,9 @@ class HeadsConfig:
             if key in d:
                 d[key] = tuple(d[key])
         d.setdefault("attention_reads_logits", False)  # heads trained before the field existed
+        d.setdefault("fusion", "per-view")
+        if d["fusion"] not in FUSION_KINDS:
+            raise ValueError(f"heads config has fusion {d['fusion']!r}; this version knows {', '.join(FUSION_KINDS)}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(
@@ -188,32 +192,59 @@ class HeadsConfig:
         return cls(**d)
 
 
-class ViewFusion(nn.Module):
-    """Per-view 1x1x1 projections, combined by learned per-view per-channel weights.
+FUSION_KINDS = ("per-view", "per-voxel")
 
-    The weight of a view at a voxel is exp(logit[view, channel]) x coverage(view, voxel),
-    normalized over the views present: an absent view (or a voxel outside a view's field of
-    view) simply drops out of the average.
+
+class ViewFusion(nn.Module):
+    """Per-view 1x1x1 projections, averaged with weights over the views present.
+
+    ``per-view``: the weight of a view at a voxel is exp(logit[view, channel]) x coverage(view,
+    voxel). Where all views cover a voxel, a constant weight per view does nothing a scaled
+    projection cannot (docs/experiments.md, "Three views on seam-free features"), so
+    ``per-voxel`` adds a score read from the view's own features at that voxel (a 1x1x1
+    projection): a view can weigh more where it resolves the anatomy (in its plane) and less
+    where it is blurred (through its thick slices). Either way the weights are normalized over
+    the views present, so an absent view, or a voxel outside a view's field of view, drops out
+    of the average, and a single view's features pass through its projection unchanged.
     """
 
-    def __init__(self, view_channels: dict[str, int], out_channels: int) -> None:
+    def __init__(self, view_channels: dict[str, int], out_channels: int, per_voxel: bool = False) -> None:
         super().__init__()
         self.planes = tuple(p for p in VIEW_ORDER if p in view_channels)
         self.project = nn.ModuleDict({p: Pointwise(view_channels[p], out_channels) for p in self.planes})
         self.view_logits = nn.Parameter(torch.zeros(len(self.planes), out_channels))
+        self.per_voxel = per_voxel
+        if per_voxel:
+            self.score = nn.ModuleDict({p: Pointwise(view_channels[p], out_channels) for p in self.planes})
+
+    def reset_scores(self) -> None:
+        """Scores of zero: each view's weight starts as its per-view logit alone."""
+        if self.per_voxel:
+            for module in self.score.values():
+                nn.init.zeros_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, features: dict[str, torch.Tensor], coverage: dict[str, torch.Tensor]) -> torch.Tensor:
+        present = [(n, p) for n, p in enumerate(self.planes) if p in features]
+        if not present:
+            raise ValueError(f"no view among {self.planes} was given")
+        if not self.per_voxel:
+            num = den = None
+            for n, plane in present:
+                w = torch.exp(self.view_logits[n]).view(1, -1, 1, 1, 1) * coverage[plane]
+                term = w * self.project[plane](features[plane])
+                num = term if num is None else num + term
+                den = w if den is None else den + w
+            return num / den.clamp_min(1e-4)
+        logits = [self.view_logits[n].view(1, -1, 1, 1, 1) + self.score[plane](features[plane]) for n, plane in present]
+        top = torch.stack(logits).amax(dim=0).detach()  # keeps exp() finite; cancels in the ratio
         num = den = None
-        for n, plane in enumerate(self.planes):
-            if plane not in features:
-                continue
-            w = torch.exp(self.view_logits[n]).view(1, -1, 1, 1, 1) * coverage[plane]
+        for (_, plane), logit in zip(present, logits):
+            w = torch.exp(logit - top) * coverage[plane]
             term = w * self.project[plane](features[plane])
             num = term if num is None else num + term
             den = w if den is None else den + w
-        if num is None:
-            raise ValueError(f"no view among {self.planes} was given")
-        return num / den.clamp_min(1e-4)
+        return num / den.clamp_min(1e-6)
 
 
 class Pointwise(nn.Module):
@@ -333,7 +364,7 @@ class SegmentationHead(nn.Module):
     def __init__(self, config: HeadsConfig) -> None:
         super().__init__()
         c = config
-        self.fusion = ViewFusion(c.view_channels, c.fused_channels)
+        self.fusion = ViewFusion(c.view_channels, c.fused_channels, per_voxel=c.fusion == "per-voxel")
         self.coarse = ContextUNet(c.fused_channels + 1, c.n_classes, c.seg_widths, c.context_dilations)
         self.refine = nn.Sequential(  # in-plane only: the reference series is thick-sliced
             _inplane_block(c.n_classes + 1, c.refine_hidden),
@@ -357,7 +388,7 @@ class FindingHead(nn.Module):
         super().__init__()
         c = config
         self.n = c.n_findings
-        self.fusion = ViewFusion(c.view_channels, c.fused_channels)
+        self.fusion = ViewFusion(c.view_channels, c.fused_channels, per_voxel=c.fusion == "per-voxel")
         self.trunk = _context(c.fused_channels + 1, c.finding_hidden, (1, 2, 4, 8))  # 3-mm cells: ~9 cm
         self.cell_logits = Pointwise(c.finding_hidden, c.n_findings)
         a = c.attention_hidden
@@ -436,6 +467,8 @@ class OrthoKneeHeads(nn.Module):
         self.segmentation = SegmentationHead(config)
         self.findings = FindingHead(config)
         _init_weights(self)
+        for head in (self.segmentation, self.findings):
+            head.fusion.reset_scores()
 
 
 def marginal_seg_loss(
@@ -519,5 +552,37 @@ def grow_segmentation_classes(model: "OrthoKneeHeads", extra: int) -> "OrthoKnee
             t = torch.full_like(target, -4.0)
             t[:n] = value
             new_state[key] = t
+    grown.load_state_dict(new_state)
+    return grown
+
+
+def add_views(model: "OrthoKneeHeads", view_channels: dict[str, int], start_logit: float = -4.0) -> "OrthoKneeHeads":
+    """The same heads fusing more views, per voxel: every old weight kept.
+
+    The new views' projections start from He initialization and their weights from
+    ``start_logit`` (exp(-4) = 0.018 of an old view's), so the grown heads begin close to the
+    old ones where the old views are present and exactly as them when only old views are given:
+    training then teaches where a new view helps. With ``--train-heads fusion`` nothing else
+    moves, so predictions from the old views alone stay exactly what they were.
+    """
+    from dataclasses import replace
+
+    old = model.config
+    missing = [p for p in old.view_channels if p not in view_channels]
+    if missing:
+        raise ValueError(f"add_views keeps every view the heads have; {missing} are not in {sorted(view_channels)}")
+    grown = OrthoKneeHeads(replace(old, view_channels=dict(view_channels), fusion="per-voxel"))
+    state, new_state = model.state_dict(), grown.state_dict()
+    for key, value in state.items():
+        if key.endswith("fusion.view_logits"):
+            head = key.split(".")[0]
+            new_planes = getattr(grown, head).fusion.planes
+            old_planes = getattr(model, head).fusion.planes
+            t = torch.full_like(new_state[key], start_logit)
+            for n, plane in enumerate(old_planes):
+                t[new_planes.index(plane)] = value[n]
+            new_state[key] = t
+        else:
+            new_state[key] = value.clone()
     grown.load_state_dict(new_state)
     return grown

@@ -181,6 +181,7 @@ class Knee:
     real_lesion: np.ndarray  # bool: real bone lesion labels (OAI)
     implants: dict[str, np.ndarray] = field(default_factory=dict)  # rendered, not annotated
     frame: dict = field(default_factory=dict)
+    kept: np.ndarray | None = None  # uint8: n + 1 where the n-th kept source label is (build_knee's keep)
 
     @property
     def implanted(self) -> list[str]:
@@ -199,9 +200,11 @@ def build_knee(
     grid: sitk.Image,
     rng: np.random.Generator,
     deform: bool = True,
+    keep: tuple[int, ...] = (),
 ) -> Knee:
     """Resample a source map onto the grid with a random affine and elastic warp, map it,
-    implant the ligaments the source lacks, and derive the tissue map."""
+    implant the ligaments the source lacks, and derive the tissue map. ``keep``: source label
+    values the catalog lacks whose voxels the knee also records (``Knee.kept``)."""
     source: LabelSource = smap.source
     transform = _random_affine(grid, rng, rotate_deg=6.0, scale=0.07, shift_mm=3.0) if deform else sitk.Transform()
     raw_image = sitk.Resample(smap.image, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
@@ -210,6 +213,10 @@ def build_knee(
         raw = _elastic_nearest(raw, rng, magnitude_vox=2.5 / grid.GetSpacing()[0])
     structures, extra, collateral, lesion = map_labels(source, raw)
     knee = Knee(grid, structures, np.zeros_like(structures), source.annotated, collateral, lesion)
+    if keep:
+        lut = np.zeros(max(int(raw.max()), *keep) + 1, np.uint8)
+        lut[list(keep)] = np.arange(1, len(keep) + 1)
+        knee.kept = lut[raw]
     knee.frame = _knee_frame(knee)
     if knee.frame:
         if "acl" not in source.annotated:

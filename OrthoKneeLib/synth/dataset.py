@@ -44,6 +44,9 @@ CASE_LAYOUT = 1  # bump when the folder layout changes
 VIEWS = ("sagittal", "coronal", "axial")
 
 
+EXTRA_LABEL_BASE = 20  # first label value of a kept source label (the catalog's are 1-11)
+
+
 @dataclass
 class SynthConfig:
     source: str
@@ -58,6 +61,14 @@ class SynthConfig:
     deform: bool = True
     mirror_fraction: float = 0.0  # share of cases drawn as the other knee (the source mirrored)
     finding_prevalence: dict[str, float] = field(default_factory=dict)
+    # source label value -> name: structures the catalog lacks, kept as extra labels (values from
+    # EXTRA_LABEL_BASE on, listed in case.json's extra_labels as an annotator's added segment is),
+    # e.g. {35: "Patellar ligament"} of the SPL atlas, to train and measure a new label
+    keep_labels: dict[int, str] = field(default_factory=dict)
+
+    def extra_labels(self) -> dict[str, str]:
+        """case.json's extra_labels: label value in the case -> name."""
+        return {str(EXTRA_LABEL_BASE + n): name for n, name in enumerate(self.keep_labels.values())}
 
     def prevalence_of(self) -> dict[str, float]:
         return {k: self.finding_prevalence.get(k, self.prevalence) for k in FINDING_KEYS}
@@ -68,6 +79,25 @@ class SynthConfig:
         if self.mirror_fraction <= 0:
             return False
         return bool(np.random.default_rng([self.seed, index, 3]).random() < self.mirror_fraction)
+
+
+def _check_keep_labels(config: SynthConfig, maps: list) -> None:
+    """Refuse a kept label the source maps to a catalog structure or that no map holds."""
+    source = SOURCES[config.source]
+    for value, name in config.keep_labels.items():
+        if value in source.structures:
+            raise InputError(
+                None,
+                f"--keep-label {value}: in {config.source} label maps, {value} is already the catalog's "
+                f"{source.structures[value]}.",
+                "Keep labels the catalog lacks (for the SPL atlas, its knee.ctbl names them).",
+            )
+        if not any(value in np.unique(sitk.GetArrayViewFromImage(m.image)) for m in maps[:3]):
+            raise InputError(
+                None,
+                f"--keep-label {value}={name}: no {config.source} label map holds the value {value}.",
+                "Check the value against the label set's colour table.",
+            )
 
 
 def split_subjects(subjects: list[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -100,12 +130,15 @@ def render_case(
     mirrored = config.mirrored(index)
     if mirrored:
         smap = mirrored_source or replace(smap, image=mirror_left_right(smap.image))
-    knee = build_knee(smap, grid, rng, deform=config.deform)
+    knee = build_knee(smap, grid, rng, deform=config.deform, keep=tuple(config.keep_labels))
     findings = simulate_findings(knee, rng, config.prevalence_of())
     intensity, render_params = render_intensity(knee.tissue, contrast, rng, knee.spacing)
     intensity_image = sitk.GetImageFromArray(intensity)
     intensity_image.CopyInformation(grid)
-    labels_image = sitk.GetImageFromArray(knee.structures)
+    labels = knee.structures
+    if knee.kept is not None:  # kept source labels where no catalog structure is
+        labels = np.where((knee.kept > 0) & (labels == 0), knee.kept + (EXTRA_LABEL_BASE - 1), labels).astype(np.uint8)
+    labels_image = sitk.GetImageFromArray(labels)
     labels_image.CopyInformation(grid)
     views = acquire_views(intensity_image, labels_image, rng)
     masks = {}
@@ -228,6 +261,7 @@ def synthesize(
             "subject": smap.subject,
             "split": split[smap.subject],
             "synthetic": True,
+            **({"extra_labels": config.extra_labels()} if config.keep_labels else {}),
         }
         cases.append({k: header[k] for k in ("case_id", "subject", "split")})
         case_dir = out / "cases" / case_id

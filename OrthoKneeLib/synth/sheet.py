@@ -11,7 +11,7 @@ from ..labels import DEFAULT_CATALOG
 
 __all__ = ["contact_sheet", "outline_slice"]
 
-_COLORS = np.zeros((256, 3), dtype=np.uint8)
+_COLORS = np.full((256, 3), 255, dtype=np.uint8)  # labels the catalog lacks (kept source labels): white
 for _s in DEFAULT_CATALOG.structures:
     _COLORS[_s.label] = _s.color
 
