@@ -200,11 +200,15 @@ def compare_predictions(folder_a: Path, folder_b: Path, threshold: float = 0.5, 
             folder_b, f"was predicted from other images than {folder_a}.", "Compare two predictions of the same series."
         )
     voxel_ml = float(np.prod(a.reference_grid.spacing)) / 1000.0
+    labels_b = {s.key: s.label for s in b.catalog.structures}  # by key: versions may number labels differently
     structures = {}
     for s in a.catalog.structures:
-        in_a, in_b = a.labelmap == s.label, b.labelmap == s.label
+        if s.key not in labels_b:
+            continue
+        in_a, in_b = a.labelmap == s.label, b.labelmap == labels_b[s.key]
         total = int(in_a.sum() + in_b.sum())
         structures[s.key] = {
+            "name": s.name,
             "dice": (2.0 * int((in_a & in_b).sum()) / total) if total else None,
             "volume_ml_a": round(int(in_a.sum()) * voxel_ml, 3),
             "volume_ml_b": round(int(in_b.sum()) * voxel_ml, 3),
@@ -215,11 +219,17 @@ def compare_predictions(folder_a: Path, folder_b: Path, threshold: float = 0.5, 
         if pb is None:
             continue
         findings[key] = {"a": pa, "b": pb, "changed": abs(pb - pa) >= moved or (pa >= threshold) != (pb >= threshold)}
+    keys_a = [s.key for s in a.catalog.structures]
     return {
         "a": {"folder": str(folder_a), "bundle": a.bundle},
         "b": {"folder": str(folder_b), "bundle": b.bundle},
         "structures": structures,
         "findings": findings,
+        # what only one version segments or scores (a new label, a finding added): shown, not compared
+        "only_in_a": [k for k in keys_a if k not in labels_b],
+        "only_in_b": [k for k in labels_b if k not in keys_a],
+        "findings_only_in_a": sorted(set(a.finding_probabilities) - set(b.finding_probabilities)),
+        "findings_only_in_b": sorted(set(b.finding_probabilities) - set(a.finding_probabilities)),
     }
 
 
@@ -239,6 +249,10 @@ def format_prediction_diff(diff: dict) -> str:
         d = "-" if row["dice"] is None else f"{row['dice']:.3f}"
         lines.append(f"| {key} | {d} | {row['volume_ml_a']:.1f} | {row['volume_ml_b']:.1f} |")
     changed = {k: v for k, v in diff["findings"].items() if v["changed"]}
+    for side in ("a", "b"):
+        only = diff.get(f"only_in_{side}", []) + diff.get(f"findings_only_in_{side}", [])
+        if only:
+            lines.append(f"only {side.upper()} has: {', '.join(only)}")
     lines.append("")
     lines.append(
         "findings that changed: "

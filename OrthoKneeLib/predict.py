@@ -688,6 +688,8 @@ class Predictor:
             bundle={
                 "name": self.bundle.metadata.get("name"),
                 "version": self.bundle.metadata.get("version"),
+                "hash": self.bundle.hash,  # the backbones and feature settings
+                "heads_sha256": (self.bundle.metadata.get("heads") or {}).get("sha256"),
                 "heads": self.kind,
                 "path": str(self.bundle.path),
             },

@@ -55,11 +55,11 @@ def output_folder(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(output_folder):
+def _serve(*args: str):
+    """`orthoknee serve ARGS` on a free port, once it answers: (url, process, port)."""
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "OrthoKneeLib.cli", "serve", str(output_folder), "--port", str(port)],
+        [sys.executable, "-m", "OrthoKneeLib.cli", "serve", *args, "--port", str(port)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -79,12 +79,22 @@ def server(output_folder):
     else:
         process.kill()
         pytest.fail("orthoknee serve did not answer within 90 s")
-    yield {"url": url, "process": process, "port": port}
+    return url, process, port
+
+
+def _stop(process) -> None:
     process.terminate()
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(output_folder):
+    url, process, port = _serve(str(output_folder))
+    yield {"url": url, "process": process, "port": port}
+    _stop(process)
 
 
 def _browser():
@@ -277,3 +287,59 @@ def test_serve_refuses_a_missing_path(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _other_version(folder: Path) -> Path:
+    """The shipped bundle as another version whose ACL-tear cells score 4 logits higher."""
+    import shutil
+
+    from OrthoKneeLib.bundle import Bundle
+    from OrthoKneeLib.resources import demo_bundle_dir
+
+    shutil.copytree(demo_bundle_dir(), folder)
+    bundle = Bundle.open(folder)
+    weights = bundle.load_state(bundle.metadata["heads"]["weights"], "heads")
+    weights["findings.cell_logits.bias"][0] += 4.0  # acl_tear, the catalog's first finding
+    bundle.metadata["heads"]["sha256"] = bundle.save_weights(bundle.metadata["heads"]["weights"], weights)
+    bundle.metadata["version"] = "9.9.9"
+    bundle.save_metadata()
+    return folder
+
+
+def test_another_version_runs_on_the_case_and_is_compared(output_folder, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    other = _other_version(tmp_path / "other-version")
+    url, process, _ = _serve(str(output_folder), "--versions", str(other), "--device", "cpu")
+    browser = _browser()
+    try:
+        browser.get(url)
+        _wait(lambda: len(_rows(browser, ".finding-row")) == 8, what="8 finding rows")
+        options = [o.text for o in Select(browser.find_element(By.ID, "version")).options]
+        assert any("9.9.9" in o for o in options) and any("0.10.0" in o or "0.11.0" in o for o in options)
+        Select(browser.find_element(By.ID, "version")).select_by_value(str(other.resolve()))
+        _click(browser, "run-version")
+        _wait(lambda: len(_rows(browser, ".compare-row")) == 11, timeout=240, what="the comparison")
+        dice = [r.find_element(By.CSS_SELECTOR, ".compare-dice").text for r in _rows(browser, ".compare-row")]
+        # the segmentation head is the same: the structures agree up to the paint strokes saved into A
+        agree = [d for d in dice if d == "-" or float(d) >= 0.98]
+        assert len(agree) >= 10 and (len(agree) == 11) == (not list(output_folder.glob("*reviewed*"))), dice
+        assert "acl_tear" in browser.find_element(By.ID, "compare-findings").text
+        compared = next(output_folder.parent.glob(f"{output_folder.name}--*9.9.9"))
+        b = json.loads((compared / "findings.json").read_text())["findings"]["acl_tear"]["probability"]
+        a = json.loads((output_folder / "findings.json").read_text())["findings"]["acl_tear"]["probability"]
+        assert b > a
+        _click(browser, "show-b")
+        _wait(lambda: "9.9.9" in browser.find_element(By.ID, "case-title").text, what="version B on the page")
+        shown = {
+            r.get_attribute("id").removeprefix("finding-"): r.find_element(By.CSS_SELECTOR, ".finding-probability").text
+            for r in _rows(browser, ".finding-row")
+        }
+        assert shown["acl_tear"] == f"{b:.3f}"
+        if os.environ.get("ORTHOKNEE_SCREENSHOTS") == "1":
+            browser.save_screenshot(str(SCREENSHOTS / "viewer-versions.png"))
+        assert process.poll() is None
+    finally:
+        browser.quit()
+        _stop(process)

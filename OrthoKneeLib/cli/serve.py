@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         out = check_output_folder(args.out or default)
         predict = None if is_output_folder(out) else _case_predictor(args, out)
     server = get_server("orthoknee", client_type="vue3")
-    OrthoKneeViewer(server, out, predict=predict)
+    OrthoKneeViewer(server, out, predict=predict, versions=args.versions or [], device=args.device)
     print(f"OrthoKnee viewer on http://{args.host}:{args.port}/ ({out}); Ctrl-C stops it.", flush=True)
     server.start(port=args.port, host=args.host, open_browser=False, show_connection_info=False)
     return 0
@@ -76,5 +76,13 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, help="where a case's prediction is written (default: beside it, '-orthoknee')")
     p.add_argument("--bundle", type=Path, help="model bundle (default: the shipped demo bundle)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument(
+        "--versions",
+        type=Path,
+        nargs="+",
+        metavar="BUNDLE",
+        help="other bundle versions (bundles, or folders of bundles) the Versions panel offers to run on the case "
+        "and compare; the shipped bundle is always offered",
+    )
     max_voxels_option(p)
     p.set_defaults(func=cmd_serve)

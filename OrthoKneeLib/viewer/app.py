@@ -5,7 +5,9 @@ Left, the panels: the structures (colour, name, volume, visibility), the finding
 and threshold, paint / erase a structure, Save. Right, Slicer's own sagittal, coronal, axial
 and 3D views, rendered on the server and streamed to the page (trame-slicer's remote views).
 A case that has not been predicted yet is predicted first, in a worker thread, with its
-progress on the page.
+progress on the page. The Versions panel runs another bundle version on the same case and
+compares the two outputs (Dice and volumes per structure, findings that changed; versions.py and
+compare.py), and shows either.
 """
 
 from __future__ import annotations
@@ -23,15 +25,23 @@ class OrthoKneeViewer:
     """``OrthoKneeViewer(server, output_folder, predict=None)``: ``predict`` (a callable taking a
     progress callback) runs first when the folder holds no result yet."""
 
-    def __init__(self, server, output_folder: str | Path, predict: Callable | None = None) -> None:
+    def __init__(
+        self,
+        server,
+        output_folder: str | Path,
+        predict: Callable | None = None,
+        versions: list[str | Path] = (),
+        device: str = "auto",
+    ) -> None:
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.core import LayoutManager, SlicerApp
         from trame_slicer.rca_view import register_rca_factories
 
         self.server = server
         self.state, self.ctrl = server.state, server.controller
-        self.folder = Path(output_folder)
+        self.folder = self.base_folder = Path(output_folder)
         self._predict = predict
+        self._version_paths, self._device = list(versions), device
         self.session = None
         server.enable_module(trame_slicer_module)
         self.slicer_app = SlicerApp()
@@ -61,6 +71,13 @@ class OrthoKneeViewer:
         s.paint_structure = "femur"
         s.saved = ""
         s.warnings = []
+        s.versions = []  # [{path, label, problem, ...}] (versions.BundleVersion.to_json)
+        s.version_path = ""
+        s.version_status = ""
+        s.compare_rows = []
+        s.compare_findings = ""
+        s.compare_folder = ""
+        s.showing = "A"
         s.change("overlay")(self._on_overlay)
         s.change("opacity")(self._on_opacity)
         s.change("threshold")(self._on_threshold)
@@ -113,12 +130,20 @@ class OrthoKneeViewer:
             self.state.message = message
 
     def _load_session(self) -> None:
+        from ..versions import list_versions
         from .session import ViewerSession
 
         self.session = ViewerSession(
             self.slicer_app, self.folder, threshold=self.state.threshold, opacity=self.state.opacity
         )
         self.session.show_background()
+        if not self.state.versions:
+            current = (self.session.prediction.bundle or {}).get("path")
+            choices = [v.to_json() for v in list_versions([*([current] if current else []), *self._version_paths])]
+            with self.state:
+                self.state.versions = choices
+                usable = [v["path"] for v in choices if not v["problem"] and v["path"] != current]
+                self.state.version_path = usable[0] if usable else ""
         self._publish()
         self._set_status("ready", "")
         self._render()
@@ -173,6 +198,62 @@ class OrthoKneeViewer:
             self.state.saved = f"not saved: {exc}"
             return
         self.state.saved = f"saved {written['segmentation'].name} and {written['review'].name}"
+
+    # ------------------------------------------------------------------ versions
+    def run_version(self) -> None:
+        asyncio.ensure_future(self._run_version())
+
+    async def _run_version(self) -> None:
+        """Predict the case with the picked version (a worker thread), then compare it with the first output."""
+        from ..compare import compare_predictions
+        from ..versions import describe, run_version
+
+        version = describe(self.state.version_path)
+        loop = asyncio.get_running_loop()
+
+        def progress(done, total, message=""):
+            loop.call_soon_threadsafe(self._set_version_status, f"running {version.label}: {message}")
+
+        self._set_version_status(f"running {version.label}")
+        try:
+            out = await loop.run_in_executor(None, run_version, self.base_folder, version, self._device, progress)
+            diff = compare_predictions(self.base_folder, out)
+        except Exception as exc:  # the refusal's message, on the page
+            self._set_version_status(f"not run: {exc}")
+            return
+        rows = [
+            {
+                "key": key,
+                "name": row["name"],
+                "dice": "-" if row["dice"] is None else f"{row['dice']:.3f}",
+                "volume_a": f"{row['volume_ml_a']:.1f}",
+                "volume_b": f"{row['volume_ml_b']:.1f}",
+            }
+            for key, row in diff["structures"].items()
+        ]
+        changed = [f"{k} {v['a']:.2f} → {v['b']:.2f}" for k, v in diff["findings"].items() if v["changed"]]
+        only = [
+            f"only {side.upper()}: {', '.join(diff[f'only_in_{side}'])}" for side in "ab" if diff[f"only_in_{side}"]
+        ]
+        with self.state:
+            self.state.compare_rows = rows
+            self.state.compare_findings = "; ".join(["findings changed: " + (", ".join(changed) or "none"), *only])
+            self.state.compare_folder = str(out)
+            self.state.version_status = f"B = {version.label} ({out.name})"
+
+    def _set_version_status(self, text: str) -> None:
+        with self.state:
+            self.state.version_status = text
+
+    def show(self, which: str) -> None:
+        """Show output A (the case's first) or B (the compared version's) in the views and panels."""
+        folder = self.base_folder if which == "A" else Path(self.state.compare_folder or self.base_folder)
+        if folder == self.folder:
+            return
+        self.folder = folder
+        self.slicer_app.scene.Clear(0)  # the views' own nodes (singletons) stay
+        self.state.showing = which
+        self._load_session()
 
     def _render(self) -> None:
         for view in self.slicer_app.view_manager.get_views():
@@ -300,6 +381,42 @@ class OrthoKneeViewer:
                             html.Button("Fit views", id="fit", click=self.fit_views, classes="mr-2")
                             html.Button("Save", id="save", click=self.save)
                             html.Span("{{ saved }}", id="saved", classes="ml-2 text-caption")
+                        html.Div("Versions", classes="text-subtitle-2 mt-3")
+                        with html.Div():
+                            with html.Select(
+                                id="version",
+                                value=("version_path",),
+                                change="version_path = $event.target.value",
+                                style="max-width: 300px",
+                            ):
+                                html.Option(
+                                    "{{ v.label }}",
+                                    v_for="v in versions",
+                                    key="v.path",
+                                    value=("v.path",),
+                                    disabled=("!!v.problem",),
+                                )
+                            html.Button("Run and compare", id="run-version", click=self.run_version, classes="ml-1")
+                        html.Div("{{ version_status }}", id="version-status", classes="text-caption")
+                        with html.Table(id="compare", v_if="compare_rows.length", style="width: 100%"):
+                            with html.Tr():
+                                for head in ("structure", "Dice A vs B", "mL A", "mL B"):
+                                    html.Th(head, style="text-align: left")
+                            with html.Tr(v_for="r in compare_rows", key="r.key", classes="compare-row"):
+                                html.Td("{{ r.name }}")
+                                html.Td("{{ r.dice }}", classes="compare-dice")
+                                html.Td("{{ r.volume_a }}")
+                                html.Td("{{ r.volume_b }}")
+                        html.Div("{{ compare_findings }}", id="compare-findings", classes="text-caption")
+                        with html.Div(v_if="compare_folder"):
+                            for which in ("A", "B"):
+                                html.Button(
+                                    f"show {which}",
+                                    id=f"show-{which.lower()}",
+                                    click=(self.show, f"['{which}']"),
+                                    style=(f"{{fontWeight: showing === '{which}' ? 'bold' : 'normal'}}",),
+                                    classes="mr-1",
+                                )
                         with html.Div(classes="mt-3 text-caption", id="warnings"):
                             html.Div("⚠ {{ w }}", v_for="w in warnings", key="w")
             with self.ui.content:
