@@ -155,6 +155,19 @@ class OrthoKnee(ScriptedLoadableModule):
             "The demo model was trained on synthetic images rendered from public label maps (OAI ZIB, pymskt, "
             "SPL knee atlas)."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)  # Sample Data lists the sample case
+
+
+def registerSampleData() -> None:
+    """The shipped sample case (one real DESS series and two reformats) in the Sample Data module,
+    with each file's SHA-256, which Sample Data checks when it copies the files into its cache."""
+    import SampleData
+
+    from OrthoKneeLib.resources import sample_data_source
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        **sample_data_source(thumbnail=_HERE / "Resources" / "Icons" / "OrthoKnee.png")
+    )
 
 
 @parameterNodeWrapper
@@ -166,6 +179,8 @@ class OrthoKneeParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"  # a QComboBox needs the Choice annotation
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    trainingCases: Path = Path()  # the folder the corrected cases were exported to
+    learnNewLabels: bool = False
 
 
 class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -179,6 +194,8 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self._result = None
         self._decisions: dict[str, dict] = {}
+        self._outputs: list[Path] = []  # output folders of this session's runs, newest last (for Compare)
+        self._finetune = None  # the running FinetuneProcess
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -195,6 +212,10 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
         self.ui.exportReviewButton.connect("clicked(bool)", self.onExportReview)
         self.ui.exportCaseButton.connect("clicked(bool)", self.onExportCase)
+        self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneOrCancel)
+        self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
         self.ui.findingsTable.connect("cellClicked(int,int)", self.onFindingSelected)
         self.ui.findingsTable.connect("cellChanged(int,int)", self.onFindingEdited)
         self.initializeParameterNode()
@@ -312,6 +333,8 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._result, {"sagittal": p.sagittal, "coronal": p.coronal, "axial": p.axial}, p.opacity
         )
         self._fillFindingsTable(job["prediction"])
+        if "runner" in job:
+            self._outputs.append(job["runner"].out)
         self.ui.statusLabel.text = "; ".join(self._result["warnings"] + job["prediction"].warnings) or "Done."
 
     def _fillFindingsTable(self, prediction) -> None:
@@ -378,6 +401,84 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._result, {"sagittal": p.sagittal, "coronal": p.coronal, "axial": p.axial}, self._decisions, folder
             )
             self.ui.statusLabel.text = f"Training case written: {out}"
+
+    def onExportDicomSeg(self) -> None:
+        if not self._result:
+            return
+        files = self.logic.dicomFilesOf(self._result["reference"])
+        if not files:
+            slicer.util.errorDisplay(
+                "The reference series was not loaded from DICOM, so a DICOM SEG has no images to reference. "
+                "Load the series through the DICOM module, or export the segmentation as NRRD (Segmentations module)."
+            )
+            return
+        path = qt.QFileDialog.getSaveFileName(None, "Export DICOM SEG", "structures.seg.dcm", "DICOM (*.dcm)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("The DICOM SEG was not written.", waitCursor=True):
+                written = self.logic.exportDicomSeg(self._result, files, path)
+                self.ui.statusLabel.text = f"DICOM SEG written: {written}"
+
+    def onCompare(self) -> None:
+        if len(self._outputs) < 2:
+            self.ui.statusLabel.text = (
+                "Compare needs two runs on the same series: choose another model bundle and press Apply, then Compare."
+            )
+            return
+        with slicer.util.tryWithErrorDisplay("The two runs cannot be compared.", waitCursor=True):
+            table = self.logic.compareRuns(self._outputs[-2], self._outputs[-1])
+            self.ui.statusLabel.text = f"Comparison in the table '{table.GetName()}' (A = previous run, B = this one)."
+
+    def onFinetuneOrCancel(self) -> None:
+        if self._finetune is not None:
+            self._finetune.cancel(grace_s=5.0)
+            self.ui.finetuneStatusLabel.text = "Cancelling..."
+            return
+        if not self.logic.ensureDependencies():
+            return
+        p = self._parameterNode
+        try:
+            self._finetune = self.logic.startFinetune(
+                _bundle_or_default(p.bundlePath), p.trainingCases, p.learnNewLabels, p.device
+            )
+        except Exception as exc:  # an OrthoKneeError says which folder and what to do
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.ui.finetuneButton.text = "Cancel fine-tuning"
+        self._finetuneTimer = qt.QTimer()
+        self._finetuneTimer.timeout.connect(self._pollFinetune)
+        self._finetuneTimer.start(500)
+
+    def _pollFinetune(self) -> None:
+        run = self._finetune
+        if run is None:
+            self._finetuneTimer.stop()
+            return
+        done, total, message = run.progress()
+        self.ui.finetuneProgressBar.maximum = max(total, 1)
+        self.ui.finetuneProgressBar.value = done
+        self.ui.finetuneStatusLabel.text = message
+        if run.running():
+            return
+        self._finetuneTimer.stop()
+        self._finetune = None
+        self.ui.finetuneButton.text = "Fine-tune a new version"
+        try:
+            bundle = run.wait(timeout=30)
+        except Exception as exc:  # the child's own last line and the log's path
+            self.ui.finetuneStatusLabel.text = str(exc)
+            return
+        if self._parameterNode is not None:
+            self._parameterNode.bundlePath = bundle.path  # the next Apply runs the new version
+        self.ui.finetuneStatusLabel.text = self.logic.finetuneSummary(bundle)
+
+    def onClearCache(self) -> None:
+        if self._finetune is not None or self._job is not None:
+            self.ui.finetuneStatusLabel.text = (
+                "Wait for the running job to end (or cancel it) before clearing the cache."
+            )
+            return
+        freed = self.logic.clearCache(keep=self._outputs[-2:])
+        self.ui.finetuneStatusLabel.text = f"Cleared OrthoKnee's cache: {freed / 2**20:.0f} MB freed."
 
 
 def vtk_modified_event():
@@ -601,6 +702,106 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
             review=review,
             case_id=name,
         )
+
+    @staticmethod
+    def dicomFilesOf(volume_node) -> list[str]:
+        """The DICOM files a volume node was loaded from (Slicer's DICOM database), or [] if none."""
+        uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+        database = getattr(slicer, "dicomDatabase", None)
+        if not uids or database is None:
+            return []
+        files = [database.fileForInstance(uid) for uid in uids]
+        return [f for f in files if f]
+
+    @staticmethod
+    def exportDicomSeg(result: dict, files: list[str], path) -> Path:
+        """The segmentation as it is now (the reader's edits included) as a DICOM SEG on the reference series."""
+        import dataclasses
+
+        from OrthoKneeLib.dicomseg import datasets_in_slice_order, write_dicom_seg
+        from OrthoKneeLib.scene import image_from_node, segmentation_labelmap
+
+        prediction = result["prediction"]
+        reference = result["reference"]
+        labelmap = segmentation_labelmap(result["segmentation"], reference, prediction.catalog)
+        edited = dataclasses.replace(prediction, labelmap=labelmap)
+        return write_dicom_seg(edited, datasets_in_slice_order(files, image_from_node(reference)), path)
+
+    @staticmethod
+    def compareRuns(folder_a, folder_b):
+        """Two runs' outputs side by side in a table node (compare.compare_predictions), shown in a table view."""
+        from OrthoKneeLib.compare import compare_predictions
+        from OrthoKneeLib.scene import add_comparison_table
+
+        table = add_comparison_table(slicer.mrmlScene, compare_predictions(Path(folder_a), Path(folder_b)))
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetActiveTableID(table.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+        return table
+
+    @staticmethod
+    def startFinetune(bundle_path, cases_folder, new_labels: bool, device: str):
+        """`orthoknee finetune` of the current bundle on the exported cases, in a child process (runner.py);
+        the new version goes to versions.user_bundles_dir(), never over an existing one."""
+        import shutil
+
+        from OrthoKneeLib.errors import InputError
+        from OrthoKneeLib.resources import demo_bundle_dir
+        from OrthoKneeLib.runner import FinetuneProcess
+        from OrthoKneeLib.versions import describe, next_version_folder
+
+        folder = Path(cases_folder) if cases_folder and str(cases_folder) not in ("", ".") else None
+        cases = sorted(c for c in folder.iterdir() if (c / "case.json").is_file()) if folder and folder.is_dir() else []
+        if not cases:
+            raise InputError(
+                folder,
+                "holds no exported cases (sub-folders with a case.json).",
+                "Correct a result, press 'Export as training case' into one folder, and choose that folder here.",
+            )
+        parent = describe(bundle_path or demo_bundle_dir())
+        if parent.problem:
+            raise InputError(parent.path, f"cannot be fine-tuned: {parent.problem}.", "Choose another model bundle.")
+        out = next_version_folder(parent)
+
+        def launch(args):
+            try:
+                return slicer.util.launchConsoleProcess(args, updateEnvironment={"PYTHONPATH": str(_REPO)})
+            except TypeError:  # Slicer without updateEnvironment
+                return slicer.util.launchConsoleProcess(args)
+
+        python = shutil.which("PythonSlicer") or sys.executable
+        return FinetuneProcess(
+            parent.path, cases, out, new_labels=new_labels, device=device, python=python, launcher=launch
+        ).start()
+
+    @staticmethod
+    def finetuneSummary(bundle) -> str:
+        """One line on the new version: where it came from and what validation said before and after."""
+        training = (bundle.metadata.get("heads") or {}).get("training") or {}
+        parent = bundle.metadata.get("parent") or {}
+        before = (training.get("validation_before") or {}).get("mean_dice")
+        after = [h.get("mean_dice") for h in training.get("validation") or [] if h.get("mean_dice") is not None]
+        scores = f"; validation Dice {before:.3f} -> {max(after):.3f}" if before is not None and after else ""
+        return (
+            f"New version {bundle.metadata.get('version')} (from {parent.get('version', '?')}) at {bundle.path}{scores}. "
+            "Press Apply to run it, then 'Compare with the previous run'."
+        )
+
+    @staticmethod
+    def clearCache(keep: list = ()) -> int:
+        """Remove the feature cache and the temporary folders of finished runs (except ``keep``); bytes freed."""
+        import shutil
+
+        from OrthoKneeLib.featurecache import default_cache_dir, prune_cache
+
+        freed = sum(e.bytes for e, _ in prune_cache(default_cache_dir(), keep_bundle_hashes=[]))
+        kept = {Path(k).parent.resolve() for k in keep}
+        for folder in Path(slicer.app.temporaryPath).glob("OrthoKnee-*"):
+            if folder.resolve() not in kept:
+                freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                shutil.rmtree(folder, ignore_errors=True)
+        return freed
 
 
 class OrthoKneeTest(ScriptedLoadableModuleTest):

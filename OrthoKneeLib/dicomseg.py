@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import OrthoKneeError
 
-__all__ = ["dicom_seg_writer", "write_dicom_seg", "describe_dicom_seg", "is_dicom_seg"]
+__all__ = ["dicom_seg_writer", "write_dicom_seg", "describe_dicom_seg", "is_dicom_seg", "datasets_in_slice_order"]
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -38,12 +38,40 @@ def _source_datasets(case) -> list | None:
     ]
     if len(matches) != 1:
         return None
-    datasets = [pydicom.dcmread(f) for f in matches[0].files]
-    for ds in datasets:  # anonymised series drop type-2 patient and study attributes a SEG must copy (empty is valid)
-        for keyword in _PATIENT_AND_STUDY:
-            if keyword not in ds:
-                setattr(ds, keyword, "")
-    return datasets
+    return [_complete(pydicom.dcmread(f)) for f in matches[0].files]
+
+
+def _complete(ds):
+    """Anonymised series drop type-2 patient and study attributes a SEG must copy (empty is valid)."""
+    for keyword in _PATIENT_AND_STUDY:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
+def datasets_in_slice_order(files: list[str | os.PathLike], reference_image) -> list:
+    """The DICOM files of a series, read and ordered as the slices of ``reference_image`` (its third
+    axis): how the Slicer module finds the sources of a volume node loaded from the DICOM database,
+    whose instance files come in database order, not slice order."""
+    import pydicom
+
+    if not files:
+        raise OrthoKneeError("the series has no DICOM files to reference; the DICOM SEG was not written.")
+    datasets = [_complete(pydicom.dcmread(str(f))) for f in files]
+    normal = np.asarray(reference_image.GetDirection(), float).reshape(3, 3)[:, 2]
+    origin = np.asarray(reference_image.GetOrigin(), float)
+    try:
+        along = [float(np.dot(np.asarray(ds.ImagePositionPatient, float) - origin, normal)) for ds in datasets]
+    except AttributeError:
+        raise OrthoKneeError(
+            "a file of the series has no ImagePositionPatient; the DICOM SEG was not written."
+        ) from None
+    if len(set(np.round(along, 3))) != len(datasets) or len(datasets) != reference_image.GetSize()[2]:
+        raise OrthoKneeError(
+            f"the series' {len(datasets)} files are not the {reference_image.GetSize()[2]} distinct slices of the "
+            "volume (several echoes or series mixed?); the DICOM SEG was not written."
+        )
+    return [ds for _, ds in sorted(zip(along, datasets), key=lambda pair: pair[0])]
 
 
 _PATIENT_AND_STUDY = (

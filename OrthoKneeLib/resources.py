@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import MissingFileError
 
-__all__ = ["resources_dir", "sample_case_dir", "demo_bundle_dir", "SAMPLE_VIEWS", "DEMO_BUNDLE"]
+__all__ = ["resources_dir", "sample_case_dir", "demo_bundle_dir", "sample_data_source", "SAMPLE_VIEWS", "DEMO_BUNDLE"]
 
 DEMO_BUNDLE = "orthoknee-demo"
 
@@ -41,3 +41,32 @@ def sample_case_dir() -> Path:
 def demo_bundle_dir() -> Path:
     """The shipped demo bundle (checked when it is opened, see bundle.Bundle.open)."""
     return resources_dir() / "Models" / DEMO_BUNDLE
+
+
+def sample_data_source(thumbnail: str | os.PathLike | None = None) -> dict:
+    """The sample case as Slicer's SampleData module registers it (the keyword arguments of
+    ``SampleDataLogic.registerCustomSampleDataSource``): local file URIs, node names per view, and
+    the SHA-256 of each file from SampleData/SHA256SUMS, which SampleData checks when it copies
+    them into its cache (a damaged install shows as a checksum error, not as a wrong image)."""
+    folder = sample_case_dir()
+    sums = {}
+    for line in (folder / "SHA256SUMS").read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if name:
+            sums[name] = digest
+    names = list(SAMPLE_VIEWS.values())
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise MissingFileError(
+            folder / "SHA256SUMS", f"lists no checksum for {', '.join(missing)}.", "Reinstall OrthoKnee."
+        )
+    return {
+        "category": "OrthoKnee",
+        "sampleName": "OrthoKneeSampleDESS",
+        "uris": [(folder / n).resolve().as_uri() for n in names],
+        "fileNames": names,
+        "nodeNames": [f"OrthoKnee sample {plane}" for plane in SAMPLE_VIEWS],
+        "checksums": [f"SHA256:{sums[n]}" for n in names],
+        "loadFileTypes": ["VolumeFile"] * len(names),
+        "thumbnailFileName": str(thumbnail) if thumbnail else None,
+    }

@@ -507,6 +507,34 @@ def add_measurements_table(scene, prediction: "Prediction", name: str | None = N
     return table
 
 
+def add_comparison_table(scene, diff: dict, name: str = "OrthoKnee version comparison"):
+    """A table node of two versions' outputs on one case (compare.compare_predictions): Dice and
+    volumes per structure, then each finding's probability in both and whether it changed."""
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+
+    def version(side: str) -> str:
+        bundle = diff[side].get("bundle") or {}
+        return f"{bundle.get('name', '?')} {bundle.get('version', '?')}"
+
+    for title in ("Structure or finding", "Dice A vs B", f"A: {version('a')}", f"B: {version('b')}", "Changed"):
+        table.AddColumn().SetName(title)
+
+    def add(cells: list[str]) -> None:
+        row = table.AddEmptyRow()
+        for column, text in enumerate(cells):
+            table.SetCellText(row, column, text)
+
+    for key, row in diff["structures"].items():
+        dice = "-" if row["dice"] is None else f"{row['dice']:.3f}"
+        add([row.get("name", key), dice, f"{row['volume_ml_a']:.2f} mL", f"{row['volume_ml_b']:.2f} mL", ""])
+    for key, row in diff["findings"].items():
+        add([key, "", f"p {row['a']:.2f}", f"p {row['b']:.2f}", "yes" if row["changed"] else ""])
+    for side in ("a", "b"):
+        for key in diff.get(f"only_in_{side}", []) + diff.get(f"findings_only_in_{side}", []):
+            add([key, "", "yes" if side == "a" else "-", "yes" if side == "b" else "-", f"only in {side.upper()}"])
+    return table
+
+
 def show_native_views(scene, view_nodes: dict, overlay_node=None, opacity: float = 0.6) -> None:
     """Each slice view shows the series acquired in its plane (at its own resolution), where there is
     one; the overlay on top in all of them."""

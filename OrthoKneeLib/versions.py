@@ -17,7 +17,14 @@ from pathlib import Path
 from .errors import InputError, OrthoKneeError
 from .progress import CancelToken, ProgressFn, no_progress
 
-__all__ = ["BundleVersion", "list_versions", "version_output_folder", "run_version"]
+__all__ = [
+    "BundleVersion",
+    "list_versions",
+    "version_output_folder",
+    "run_version",
+    "user_bundles_dir",
+    "next_version_folder",
+]
 
 
 @dataclass
@@ -91,6 +98,26 @@ def list_versions(paths: list[str | os.PathLike] = ()) -> list[BundleVersion]:
             found.extend(sorted(q.parent for q in p.glob("*/metadata.json")))
     unique = list(dict.fromkeys(p.resolve() for p in found))
     return [describe(p) for p in unique]
+
+
+def user_bundles_dir() -> Path:
+    """Where the Slicer module writes the versions an annotator fine-tunes: $ORTHOKNEE_BUNDLES, else
+    ~/OrthoKnee/bundles (a folder the user sees, backs up and can point `orthoknee serve --versions` at)."""
+    return Path(os.environ.get("ORTHOKNEE_BUNDLES", Path.home() / "OrthoKnee" / "bundles"))
+
+
+def next_version_folder(parent: BundleVersion, root: str | os.PathLike | None = None) -> Path:
+    """A new folder for the version fine-tuned from ``parent``: <name>-<next minor version>, the first
+    such name not yet taken (a version is never overwritten)."""
+    from .bundle import next_version
+
+    root = Path(root) if root is not None else user_bundles_dir()
+    version = next_version(parent.version or "0.0.0")
+    while True:
+        folder = root / re.sub(r"[^A-Za-z0-9._-]+", "-", f"{parent.name or 'orthoknee'}-{version}")
+        if not folder.exists():
+            return folder
+        version = next_version(version)
 
 
 def version_output_folder(output_folder: str | os.PathLike, version: BundleVersion) -> Path:

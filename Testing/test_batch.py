@@ -137,3 +137,37 @@ def test_batch_refuses_options_for_one_case(cases, tmp_path, capsys):
     assert code == 2 and "--series" in err
     code, _, err = _run(["predict", cases / "a-sample", "--out", tmp_path / "o", "--workers", "2"], capsys)
     assert code == 2 and "--batch" in err
+
+
+def test_a_volume_nodes_dicom_files_are_put_in_slice_order_for_its_seg(first_run, shared_data, tmp_path):
+    """The Slicer module's DICOM SEG export: the reference node's instance files come from the DICOM
+    database in any order; they are ordered as the volume's slices, and an edited labelmap written
+    against them reads back on the same slices."""
+    import random
+
+    import highdicom as hd
+
+    from OrthoKneeLib.dicomseg import datasets_in_slice_order, write_dicom_seg
+    from OrthoKneeLib.errors import OrthoKneeError
+    from OrthoKneeLib.results import load_prediction
+    from OrthoKneeLib.volumes import load_volume
+
+    _, out = first_run
+    files = sorted((shared_data / "dess-pykneer").glob("*.dcm"))
+    shuffled = files[:]
+    random.Random(3).shuffle(shuffled)
+    image = load_volume(shared_data / "dess-pykneer").image
+    ordered = datasets_in_slice_order(shuffled, image)
+    firsts = [image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(image.GetSize()[2])]
+    assert np.allclose([[float(v) for v in ds.ImagePositionPatient] for ds in ordered], firsts, atol=1e-3)
+    prediction = load_prediction(out / "b-dicom")
+    prediction.labelmap = prediction.labelmap.copy()
+    prediction.labelmap[40:42] = 0  # the annotator erased two slices
+    path = write_dicom_seg(prediction, ordered, tmp_path / "edited.seg.dcm")
+    seg = hd.seg.segread(path)
+    femur = next(d for d in seg.SegmentSequence if d.SegmentLabel == "Femur")
+    if hasattr(seg, "get_volume"):
+        mask = np.asarray(seg.get_volume(segment_numbers=[int(femur.SegmentNumber)]).array)
+        assert int(mask.sum()) == int((prediction.labelmap == 1).sum())
+    with pytest.raises(OrthoKneeError, match="distinct slices"):
+        datasets_in_slice_order(shuffled[:-1], image)

@@ -264,9 +264,17 @@ def test_ui_is_well_formed_and_has_every_widget_the_module_uses():
     params = {
         p.text
         for p in tree.iter("string")
-        if p.text in {"sagittal", "coronal", "axial", "bundlePath", "device", "threshold", "opacity"}
+        if p.text
+        in {"sagittal", "coronal", "axial", "bundlePath", "device", "threshold", "opacity"}
+        | {"trainingCases", "learnNewLabels"}
     }
-    assert params == {"sagittal", "coronal", "axial", "bundlePath", "device", "threshold", "opacity"}
+    assert params == {"sagittal", "coronal", "axial", "bundlePath", "device", "threshold", "opacity"} | {
+        "trainingCases",
+        "learnNewLabels",
+    }
+    handlers = set(re.findall(r'\.connect\("clicked\(bool\)", self\.(\w+)\)', MODULE.read_text()))
+    defined = set(re.findall(r"    def (\w+)\(self", MODULE.read_text()))
+    assert handlers and handlers <= defined, sorted(handlers - defined)
 
 
 def test_cmake_lists_name_files_that_exist():
@@ -366,3 +374,24 @@ def test_reading_aids_decisions_measurements_and_native_views(app, tmp_path):
     assert composites["Yellow"].GetBackgroundVolumeID() == sag.GetID()
     assert composites["Green"].GetBackgroundVolumeID() == cor.GetID()
     assert composites["Red"].GetForegroundVolumeID() == overlay.GetID()
+
+
+def test_a_version_comparison_becomes_a_table(app):
+    from OrthoKneeLib.scene import add_comparison_table
+
+    diff = {
+        "a": {"folder": "a", "bundle": {"name": "orthoknee-demo", "version": "0.10.0"}},
+        "b": {"folder": "b", "bundle": {"name": "orthoknee-demo", "version": "0.11.0"}},
+        "structures": {
+            "femur": {"name": "Femur", "dice": 0.981, "volume_ml_a": 250.0, "volume_ml_b": 251.5},
+            "fibula": {"name": "Fibula", "dice": None, "volume_ml_a": 0.0, "volume_ml_b": 0.0},
+        },
+        "findings": {"acl_tear": {"a": 0.2, "b": 0.7, "changed": True}},
+        "only_in_b": ["patellar_ligament"],
+    }
+    table = add_comparison_table(app.scene, diff)
+    assert table.GetNumberOfRows() == 4 and "0.11.0" in table.GetColumnName(3)
+    assert [table.GetCellText(0, c) for c in range(4)] == ["Femur", "0.981", "250.00 mL", "251.50 mL"]
+    assert table.GetCellText(1, 1) == "-"
+    assert (table.GetCellText(2, 0), table.GetCellText(2, 4)) == ("acl_tear", "yes")
+    assert (table.GetCellText(3, 0), table.GetCellText(3, 4)) == ("patellar_ligament", "only in B")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -148,6 +149,9 @@ def test_the_install_tree_the_cmake_lists_describe_runs_the_engine(tmp_path):
         "from OrthoKneeLib.resources import demo_bundle_dir, sample_case_dir; "
         "from OrthoKneeLib.bundle import Bundle; from OrthoKneeLib.labels import DEFAULT_CATALOG; "
         "b = Bundle.open(demo_bundle_dir(), verify=True); s = sample_case_dir(); "
+        "import hashlib, urllib.request; from OrthoKneeLib.resources import sample_data_source; "
+        "d = sample_data_source(); assert all(hashlib.sha256(urllib.request.urlopen(u).read()).hexdigest() == "
+        "c.split(':')[1] for u, c in zip(d['uris'], d['checksums'])), 'sample checksums'; "
         "import OrthoKneeLib; print(OrthoKneeLib.__file__, b.path, s, len(DEFAULT_CATALOG.structures), "
         "len(b.catalog.findings))"
     )
@@ -191,3 +195,23 @@ def test_the_subprocess_runner_predicts_and_cancels(tmp_path):
     prediction = run.wait(timeout=300)
     assert len(prediction.finding_probabilities) == 8 and prediction.labelmap.max() > 0
     assert run.progress()[0] == run.progress()[1]  # the bar reached its end
+
+
+def test_the_finetune_button_runs_finetune_in_a_child_process(pipeline, tmp_path, monkeypatch):
+    """The module's Fine-tune button: `orthoknee finetune` on exported cases in a child, progress from
+    its bars, and the new bundle (its parent recorded) back."""
+    from OrthoKneeLib.runner import FinetuneProcess
+
+    monkeypatch.setenv("ORTHOKNEE_CACHE", str(tmp_path / "cache"))
+    seen = []
+    run = FinetuneProcess(
+        pipeline["trained"].path, pipeline["folders"][:2], tmp_path / "next", steps=6, device="cpu"
+    ).start()
+    while run.running():
+        seen.append(run.progress())
+        time.sleep(0.1)
+    new = run.wait(timeout=300)
+    assert new.metadata["parent"]["version"] == pipeline["trained"].metadata["version"]
+    assert new.metadata["heads"]["training"]["config"]["steps"] == 6
+    assert run.progress()[:2] == (6, 6) and run.progress()[2].startswith("finetune")
+    assert any(p[2].startswith("features") for p in seen) or "features [" in run.log_path.read_text()

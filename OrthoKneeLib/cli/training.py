@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
 from ..io import json_text
 from .args import (
@@ -57,6 +59,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             None,
             f"no training cases (split 'train') under {', '.join(map(str, args.cases))}.",
             "Make some with `orthoknee synth`.",
+        )
+    if not val and not args.validation and args.validation_cases and len(train) >= 5:
+        # an annotator's exported cases are all 'train': hold some out, so that early stopping and the
+        # before / after scores in the new bundle's lineage are measured on cases it did not learn from
+        held = max(1, len(train) // 5)
+        order = np.random.default_rng(args.seed).permutation(len(train))
+        val = [train[i] for i in sorted(order[:held])][: args.validation_cases]
+        train = [train[i] for i in sorted(order[held:])]
+        print(
+            f"validation: {len(val)} of the {len(train) + len(val)} cases held out ({', '.join(c.name for c in val)})"
+        )
+    elif not val:
+        print(
+            f"validation: none ({len(train)} cases, no 'validation' split, no --validation): the run trains "
+            f"{args.steps} steps without early stopping; give --validation CASES to measure it"
         )
     config = FinetuneConfig(
         steps=args.steps,

@@ -11,3 +11,5 @@ orthoknee resample "$SRC" --spacing 0.625 0.625 1.5 --out "$OUT/dess_sagittal.nr
 #    made from the full-resolution DESS: each slice is the mean over its slab.
 orthoknee reformat "$SRC" --plane coronal --in-plane 0.625 --thickness 3.0 --gap 0.3 --out "$OUT/dess_coronal_reformat.nrrd"
 orthoknee reformat "$SRC" --plane axial --in-plane 0.625 --thickness 3.5 --gap 0.5 --out "$OUT/dess_axial_reformat.nrrd"
+# 3. Their checksums (Slicer's SampleData module verifies the files against them).
+(cd "$OUT" && sha256sum dess_sagittal.nrrd dess_coronal_reformat.nrrd dess_axial_reformat.nrrd > SHA256SUMS)
