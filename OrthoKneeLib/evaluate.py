@@ -23,7 +23,17 @@ import SimpleITK as sitk
 from .labels import Catalog
 from .progress import CancelToken, ProgressFn, no_progress
 
-__all__ = ["dice", "hd95", "roc_auc", "evaluate_cached", "evaluate_bundle", "dice_by_contrast", "format_table"]
+__all__ = [
+    "dice",
+    "hd95",
+    "roc_auc",
+    "auc_interval",
+    "calibration",
+    "evaluate_cached",
+    "evaluate_bundle",
+    "dice_by_contrast",
+    "format_table",
+]
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float | None:
@@ -77,6 +87,53 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
     average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based; tied values share their mean rank
     rank_sum = float(average_rank[inverse][y].sum())
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def auc_interval(
+    scores: Sequence[float], labels: Sequence[int], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """95 % bootstrap interval of the AUC over cases (percentile; resamples lacking a class are
+    redrawn as skipped). None when too few cases of either class (fewer than 2) to resample."""
+    s, y = np.asarray(scores, float), np.asarray(labels).astype(int)
+    if min(int(y.sum()), int((1 - y).sum())) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        pick = rng.integers(len(s), size=len(s))
+        a = roc_auc(s[pick], y[pick])
+        if a is not None:
+            values.append(a)
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def calibration(pairs: Sequence[tuple[float, int]], bins: int = 5) -> dict:
+    """Reliability of case probabilities pooled over findings: per equal-width bin the mean
+    probability and the observed rate, and the expected calibration error (the bins' |gap|
+    weighted by their share of the cases). A calibrated p = 0.8 is right four times in five."""
+    if not pairs:
+        return {"ece": None, "bins": [], "n": 0}
+    p = np.asarray([a for a, _ in pairs], float)
+    y = np.asarray([b for _, b in pairs], float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        inside = index == b
+        if not inside.any():
+            continue
+        mean_p, observed = float(p[inside].mean()), float(y[inside].mean())
+        ece += inside.mean() * abs(mean_p - observed)
+        rows.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "n": int(inside.sum()),
+                "mean_p": mean_p,
+                "observed": observed,
+            }
+        )
+    return {"ece": float(ece), "bins": rows, "n": len(p)}
 
 
 class _LesionCells:
@@ -165,7 +222,7 @@ def evaluate_cached(
         progress(n + 1, len(cases), case.case_id)
     dice_mean = {k: float(np.mean(v)) for k, v in per_dice.items() if v}
     hd_mean = {k: float(np.mean(v)) for k, v in per_hd.items() if v}
-    auc = {}
+    auc, auc_ci = {}, {}
     counts = {}
     for key, pairs in finding_scores.items():
         if pairs:
@@ -173,10 +230,13 @@ def evaluate_cached(
             counts[key] = {"cases": len(pairs), "positive": int(sum(y for _, y in pairs))}
             if a is not None:
                 auc[key] = a
+                auc_ci[key] = auc_interval([p for p, _ in pairs], [y for _, y in pairs])
     return {
         "dice": dice_mean,
         "hd95": hd_mean,
         "auc": auc,
+        "auc_interval": auc_ci,  # 95 % bootstrap over cases
+        "calibration": calibration([pair for pairs in finding_scores.values() for pair in pairs]),
         **lesion_cells.aucs(),
         "finding_counts": counts,
         "gated": gate,
@@ -351,18 +411,30 @@ def format_table(scores: dict, catalog: Catalog) -> str:
         lines.append(f"{'mean':<24} {scores['mean_dice']:6.3f}")
     if scores["auc"] or scores.get("finding_counts"):
         lines.append("")
-        lines.append(f"{'finding':<28} {'AUC':>6} {'cases (positive)':>18} {'cell AUC':>9} {'overlay AUC':>12}")
+        lines.append(
+            f"{'finding':<28} {'AUC':>6} {'95 % interval':>14} {'cases (positive)':>18} {'cell AUC':>9} "
+            f"{'overlay AUC':>12}"
+        )
         for f in catalog.findings:
             a = scores["auc"].get(f.key)
             c = scores.get("finding_counts", {}).get(f.key)
             if a is None and c is None:
                 continue
+            ci = (scores.get("auc_interval") or {}).get(f.key)
             lines.append(
                 f"{f.key:<28} {a if a is not None else nan:6.3f} "
+                f"{(f'{ci[0]:.2f}-{ci[1]:.2f}' if ci else '-'):>14} "
                 f"{(str(c['cases']) + ' (' + str(c['positive']) + ')') if c else '-':>18} "
                 f"{scores.get('cell_auc', {}).get(f.key, nan):9.3f} "
                 f"{scores.get('overlay_auc', {}).get(f.key, nan):12.3f}"
             )
+    cal = scores.get("calibration") or {}
+    if cal.get("bins"):
+        lines.append("")
+        lines.append(f"calibration over {cal['n']} case scores: expected calibration error {cal['ece']:.3f}")
+        lines.append(f"{'probability':<14} {'cases':>6} {'mean p':>7} {'observed':>9}")
+        for b in cal["bins"]:
+            lines.append(f"{b['lo']:.1f}-{b['hi']:.1f}{'':<7} {b['n']:>6} {b['mean_p']:7.2f} {b['observed']:9.2f}")
     by_contrast = scores.get("by_contrast") or {}
     if by_contrast:
         lines.append("")

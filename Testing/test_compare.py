@@ -71,3 +71,21 @@ def test_evaluate_compare_prints_the_table_and_explains_a_missing_per_case(tmp_p
     (tmp_path / "c.json").write_text(json.dumps({"dice": {}}))
     assert main(["evaluate", "--compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 2
     assert "--per-case" in capsys.readouterr().err
+
+
+def test_auc_intervals_and_calibration_say_what_they_should():
+    from OrthoKneeLib.evaluate import auc_interval, calibration
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    separable = labels + rng.normal(0, 0.3, 200)
+    lo, hi = auc_interval(separable, labels, resamples=500)
+    assert 0.9 < lo < hi <= 1.0
+    lo, hi = auc_interval(rng.random(200), labels, resamples=500)
+    assert lo < 0.5 < hi  # chance: the interval holds 0.5
+    assert auc_interval([0.1, 0.9, 0.8], [0, 1, 1]) is None  # one negative: nothing to resample
+    p = rng.random(5000)
+    calibrated = calibration(list(zip(p, (rng.random(5000) < p).astype(int))))
+    assert calibrated["ece"] < 0.03 and sum(b["n"] for b in calibrated["bins"]) == 5000
+    overconfident = calibration(list(zip(np.where(p > 0.5, 0.95, 0.05), (rng.random(5000) < p).astype(int))))
+    assert overconfident["ece"] > 0.15
