@@ -149,3 +149,26 @@ def test_the_recipe_lists_the_steps_that_made_the_shipped_bundle():
         assert command in steps, command
         assert float(steps[command]) == pytest.approx(seconds)
     assert lines[-1].startswith("recorded wall time of the timed steps:")
+
+
+def test_two_echoes_of_one_real_series_get_the_same_bones(shared_data):
+    """Label-free consistency on a real scan: echoes 1 and 3 of the MESE series are the same knee in
+    the same position with other contrast (TE 6.3 vs 18.9 ms); the shipped model must outline the
+    same bones in both: Dice >= 0.90 between the two readings for femur and tibia (0.98 and 0.96
+    today). The patella, cut into about six of the series' 4-mm-spaced slices, agrees to 0.80: held
+    to >= 0.75 here so that a regression shows; its 0.90 target is not met yet (issue 34)."""
+    from OrthoKneeLib.predict import Predictor
+    from OrthoKneeLib.volumes import Case
+
+    predictor = Predictor(device="cpu")
+    readings = [
+        predictor.predict(Case(sagittal=load_volume(shared_data / "mese-pymskt", echo=echo), name=f"echo {echo}"))
+        for echo in (1, 3)
+    ]
+    catalog = readings[0].catalog
+    for key, floor in (("femur", 0.90), ("tibia", 0.90), ("patella", 0.75)):
+        label = catalog.structure(key).label
+        a, b = (r.labelmap == label for r in readings)
+        assert a.sum() > 0 and b.sum() > 0, key
+        dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+        assert dice >= floor, f"{key}: Dice {dice:.3f} between echoes 1 and 3"
