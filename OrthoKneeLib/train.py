@@ -532,9 +532,13 @@ def _build_model(
             model = grow_segmentation_classes(model, extra).to(dev)
             heads_config = model.config
         if added_views:  # views the heads never fused: added per voxel, the old views' weights kept
-            model = add_views(model, {**heads_config.view_channels, **view_channels}).to(dev)
+            model = add_views(model, {**heads_config.view_channels, **view_channels}, start_logit=0.0).to(dev)
             heads_config = model.config
-            log(f"added views: {', '.join(added_views)} (per-voxel fusion)")
+            fit = fit_added_views(model, cases, added_views, dev)
+            log(
+                f"added views: {', '.join(added_views)} (per-voxel fusion; projections fitted to the old views' "
+                f"fused features, R^2 {', '.join(f'{k} {v:.2f}' for k, v in fit.items())})"
+            )
         replayed = _replayed_steps(start_from.get("training") or {}, config, n_cases_all)
         if replayed:
             log(
@@ -558,6 +562,52 @@ def _build_model(
     # each head is clipped on its own (see _TrainingRun.step)
     clipped = [model.segmentation, model.findings] if trained is model and not baseline else [trained]
     return _ModelSetup(model, kind, baseline, heads_config, start_from, trained, clipped)
+
+
+def fit_added_views(model, cases: list, added: list[str], dev, max_cases: int = 12, ridge: float = 1e-2) -> dict:
+    """Start each added view's projection where it agrees with the heads as they are: a ridge
+    least-squares fit, per head, of the fused features of the old views from the new view's
+    features, over the covered cells of up to ``max_cases`` cases (their pooled features: the
+    projection is linear, so the fit on cell means holds for voxels). With equal starting weights
+    the grown heads then begin close to the old ones, and training moves each view's weight per
+    voxel from there, instead of from a random projection that either spoils the start (equal
+    weights) or is too faint to learn from (a low weight). Returns R^2 per head and view."""
+    import torch
+
+    old = [p for p in model.segmentation.fusion.planes if p not in added]
+    quality = {}
+    with torch.no_grad():
+        for name in ("segmentation", "findings"):
+            fusion = getattr(model, name).fusion
+            xs: dict[str, list] = {p: [] for p in added}
+            ys = []
+            for case in cases[:max_cases]:
+                if not all(p in case.planes for p in (*old, *added)):
+                    continue
+                feats = {
+                    p: torch.from_numpy(case.pooled_features[p].astype(np.float32))[None].to(dev) for p in case.planes
+                }
+                cover = {
+                    p: torch.from_numpy(case.pooled_coverage[p].astype(np.float32))[None].to(dev) for p in case.planes
+                }
+                target = fusion({p: feats[p] for p in old}, {p: cover[p] for p in old})
+                seen = torch.stack([cover[p][0, 0] > 0.99 for p in (*old, *added)]).all(dim=0).flatten()
+                ys.append(target[0].flatten(1)[:, seen])
+                for p in added:
+                    xs[p].append(feats[p][0].flatten(1)[:, seen])
+            if not ys:
+                continue
+            y = torch.cat(ys, dim=1)  # (out, cells)
+            for p in added:
+                x = torch.cat(xs[p], dim=1)
+                x1 = torch.cat([x, torch.ones(1, x.shape[1], device=dev)])  # a bias row
+                gram = x1 @ x1.T + ridge * x.shape[1] * torch.eye(x1.shape[0], device=dev)
+                solution = torch.linalg.solve(gram, x1 @ y.T).T  # (out, in + 1)
+                fusion.project[p].weight.copy_(solution[:, :-1])
+                fusion.project[p].bias.copy_(solution[:, -1])
+                residual = y - solution @ x1
+                quality[f"{name}/{p}"] = float(1 - residual.pow(2).sum() / (y - y.mean(1, keepdim=True)).pow(2).sum())
+    return quality
 
 
 class _TrainingRun:
