@@ -65,6 +65,10 @@ class FinetuneConfig:
     # True: the cell loss also takes, per finding, the mean over the other findings' lesion cells
     # (away from its own lesion). See balanced_cell_loss.
     other_lesion_negatives: bool = False
+    # > 0: an L2 pull toward the starting heads' weights (L2-SP, Li et al. 2018), this weight times the
+    # squared distance summed over the weights: a few corrected cases then move the heads toward
+    # them without forgetting what the starting heads knew about every other case
+    anchor: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -636,6 +640,12 @@ class _TrainingRun:
         )
         self.history: list[dict] = []
         self.losses: list[float] = []
+        # the starting weights an anchored run is pulled toward (same shapes only: grown rows are free)
+        self.anchor_state = (
+            {n: q.detach().clone() for n, q in setup.model.named_parameters() if q.requires_grad}
+            if config.anchor > 0 and setup.start_from
+            else {}
+        )
         self.validation_before: dict | None = None
         self.best: dict | None = None  # {"step", "mean_dice", "state"} of the best validation so far
         self.first_step, self.elapsed_before = 0, 0.0
@@ -708,6 +718,11 @@ class _TrainingRun:
             )
             if finding_step:  # a whole pooled case: ~40 % of a joint step's cost
                 loss = loss + _finding_loss(model, case, planes, catalog, config, dev)
+        if config.anchor > 0 and self.anchor_state:
+            pull = sum(
+                ((q - self.anchor_state[n]) ** 2).sum() for n, q in model.named_parameters() if n in self.anchor_state
+            )
+            loss = loss + config.anchor * pull
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             raise FloatingPointError(

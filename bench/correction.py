@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +34,8 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=3e-4, help="the Slicer module's fine-tuning rate")
+    parser.add_argument("--anchor", type=float, default=1.0, help="L2-SP weight (the Slicer module's)")
     parser.add_argument("--held-out", type=int, default=4, help="held-out renders scored before and after")
     parser.add_argument("--work", type=Path, help="keep renders and features here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -77,8 +80,11 @@ def main() -> int:
         before_held = scores(bundle, held)
         t = time.perf_counter()
         entry = cache_case(bundle, case_folder, cache, views=planes)  # case.json changed: a new entry
-        config = FinetuneConfig(steps=args.steps, validation_cases=0, seed=5)
-        new = finetune(bundle, [entry], work / "corrected-bundle", config, device="cpu", log=lambda *_: None)
+        config = FinetuneConfig(steps=args.steps, validation_cases=0, seed=5, learning_rate=args.lr, anchor=args.anchor)
+        out = work / "corrected-bundle"
+        shutil.rmtree(out, ignore_errors=True)  # this benchmark's own scratch bundle
+        Path(f"{out}.checkpoint.pt").unlink(missing_ok=True)
+        new = finetune(bundle, [entry], out, config, device="cpu", log=lambda *_: None)
         seconds = time.perf_counter() - t
         after_case = scores(new, [case_folder])
         after_held = scores(new, held)
@@ -87,7 +93,8 @@ def main() -> int:
     drop = before_held["mean_dice"] - after_held["mean_dice"]
     print(
         f"bundle {bundle.metadata.get('version')} (heads on {', '.join(planes)}), one corrected case "
-        f"({case_folder.name}), {args.steps} steps in {seconds:.0f} s, {args.threads} threads"
+        f"({case_folder.name}), {args.steps} steps (lr {args.lr:g}, anchor {args.anchor:g}) in {seconds:.0f} s, "
+        f"{args.threads} threads"
     )
     print(f"  corrected case: mean Dice {case_dice[0]:.3f} -> {case_dice[1]:.3f}")
     print(f"  rejected finding {rejected}: p {p_rejected[0]:.3f} -> {p_rejected[1]:.3f}")

@@ -12,6 +12,7 @@ from ..errors import InputError
 from ..io import json_text
 from .args import (
     fraction,
+    nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -91,6 +92,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         other_lesion_negatives=args.other_lesion_negatives,
         early_stop_patience=args.early_stop,
         new_labels=args.new_labels,
+        anchor=args.anchor,
     )
     # mistakes are refused now, not after every case's features are cached
     check_finetune_config(bundle, config)
@@ -210,6 +212,14 @@ def register(sub) -> None:
         help="heads on diffusion features, or the supervised MONAI UNet baseline",
     )
     p.add_argument("--steps", type=positive_int, default=600)
+    p.add_argument(
+        "--anchor",
+        type=nonnegative_float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="pull the heads toward the bundle's own weights (L2-SP) with this weight, so that a few "
+        "corrected cases do not make the heads forget other cases (the Slicer module uses 1; 0: off)",
+    )
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--max-cases", type=positive_int, help="use at most this many training cases")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# How Resources/Models/orthoknee-demo (backbones 0.1.0, heads 0.10.0) was made: only the steps
+# How Resources/Models/orthoknee-demo (backbones 0.1.0, heads 0.11.0) was made: only the steps
 # on its lineage, in order, each with the wall time it took on 2 CPU cores.
 #
 #   bash Resources/Models/make_demo_bundle.sh --dry-run   # list the steps and their wall times
-#   bash Resources/Models/make_demo_bundle.sh             # run them (about 11 hours on 2 cores)
+#   bash Resources/Models/make_demo_bundle.sh             # run them (about 12 hours on 2 cores)
 #
 # Needs the raw label maps and series in ../shared/data ($SHARED) and room for the renders and the
 # feature cache in $DATA (about 30 GB). Every step resumes: complete renders, cached features and
@@ -55,7 +55,10 @@ STEPS=(
   "heads 0.9.0: +3000 steps on v6, seed 6|2540|orthoknee finetune --bundle $DATA/bundles/v21-heads-v5-seed4-9000 --cases $V6/train --out $DATA/bundles/v22-heads-v6-mirror-seed6-12000 --seed 6 --version 0.9.0 --validate-every 500 $HEADS"
   "renders v7: twice v6's renders of the same subjects (473)|-|orthoknee synth --labels $SHARED/labels-oai --source oai --out $V4/synth_oai --n 420 --seed 123 --workers 2 --no-sheets && orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V4/synth_spl --n 90 --seed 12 --workers 2 --no-sheets && orthoknee synth --labels $SHARED/labels-spl-atlas --source spl --out $V6/synth_spl_mirror --n 48 --seed 13 --mirror-fraction 1 --workers 2 --no-sheets && link_cases $V7/train train 0 $V4/synth_oai && link_cases $V7/train all 0 $V4/synth_spl && link_cases $V7/train all 0 $V6/synth_spl_mirror"
   "heads 0.10.0: +3000 steps on v7, seed 7|2304.6|orthoknee finetune --bundle /work/data/bundles/v22-heads-v6-mirror-seed6-12000 --cases /work/data/v7/train --validation /work/data/v2/test --validation-cases 4 --validate-every 500 --out /work/data/bundles/v25-heads-v7-seed7-15000 --views sagittal --steps 3000 --seed 7 --version 0.10.0 --device cpu"
-  "ship: heads and held-out scores into the demo bundle|-|orthoknee evaluate --bundle $DATA/bundles/v25-heads-v7-seed7-15000 --cases $V2/test --json --per-case --device cpu > $DATA/bundles/v25.eval.json && ship_heads $DATA/bundles/v25-heads-v7-seed7-15000 $DATA/bundles/v25.eval.json"
+  "ship 0.10.0: heads and held-out scores into the demo bundle|-|orthoknee evaluate --bundle $DATA/bundles/v25-heads-v7-seed7-15000 --cases $V2/test --json --per-case --device cpu > $DATA/bundles/v25.eval.json && ship_heads $DATA/bundles/v25-heads-v7-seed7-15000 $DATA/bundles/v25.eval.json"
+  "three-view cases: v2's 40 OAI training renders; held out: its 13 OAI validation renders and 8 pymskt renders (21)|-|link_cases $DATA/v2fusion/train train 40 $V2/synth_oai && link_cases $DATA/v2fusion/test validation 0 $V2/synth_oai && link_cases $DATA/v2fusion/test all 0 $V2/synth_pymskt"
+  "heads 0.11.0: the coronal and axial views added to 0.10.0's heads, per voxel; only the fusion trains (includes caching 44 cases' three views)|1767.6|orthoknee finetune --bundle Resources/Models/orthoknee-demo --cases /work/data/v2fusion/train --validation /work/data/v2fusion/test --validation-cases 4 --validate-every 250 --views sagittal coronal axial --train-heads fusion --steps 1000 --seed 12 --version 0.11.0 --device cpu --out /work/data/bundles/v27-three-views-fit"
+  "ship 0.11.0|-|orthoknee evaluate --bundle $DATA/bundles/v27-three-views-fit --cases $DATA/v2fusion/test --json --per-case --no-hd95 --device cpu > $DATA/bundles/v27.eval.json && ship_heads $DATA/bundles/v27-three-views-fit $DATA/bundles/v27.eval.json"
 )
 
 # combine_heads SEG_RUN FINDINGS_RUN OUT: SEG_RUN's bundle with FINDINGS_RUN's finding head (the two heads
@@ -81,8 +84,8 @@ ship_heads() {
   python3 - "$1/metadata.json" "$2" "$B/metadata.json" <<'PY'
 import json, sys
 metadata, scores = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
-metadata["metrics"] = {"held_out": {k: scores[k] for k in ("dice", "hd95", "auc", "mean_dice", "mean_auc", "cases")
-                                    if k in scores}}
+keys = ("dice", "hd95", "auc", "auc_interval", "calibration", "finding_counts", "mean_dice", "mean_auc", "cases")
+metadata["metrics"] = {"held_out": {k: scores[k] for k in keys if k in scores}}
 json.dump(metadata, open(sys.argv[3], "w"), indent=2)
 PY
   python3 -c "from OrthoKneeLib.bundle import Bundle; Bundle.open('$B', verify=True)"
