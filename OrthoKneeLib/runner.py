@@ -176,6 +176,9 @@ class FinetuneProcess(CliProcess):
         self.out = Path(out)
         args = ["finetune", "--bundle", str(bundle), "--cases", *map(str, cases), "--out", str(self.out)]
         args += ["--steps", str(steps), "--device", device, "--early-stop", "3", "--validate-every", "50"]
+        # a few corrections: a gentle rate and a pull toward the parent's weights, so that the other
+        # cases are not forgotten (bench/correction.py: held-out Dice kept within 0.02)
+        args += ["--lr", "3e-4", "--anchor", "1"]
         if new_labels:
             args.append("--new-labels")
         super().__init__(args, self.out.parent / f"{self.out.name}.log", ("features", "finetune"), python, launcher)
