@@ -150,3 +150,20 @@ def test_usage_errors_read_as_sentences(capsys, tmp_path):
     code, _, err = run(capsys, "predict", "--out", str(tmp_path / "out"))
     assert code == 2
     assert err.startswith("error: no input series were given. Give files or DICOM folders") and "(None" not in err
+
+
+def test_the_summary_says_where_each_finding_is(tmp_path, capsys):
+    """Each finding's line names its place: the map's host structure and size over 0.5, or where a
+    faint map peaks (a probability without a place says so)."""
+    pytest.importorskip("torch", reason="torch is an engine dependency")
+    from OrthoKneeLib.cli import main
+    from OrthoKneeLib.resources import SAMPLE_VIEWS, sample_case_dir
+
+    series = [str(sample_case_dir() / SAMPLE_VIEWS["sagittal"])]
+    assert main(["predict", *series, "--out", str(tmp_path / "o"), "--device", "cpu", "--no-montage"]) == 0
+    out = capsys.readouterr().out
+    findings = json.loads((tmp_path / "o" / "findings.json").read_text())["findings"]
+    for entry in findings.values():
+        line = next(x for x in out.splitlines() if x.strip().startswith(entry["name"]))
+        assert entry["where"] in line
+        assert ("mL" in line) == (entry["map_ml"] >= 0.05), line

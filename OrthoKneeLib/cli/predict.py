@@ -81,7 +81,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"on {prediction.device}"
     )
     for key, p in sorted(prediction.finding_probabilities.items(), key=lambda kv: -kv[1]):
-        print(f"  {prediction.catalog.finding(key).name:32} {p:6.3f}")
+        print(f"  {prediction.catalog.finding(key).name:32} {p:6.3f}  {_where(prediction, key)}")
     if prediction.knee_side.get("side"):
         print(f"  {prediction.knee_side['side']} knee ({prediction.knee_side['from']})")
     vols = prediction.measurements["volume_ml"]
@@ -218,3 +218,17 @@ def register(sub) -> None:
     p.add_argument("--bundle", type=Path, help="model bundle (default: the shipped demo bundle)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.set_defaults(func=cmd_demo)
+
+
+def _where(prediction, key: str) -> str:
+    """Where a finding is, for the summary: its map's place and size over the display threshold
+    (e.g. "medial femoral condyle, 0.8 mL"), or where its faint map peaks."""
+    from ..gating import TOP_ML
+
+    location = (prediction.finding_locations or {}).get(key) or {}
+    where, ml = location.get("where"), location.get("map_ml")
+    if not where:
+        return ""
+    if ml is not None and ml >= TOP_ML:
+        return f"{where}, {ml:.2f} mL"
+    return f"(no map over 0.5; peaks at the {where})"
