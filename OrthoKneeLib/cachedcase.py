@@ -142,6 +142,8 @@ def cache_case(
         "reference_plane": ref_plane,
         "annotated": list(sc.annotated),
         "extra_labels": dict(sc.meta.get("extra_labels") or {}),  # label value -> name, labels the catalog lacks
+        # finding name -> 1 / 0 / None: yes / no answers an annotator recorded for findings the catalog lacks
+        "extra_findings": dict(sc.meta.get("extra_findings") or {}),
         "label_values": [int(v) for v in np.unique(labels_ref_array)],  # checked against a bundle's catalog
         "findings": findings,
         "fusion_grid": fi.fusion_grid.to_json(),
@@ -244,12 +246,35 @@ class CachedCase:
                 lut[value] = by_name.get(name.lower(), 0)
         return lut
 
+    @property
+    def extra_findings(self) -> dict[str, int | None]:
+        """Findings the catalog lacks that an annotator answered for this case: name -> 1 / 0 / None."""
+        extra = self.meta.get("extra_findings")
+        if extra is None:
+            case_json = Path(self.meta.get("case_folder", "")) / "case.json"
+            extra = json.loads(case_json.read_text()).get("extra_findings", {}) if case_json.is_file() else {}
+        return {str(name): (None if v is None else int(v)) for name, v in extra.items()}
+
     def finding_targets(self, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
-        """(values, known) per finding; unknown (null) findings are ignored by losses and AUC."""
-        f = self.meta["findings"]
+        """(values, known) per finding of ``catalog``; unknown (null) findings are ignored by losses and
+        AUC. A finding the case's own catalog lacked is read from its extra findings, by name."""
+        f = dict(self.meta["findings"])
+        extra = {name.lower(): v for name, v in self.extra_findings.items()}
+        for finding in catalog.findings:
+            if finding.key not in f and finding.name.lower() in extra:
+                f[finding.key] = extra[finding.name.lower()]
         values = np.array([float(f.get(k) or 0) for k in catalog.finding_keys], np.float32)
         known = np.array([f.get(k) is not None for k in catalog.finding_keys])
         return values, known
+
+    def finding_masks(self, catalog: Catalog) -> np.ndarray:
+        """(findings, cells) lesion masks in ``catalog``'s order: the cached ones, and none (zeros) for
+        findings added after the case was cached (an annotator's yes / no carries no region)."""
+        masks = self.pooled_masks
+        n = len(catalog.findings)
+        if masks.shape[0] >= n:
+            return masks[:n]
+        return np.concatenate([masks, np.zeros((n - masks.shape[0], *masks.shape[1:]), masks.dtype)])
 
     def fusion_inputs(self):
         """The same object the Predictor builds, read back from the cache."""

@@ -283,7 +283,7 @@ def _score_findings(row, result, finding_probs, case, catalog, finding_scores, l
         if k:  # kept per case so that intervals over cases can be computed from the JSON
             finding_scores[f.key].append((float(p), int(v)))
             row["finding_truth"][f.key] = int(v)
-    masks = case.pooled_masks
+    masks = case.finding_masks(catalog)
     if masks.shape[1:] == result["cell_probabilities"].shape[1:]:  # cached on the heads' cell grid
         inside = result["cells_inside"]
         for index, (f, k) in enumerate(zip(catalog.findings, known)):
@@ -305,7 +305,7 @@ def _gated_scores(result: dict, probs: np.ndarray, case, catalog) -> tuple[np.nd
     overlays = {f.key: result["overlays"][n] for n, f in enumerate(catalog.findings)}
     gated = gate_maps(overlays, probs, grid, catalog)
     scores = np.array([case_score_from_map(gated[f.key], grid) for f in catalog.findings], np.float32)
-    masks = case.pooled_masks
+    masks = case.finding_masks(catalog)
     peaks: dict[str, bool] = {}
     if "pooled_grid" not in case.meta:
         return scores, peaks

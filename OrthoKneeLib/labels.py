@@ -205,6 +205,22 @@ class Catalog:
             added.append(Structure(key=key, name=name, color=color, label=label))
         return Catalog(structures=tuple(added), findings=self.findings)
 
+    def with_findings(self, names: Iterable[str]) -> "Catalog":
+        """This catalog and a new finding per name it does not already have (a yes / no an annotator
+        recorded per case), each with a key made from its name and a colour of its own."""
+        known = {f.name.lower() for f in self.findings} | {f.key for f in self.findings}
+        added = list(self.findings)
+        for name in names:
+            if name.lower() in known:
+                continue
+            known.add(name.lower())
+            key = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or f"finding_{len(added) + 1}"
+            while key in {e.key for e in added} | set(self.structure_keys):
+                key += "_"
+            color = _NEW_LABEL_COLORS[(len(added) - len(self.findings)) % len(_NEW_LABEL_COLORS)]
+            added.append(Finding(key=key, name=name, color=color))
+        return Catalog(structures=self.structures, findings=tuple(added))
+
     def structure(self, key: str) -> Structure:
         for s in self.structures:
             if s.key == key:

@@ -404,8 +404,12 @@ def export_training_case(
     catalog: "Catalog",
     review: dict | None = None,
     case_id: str | None = None,
+    extra_findings: dict[str, int | None] | None = None,
 ) -> Path:
     """Write the edited segmentation and its views in the training-case layout (synth/dataset.py).
+
+    ``extra_findings``: yes (1) / no (0) answers for findings the catalog lacks, by name; with
+    ``finetune --new-labels`` each becomes a new finding of the next bundle version.
 
     Labels are written on every view's own grid (``<view>_labels.nrrd``) and the reference
     grid (``labels.nrrd``); segments the catalog does not know keep their label values and are
@@ -458,6 +462,7 @@ def export_training_case(
         "synthetic": False,
         "annotated": annotated,
         "extra_labels": extra,
+        "extra_findings": dict(extra_findings or {}),
         "findings": findings,
         "review": review,
     }

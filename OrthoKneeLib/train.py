@@ -231,7 +231,7 @@ def _finding_loss(heads, case: CachedCase, planes: list[str], catalog: Catalog, 
         return case_logits.sum() * 0
     target = torch.from_numpy(values).to(dev)[None]
     case_loss = F.binary_cross_entropy_with_logits(case_logits[0][known_t], target[0][known_t])
-    masks = torch.from_numpy(case.pooled_masks.astype(np.float32))[None].to(dev).clamp(0, 1)
+    masks = torch.from_numpy(case.finding_masks(catalog).astype(np.float32))[None].to(dev).clamp(0, 1)
     cell_loss = balanced_cell_loss(
         cell_logits, masks, inside, config.hard_negative_cells, config.other_lesion_negatives
     )[0][known_t].mean()
@@ -460,6 +460,14 @@ def check_cases_fit(bundle: Bundle, catalog: Catalog, cases: list, new_labels: b
                 "Name them in case.json's extra_labels (the Slicer module's export names every segment) to train "
                 "them with --new-labels, or remove them from the labelmaps.",
             )
+        names = {f.name.lower() for f in catalog.findings}
+        unknown_findings = [n for n in case.extra_findings if n.lower() not in names]
+        if unknown_findings and not new_labels:
+            raise InputError(
+                case.meta.get("case_folder") or case.folder,
+                f"case {case.case_id} answers findings the catalog of {bundle.path} lacks: {', '.join(unknown_findings)}.",
+                "Add --new-labels to learn them as new findings (otherwise they would be ignored).",
+            )
         if missing and not new_labels:
             raise InputError(
                 case.meta.get("case_folder") or case.folder,
@@ -473,15 +481,20 @@ def _catalog_for(catalog: Catalog, cases: list, config: FinetuneConfig, log) -> 
     if not config.new_labels:
         return catalog
     names = list(dict.fromkeys(name for c in cases for name in c.extra_labels.values()))
-    grown = catalog.with_structures(names)
+    finding_names = list(dict.fromkeys(name for c in cases for name in c.extra_findings))
+    grown = catalog.with_structures(names).with_findings(finding_names)
     added = [s.name for s in grown.structures[len(catalog.structures) :]]
-    if not added:
+    added_findings = [f.name for f in grown.findings[len(catalog.findings) :]]
+    if not added and not added_findings:
         raise InputError(
             None,
-            "--new-labels, but no training case has a label the catalog lacks.",
+            "--new-labels, but no training case has a label or a finding the catalog lacks.",
             "Export the corrected cases with their added segments, or leave out --new-labels.",
         )
-    log(f"new labels: {', '.join(added)}")
+    if added:
+        log(f"new labels: {', '.join(added)}")
+    if added_findings:
+        log(f"new findings: {', '.join(added_findings)}")
     return grown
 
 
@@ -489,7 +502,14 @@ def _build_model(
     bundle: Bundle, catalog: Catalog, config: FinetuneConfig, cases: list, n_cases_all: int, dev, log
 ) -> _ModelSetup:
     """The heads (from the bundle's, or fresh) or the baseline, on ``dev``; grown by the new labels of ``catalog``."""
-    from .model.heads import HeadsConfig, OrthoKneeHeads, add_views, build_baseline, grow_segmentation_classes
+    from .model.heads import (
+        HeadsConfig,
+        OrthoKneeHeads,
+        add_views,
+        build_baseline,
+        grow_findings,
+        grow_segmentation_classes,
+    )
 
     view_channels = {
         p: int(cases[0].pooled_features[p].shape[0])
@@ -534,6 +554,10 @@ def _build_model(
         extra = len(catalog.structures) + 1 - heads_config.n_classes
         if extra > 0 and not baseline:  # new labels: the old classes keep their weights
             model = grow_segmentation_classes(model, extra).to(dev)
+            heads_config = model.config
+        extra_findings = len(catalog.findings) - heads_config.n_findings
+        if extra_findings > 0 and not baseline:  # new findings: the old findings keep their weights
+            model = grow_findings(model, extra_findings).to(dev)
             heads_config = model.config
         if added_views:  # views the heads never fused: added per voxel, the old views' weights kept
             model = add_views(model, {**heads_config.view_channels, **view_channels}, start_logit=0.0).to(dev)

@@ -210,3 +210,43 @@ def test_training_the_fusion_moves_nothing_else(pipeline, tmp_path):
     after = new.load_state(new.metadata["heads"]["weights"], "heads")
     moved = {k for k in after if k not in before or not torch.equal(after[k], before[k])}
     assert moved and all(".fusion." in k for k in moved)
+
+
+def test_a_new_finding_grows_the_finding_head_and_keeps_the_old_scores(pipeline, tmp_path):
+    """A yes / no an annotator recorded for a finding the catalog lacks (case.json's extra_findings)
+    becomes a new finding: the finding head grows, the old findings' scores stay as they were until
+    training moves them, the catalog lists it, and the Predictor scores it with a map."""
+    from OrthoKneeLib.model.heads import HeadsConfig, OrthoKneeHeads, grow_findings
+
+    torch.manual_seed(0)
+    config = HeadsConfig(view_channels={"sagittal": 6}, n_findings=3, fused_channels=8)
+    old = OrthoKneeHeads(config).eval()
+    grown = grow_findings(old, 2).eval()
+    feats = {"sagittal": torch.randn(1, 6, 3, 5, 5)}
+    cover = {"sagittal": torch.ones(1, 1, 3, 5, 5)}
+    image, inside = torch.rand(1, 1, 3, 5, 5), torch.ones(1, 1, 3, 5, 5)
+    with torch.no_grad():
+        a, _, _ = old.findings(feats, cover, image, inside)
+        b, _, _ = grown.findings(feats, cover, image, inside)
+    assert b.shape == (1, 5) and torch.allclose(a, b[:, :3], atol=1e-5)
+    assert (torch.sigmoid(b[:, 3:]) < 0.05).all()  # the new findings start unlikely
+
+    base = pipeline["trained"]
+    cases = []
+    for n, source in enumerate(pipeline["folders"][:2]):
+        case = tmp_path / "answered" / "cases" / source.name
+        shutil.copytree(source, case)
+        meta = json.loads((case / "case.json").read_text())
+        meta["extra_findings"], meta["split"] = {"Baker's cyst": n % 2}, "train"
+        (case / "case.json").write_text(json.dumps(meta))
+        cases.append(cache_case(base, case, tmp_path / "cache"))
+    plain = FinetuneConfig(steps=2, patch_kji=(4, 24, 24), validation_cases=0)
+    with pytest.raises(InputError, match="Baker's cyst") as refused:
+        finetune(base, cases, tmp_path / "plain", plain, device="cpu", log=lambda *_: None)
+    assert "--new-labels" in refused.value.advice
+    config = FinetuneConfig(steps=6, patch_kji=(4, 24, 24), validation_cases=0, new_labels=True)
+    new = finetune(base, cases, tmp_path / "grown", config, device="cpu", log=lambda *_: None)
+    assert [f["name"] for f in new.metadata["catalog"]["findings"]][-1] == "Baker's cyst"
+    assert new.metadata["heads"]["config"]["n_findings"] == len(base.catalog.findings) + 1
+    prediction = Predictor(new, device="cpu").predict(read_case(pipeline["folders"][2]).case)
+    assert "baker_s_cyst" in prediction.finding_probabilities and "baker_s_cyst" in prediction.overlays

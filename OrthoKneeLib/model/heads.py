@@ -586,3 +586,41 @@ def add_views(model: "OrthoKneeHeads", view_channels: dict[str, int], start_logi
             new_state[key] = value.clone()
     grown.load_state_dict(new_state)
     return grown
+
+
+def grow_findings(model: "OrthoKneeHeads", extra: int) -> "OrthoKneeHeads":
+    """The same heads with ``extra`` more findings: every old weight kept, so the old findings'
+    scores are unchanged until training moves them. The new findings' cell logits start at zero
+    weight and a low bias (p ~ 0.02 before training); their attention starts from the fresh
+    initialization (attention reads each finding's own cell logits first, see FindingHead).
+
+    Three tensors depend on the number of findings: the cell logits' rows, the attention gates'
+    rows (one block of ``attention_hidden`` rows per finding) and the attention vectors.
+    """
+    from dataclasses import replace
+
+    old = model.config
+    n = old.n_findings
+    grown = OrthoKneeHeads(replace(old, n_findings=n + extra))
+    state, new_state = model.state_dict(), grown.state_dict()
+    rows = {
+        "findings.cell_logits.": 1,
+        "findings.attention_v.": old.attention_hidden,
+        "findings.attention_u.": old.attention_hidden,
+    }
+    for key, value in state.items():
+        target = new_state[key]
+        if target.shape == value.shape:
+            new_state[key] = value.clone()
+            continue
+        t = target.clone()
+        prefix = next((p for p in rows if key.startswith(p)), None)
+        kept = n * rows[prefix] if prefix else n
+        t[:kept] = value
+        if key == "findings.cell_logits.weight":
+            t[kept:] = 0.0
+        elif key == "findings.cell_logits.bias":
+            t[kept:] = -4.0
+        new_state[key] = t
+    grown.load_state_dict(new_state)
+    return grown
