@@ -85,6 +85,21 @@ TERMINOLOGY = _HERE / "Resources" / "Terminology" / "OrthoKnee.term.json"
 # ------------------------------------------------------------------------------- pure helpers
 
 
+def _slicer_python() -> str:
+    """The Python that runs the ``orthoknee`` child processes: Slicer's own (PythonSlicer)."""
+    import shutil
+
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def _launch(args: list[str]):
+    """Start a child process in Slicer's Python environment; the child finds the engine beside the module."""
+    try:
+        return slicer.util.launchConsoleProcess(args, updateEnvironment={"PYTHONPATH": str(_REPO)})
+    except TypeError:  # Slicer without updateEnvironment
+        return slicer.util.launchConsoleProcess(args)
+
+
 def _bundle_or_default(path) -> Path | None:
     """The bundle the path selector names, or None (the shipped bundle) when it is empty."""
     return None if path is None or str(path) in ("", ".") else Path(path)
@@ -575,7 +590,6 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
         """Run `orthoknee predict` in a child process (runner.py): Slicer keeps its memory and threads,
         Cancel stops the child at once, and the run leaves a log. The series are written to a
         temporary folder first (on this, the GUI thread: MRML is not thread-safe)."""
-        import shutil
         import tempfile
 
         import SimpleITK as sitk
@@ -590,15 +604,8 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
                 series[plane] = work / f"{plane}.nrrd"
                 sitk.WriteImage(image_from_node(node), str(series[plane]))
 
-        def launch(args):
-            try:  # the child must find the engine beside this module
-                return slicer.util.launchConsoleProcess(args, updateEnvironment={"PYTHONPATH": str(_REPO)})
-            except TypeError:  # Slicer without updateEnvironment
-                return slicer.util.launchConsoleProcess(args)
-
-        python = shutil.which("PythonSlicer") or sys.executable
         runner = PredictProcess(
-            series, work / "result", bundle=bundle_path, device=device, python=python, launcher=launch
+            series, work / "result", bundle=bundle_path, device=device, python=_slicer_python(), launcher=_launch
         ).start()
         job = {
             "runner": runner,
@@ -744,7 +751,6 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
     def startFinetune(bundle_path, cases_folder, new_labels: bool, device: str):
         """`orthoknee finetune` of the current bundle on the exported cases, in a child process (runner.py);
         the new version goes to versions.user_bundles_dir(), never over an existing one."""
-        import shutil
 
         from OrthoKneeLib.errors import InputError
         from OrthoKneeLib.resources import demo_bundle_dir
@@ -764,15 +770,8 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
             raise InputError(parent.path, f"cannot be fine-tuned: {parent.problem}.", "Choose another model bundle.")
         out = next_version_folder(parent)
 
-        def launch(args):
-            try:
-                return slicer.util.launchConsoleProcess(args, updateEnvironment={"PYTHONPATH": str(_REPO)})
-            except TypeError:  # Slicer without updateEnvironment
-                return slicer.util.launchConsoleProcess(args)
-
-        python = shutil.which("PythonSlicer") or sys.executable
         return FinetuneProcess(
-            parent.path, cases, out, new_labels=new_labels, device=device, python=python, launcher=launch
+            parent.path, cases, out, new_labels=new_labels, device=device, python=_slicer_python(), launcher=_launch
         ).start()
 
     @staticmethod

@@ -194,11 +194,16 @@ class CachedCase:
         """
         if "contrast" in self.meta:
             return self.meta["contrast"]
+        return (self._from_case("contrast") or {}).get("contrast")
+
+    def _from_case(self, key: str):
+        """``key`` of the case folder's case.json (None if absent): for entries cached before their
+        meta recorded it."""
         folder = self.meta.get("case_folder")
         case_json = Path(folder) / "case.json" if folder else None
         if case_json is None or not case_json.is_file():
             return None
-        return (json.loads(case_json.read_text()).get("contrast") or {}).get("contrast")
+        return json.loads(case_json.read_text()).get(key)
 
     @property
     def extra_labels(self) -> dict[int, str]:
@@ -206,8 +211,7 @@ class CachedCase:
         new labels), from the cache entry or, for entries made before it recorded them, the case."""
         extra = self.meta.get("extra_labels")
         if extra is None:
-            case_json = Path(self.meta.get("case_folder", "")) / "case.json"
-            extra = json.loads(case_json.read_text()).get("extra_labels", {}) if case_json.is_file() else {}
+            extra = self._from_case("extra_labels") or {}
         return {int(v): str(name) for v, name in extra.items()}
 
     @property
@@ -251,8 +255,7 @@ class CachedCase:
         """Findings the catalog lacks that an annotator answered for this case: name -> 1 / 0 / None."""
         extra = self.meta.get("extra_findings")
         if extra is None:
-            case_json = Path(self.meta.get("case_folder", "")) / "case.json"
-            extra = json.loads(case_json.read_text()).get("extra_findings", {}) if case_json.is_file() else {}
+            extra = self._from_case("extra_findings") or {}
         return {str(name): (None if v is None else int(v)) for name, v in extra.items()}
 
     def finding_targets(self, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:

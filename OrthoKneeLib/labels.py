@@ -151,6 +151,15 @@ class Finding(_Entry):
         return {**super().to_json(), "structures": list(self.structures)}
 
 
+def _new_key(name: str, taken: set[str], fallback: str) -> str:
+    """A key for an annotator's new label or finding: its name in lower case with every other
+    character an underscore (``fallback`` when nothing is left), made unique against ``taken``."""
+    key = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or fallback
+    while key in taken:
+        key += "_"
+    return key
+
+
 def _entry_from_json(data: dict[str, Any]) -> dict[str, Any]:
     term = data.get("terminology")
     color = data["color"]
@@ -197,9 +206,7 @@ class Catalog:
             if name.lower() in known:
                 continue
             known.add(name.lower())
-            key = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or f"label_{len(added) + 1}"
-            while key in {e.key for e in added} | set(self.finding_keys):
-                key += "_"
+            key = _new_key(name, {e.key for e in added} | set(self.finding_keys), f"label_{len(added) + 1}")
             label = len(added) + 1
             color = _NEW_LABEL_COLORS[(label - len(self.structures) - 1) % len(_NEW_LABEL_COLORS)]
             added.append(Structure(key=key, name=name, color=color, label=label))
@@ -214,9 +221,7 @@ class Catalog:
             if name.lower() in known:
                 continue
             known.add(name.lower())
-            key = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or f"finding_{len(added) + 1}"
-            while key in {e.key for e in added} | set(self.structure_keys):
-                key += "_"
+            key = _new_key(name, {e.key for e in added} | set(self.structure_keys), f"finding_{len(added) + 1}")
             color = _NEW_LABEL_COLORS[(len(added) - len(self.findings)) % len(_NEW_LABEL_COLORS)]
             added.append(Finding(key=key, name=name, color=color))
         return Catalog(structures=self.structures, findings=tuple(added))

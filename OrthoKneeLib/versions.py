@@ -100,6 +100,11 @@ def list_versions(paths: list[str | os.PathLike] = ()) -> list[BundleVersion]:
     return [describe(p) for p in unique]
 
 
+def _folder_name(text: str) -> str:
+    """``text`` as a file name: runs of anything but letters, digits, '.', '_' and '-' become '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
 def user_bundles_dir() -> Path:
     """Where the Slicer module writes the versions an annotator fine-tunes: $ORTHOKNEE_BUNDLES, else
     ~/OrthoKnee/bundles (a folder the user sees, backs up and can point `orthoknee serve --versions` at)."""
@@ -114,7 +119,7 @@ def next_version_folder(parent: BundleVersion, root: str | os.PathLike | None = 
     root = Path(root) if root is not None else user_bundles_dir()
     version = next_version(parent.version or "0.0.0")
     while True:
-        folder = root / re.sub(r"[^A-Za-z0-9._-]+", "-", f"{parent.name or 'orthoknee'}-{version}")
+        folder = root / _folder_name(f"{parent.name or 'orthoknee'}-{version}")
         if not folder.exists():
             return folder
         version = next_version(version)
@@ -124,7 +129,7 @@ def version_output_folder(output_folder: str | os.PathLike, version: BundleVersi
     """Where ``version``'s prediction of the case in ``output_folder`` goes: a sibling folder named
     after the version, so versions never overwrite each other's outputs (or the user's edits)."""
     output_folder = Path(output_folder)
-    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{version.name}-{version.version}").strip("-") or version.heads_sha256[:12]
+    tag = _folder_name(f"{version.name}-{version.version}") or version.heads_sha256[:12]
     return output_folder.parent / f"{output_folder.name}--{tag}"
 
 

@@ -84,6 +84,10 @@ class SynthConfig:
 def _check_keep_labels(config: SynthConfig, maps: list) -> None:
     """Refuse a kept label the source maps to a catalog structure or that no map holds."""
     source = SOURCES[config.source]
+    present = set()
+    if config.keep_labels:
+        for m in maps[:3]:
+            present.update(int(v) for v in np.unique(sitk.GetArrayViewFromImage(m.image)))
     for value, name in config.keep_labels.items():
         if value in source.structures:
             raise InputError(
@@ -92,7 +96,7 @@ def _check_keep_labels(config: SynthConfig, maps: list) -> None:
                 f"{source.structures[value]}.",
                 "Keep labels the catalog lacks (for the SPL atlas, its knee.ctbl names them).",
             )
-        if not any(value in np.unique(sitk.GetArrayViewFromImage(m.image)) for m in maps[:3]):
+        if value not in present:
             raise InputError(
                 None,
                 f"--keep-label {value}={name}: no {config.source} label map holds the value {value}.",

@@ -325,20 +325,17 @@ class OrthoKneeViewer:
                                 )
                                 html.Td("{{ f.where }}", classes="finding-where text-caption")
                                 with html.Td(style="white-space: nowrap"):
-                                    html.Button(
-                                        "✓",
-                                        id=("'accept-' + f.key",),
-                                        title="accept",
-                                        style=("{fontWeight: f.decision === 'accepted' ? 'bold' : 'normal'}",),
-                                        click=(self.decide, "[f.key, 'accepted']"),
-                                    )
-                                    html.Button(
-                                        "✗",
-                                        id=("'reject-' + f.key",),
-                                        title="reject",
-                                        style=("{fontWeight: f.decision === 'rejected' ? 'bold' : 'normal'}",),
-                                        click=(self.decide, "[f.key, 'rejected']"),
-                                    )
+                                    for mark, verb, decision in (
+                                        ("✓", "accept", "accepted"),
+                                        ("✗", "reject", "rejected"),
+                                    ):
+                                        html.Button(
+                                            mark,
+                                            id=(f"'{verb}-' + f.key",),
+                                            title=verb,
+                                            style=(f"{{fontWeight: f.decision === '{decision}' ? 'bold' : 'normal'}}",),
+                                            click=(self.decide, f"[f.key, '{decision}']"),
+                                        )
                                     html.Span("{{ f.decision }}", classes="finding-decision text-caption")
                         with html.Div(classes="mt-2"):
                             html.Input(
