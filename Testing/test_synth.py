@@ -395,3 +395,18 @@ def test_mixed_contrast_draws_every_contrast():
     from OrthoKneeLib.synth.render import CONTRAST_MIX, CONTRASTS
 
     assert set(CONTRAST_MIX) == set(CONTRASTS) and abs(sum(CONTRAST_MIX.values()) - 1) < 1e-9
+
+
+def test_a_kept_label_is_rendered_as_an_extra_label_and_a_wrong_one_refused(shared_data, tmp_path):
+    from OrthoKneeLib.synth.dataset import SynthConfig, read_case, synthesize
+
+    atlas = shared_data / "labels-spl-atlas"
+    config = SynthConfig(source="spl", n=1, contact_sheets=False, keep_labels={35: "Patellar ligament"})
+    synthesize(atlas, tmp_path / "kept", config)
+    case = read_case(next((tmp_path / "kept" / "cases").iterdir()))
+    assert case.meta["extra_labels"] == {"20": "Patellar ligament"}
+    assert (sitk.GetArrayFromImage(case.labels["sagittal"]) == 20).sum() > 100
+    for keep, says in (({240: "Nothing"}, "no spl label map holds"), ({95: "Femur again"}, "already the catalog's")):
+        with pytest.raises(InputError, match=says):
+            synthesize(atlas, tmp_path / "refused", replace(config, keep_labels=keep))
+    assert not (tmp_path / "refused").exists()  # refused before anything is written

@@ -248,6 +248,7 @@ def synthesize(
             "Give a number from 0 (no case mirrored) to 1 (every case).",
         )
     maps = load_source_maps(labels_dir, config.source)
+    _check_keep_labels(config, maps)
     out = Path(out_dir)
     split = split_subjects([m.subject for m in maps], config.val_fraction, config.seed)
     order = np.random.default_rng([config.seed, 11]).permutation(len(maps))
