@@ -182,7 +182,8 @@ def evaluate_cached(
     ``orthoknee predict`` writes (``postprocess``: femur, tibia and patella each in one piece,
     cartilage off its bone removed, menisci medial and lateral by the fibula's side; False scores
     the raw argmax). ``gate``: the finding scores come from the maps confined to their anatomy
-    (gating.py), and ``peak_in_lesion`` says how often a positive case's gated map peaks on its lesion."""
+    (gating.py). ``peak_in_lesion`` says how often a positive case's map (the gated one with
+    ``gate``) peaks on its lesion."""
     from .postprocess import MAX_CARTILAGE_GAP_MM, SINGLE_PIECE, finish_prediction
     from .predict import run_on_cached
 
@@ -195,7 +196,7 @@ def evaluate_cached(
     for n, case in enumerate(cases):
         if cancel:
             cancel.raise_if_cancelled()
-        result = run_on_cached(kind, model, case, device=device, cancel=cancel)
+        result = run_on_cached(kind, model, case, device=device, cancel=cancel, catalog=catalog)
         probs, finding_probs = result["probabilities"], result.get("finding_probabilities")
         probs, labelmap, side = finish_prediction(probs, case.reference_grid, catalog, postprocess)
         truth = np.asarray(case.array("labels_reference"))
@@ -210,8 +211,11 @@ def evaluate_cached(
             "knee_side": side.side if side else None,
         }
         _score_structures(row, labelmap, truth, catalog, annotated, spacing, with_hd95, per_dice, per_hd)
-        if finding_probs is not None and gate and "overlays" in result:
-            finding_probs, peaks = _gated_scores(result, probs, case, catalog)
+        if finding_probs is not None and "overlays" in result:
+            if gate:
+                finding_probs, peaks = _gated_scores(result, probs, case, catalog)
+            else:
+                peaks = _cell_peaks(result, case, catalog)
             values, known = case.finding_targets(catalog)
             for f, v, k in zip(catalog.findings, values, known):
                 if k and v > 0 and f.key in peaks:
@@ -293,11 +297,27 @@ def _score_findings(row, result, finding_probs, case, catalog, finding_scores, l
                 )
 
 
+def _cell_peaks(result: dict, case, catalog) -> dict[str, bool]:
+    """Per finding whether its map's peak (the overlay on the head's cells) lies on the case's lesion
+    (its pooled mask, widened by one cell: about 3 mm). Empty when the masks are on other cells."""
+    masks = case.finding_masks(catalog)
+    cells = result.get("overlay_cells")
+    if cells is None or masks.shape[1:] != cells.shape[1:]:
+        return {}
+    peaks = {}
+    for n, f in enumerate(catalog.findings):
+        wide = _widen_cells(masks[n] > 0)
+        peaks[f.key] = bool(wide.flat[int(np.argmax(cells[n]))])
+    return peaks
+
+
+def _widen_cells(mask: np.ndarray) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), [1, 1, 1])) > 0
+
+
 def _gated_scores(result: dict, probs: np.ndarray, case, catalog) -> tuple[np.ndarray, dict[str, bool]]:
     """Case scores from the gated maps, and per finding whether the gated map's peak lies on the
     case's lesion (its pooled mask, widened by one cell: about 2-3 mm)."""
-    import SimpleITK as sitk
-
     from .gating import case_score_from_map, gate_maps
     from .model.heads import Grid
 
@@ -314,9 +334,7 @@ def _gated_scores(result: dict, probs: np.ndarray, case, catalog) -> tuple[np.nd
     for n, f in enumerate(catalog.findings):
         k, j, i = np.unravel_index(int(np.argmax(gated[f.key])), gated[f.key].shape)
         ci, cj, ck = np.rint((to_cells @ np.array([i, j, k, 1.0]))[:3]).astype(int)
-        mask = sitk.GetArrayFromImage(
-            sitk.BinaryDilate(sitk.GetImageFromArray((masks[n] > 0).astype(np.uint8)), [1, 1, 1])
-        )
+        mask = _widen_cells(masks[n] > 0)
         inside = 0 <= ck < mask.shape[0] and 0 <= cj < mask.shape[1] and 0 <= ci < mask.shape[2]
         peaks[f.key] = bool(inside and mask[ck, cj, ci])
     return scores, peaks
@@ -397,6 +415,11 @@ def evaluate_bundle(
     return scores
 
 
+def _peak_text(peak: dict | None) -> str:
+    """'7 of 9': positive cases whose map peaks on their lesion."""
+    return f"{round(peak['share'] * peak['cases'])} of {peak['cases']}" if peak and peak["cases"] else "-"
+
+
 def format_table(scores: dict, catalog: Catalog) -> str:
     """A plain-text table: structure | Dice | HD95, then finding | AUC | cases (positive) | cell
     and overlay AUC against the lesion masks, then Dice by render contrast."""
@@ -413,7 +436,7 @@ def format_table(scores: dict, catalog: Catalog) -> str:
         lines.append("")
         lines.append(
             f"{'finding':<28} {'AUC':>6} {'95 % interval':>14} {'cases (positive)':>18} {'cell AUC':>9} "
-            f"{'overlay AUC':>12}"
+            f"{'overlay AUC':>12} {'peak on lesion':>15}"
         )
         for f in catalog.findings:
             a = scores["auc"].get(f.key)
@@ -426,7 +449,8 @@ def format_table(scores: dict, catalog: Catalog) -> str:
                 f"{(f'{ci[0]:.2f}-{ci[1]:.2f}' if ci else '-'):>14} "
                 f"{(str(c['cases']) + ' (' + str(c['positive']) + ')') if c else '-':>18} "
                 f"{scores.get('cell_auc', {}).get(f.key, nan):9.3f} "
-                f"{scores.get('overlay_auc', {}).get(f.key, nan):12.3f}"
+                f"{scores.get('overlay_auc', {}).get(f.key, nan):12.3f} "
+                f"{_peak_text((scores.get('peak_in_lesion') or {}).get(f.key)):>15}"
             )
     cal = scores.get("calibration") or {}
     if cal.get("bins"):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["HOSTS", "host_masks", "gate_maps", "case_score_from_map", "TOP_ML"]
+__all__ = ["HOSTS", "host_masks", "finding_hosts", "gate_maps", "case_score_from_map", "TOP_ML"]
 
 HOSTS = {
     "bone_marrow_lesion": ("femur", "tibia", "patella", "fibula"),
@@ -57,6 +57,8 @@ def _widen(mask: np.ndarray, grid, mm: float) -> np.ndarray:
     a fraction of a second per map where ITK's ball took half a second and a 3D pool a second."""
     import torch
 
+    if mm <= 0:
+        return mask
     radius_kji = [max(1, int(round(mm / s))) for s in grid.spacing][::-1]
     x = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     with torch.inference_mode():  # a box max filter is separable: one axis at a time, 1D windows
@@ -84,9 +86,11 @@ def _lps(grid, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(m[r, 0] * i + m[r, 1] * j + m[r, 2] * k + m[r, 3] for r in range(3))
 
 
-def host_masks(probs: np.ndarray, grid, catalog) -> dict[str, np.ndarray]:
-    """finding key -> soft host mask in [0, 1] on ``grid`` (the grid of ``probs``)."""
-    hosts = {f: _widen(_sum(probs, catalog, keys), grid, DILATE_MM) for f, keys in HOSTS.items()}
+def host_masks(probs: np.ndarray, grid, catalog, widen_mm: float = DILATE_MM) -> dict[str, np.ndarray]:
+    """finding key -> soft host mask in [0, 1] on ``grid`` (the grid of ``probs``), widened by
+    ``widen_mm`` (0: as the probabilities give it)."""
+
+    hosts = {f: _widen(_sum(probs, catalog, keys), grid, widen_mm) for f, keys in HOSTS.items()}
     bone = _sum(probs, catalog, _BONES)
     cartilage = _sum(probs, catalog, _CARTILAGE)
     # soft tissue: neither bone nor cartilage nor meniscus (fluid and ligaments lie outside those)
@@ -100,7 +104,7 @@ def host_masks(probs: np.ndarray, grid, catalog) -> dict[str, np.ndarray]:
         patella_bottom = float(z[patella > 0.5].min())
         femur_front = float(np.percentile(y[femur > 0.5], 5))  # LPS y grows posterior: front = small y
         pouch = (z >= patella_bottom) & (y <= femur_front + 10.0) & (_distance_mm(femur, grid) <= 25.0)
-    hosts["joint_effusion"] = _widen(soft * (near_cartilage | pouch), grid, DILATE_MM)
+    hosts["joint_effusion"] = _widen(soft * (near_cartilage | pouch), grid, widen_mm)
     # collateral ligaments: beside the joint line, outside the plateau's central part
     collateral = np.zeros(bone.shape, np.float32)
     if (tibia > 0.5).any() and (femur > 0.5).any():
@@ -110,8 +114,20 @@ def host_masks(probs: np.ndarray, grid, catalog) -> dict[str, np.ndarray]:
         near_bones = _distance_mm(np.maximum(femur, tibia), grid) <= 15.0
         beside = (np.abs(z - joint_z) <= 25.0) & (np.abs(x - centre) >= 0.6 * half)
         collateral = soft * (near_bones & beside)
-    hosts["collateral_ligament_injury"] = _widen(collateral, grid, DILATE_MM)
+    hosts["collateral_ligament_injury"] = _widen(collateral, grid, widen_mm)
     return {k: np.clip(v, 0, 1).astype(np.float32) for k, v in hosts.items()}
+
+
+def finding_hosts(probs: np.ndarray, grid, catalog) -> np.ndarray:
+    """(findings, k, j, i) host masks in ``catalog``'s finding order, for the finding head's
+    attention (heads with ``finding_hosts``): ``probs`` are class probabilities on the head's
+    3-mm cells, where the hosts are not widened: a cell is as much host as the segmentation says
+    (widened by a cell, the bones' hosts took in the soft tissue around them, and the bone marrow
+    lesion's attention peaked there). A finding without a known host (an annotator's new finding)
+    is open everywhere."""
+    hosts = host_masks(np.asarray(probs, np.float32), grid, catalog, widen_mm=0.0)
+    everywhere = np.ones(probs.shape[1:], np.float32)
+    return np.stack([hosts.get(f.key, everywhere) for f in catalog.findings])
 
 
 def _coarser(probs: np.ndarray, grid, step: int):

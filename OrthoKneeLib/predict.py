@@ -295,11 +295,33 @@ def _t(array: np.ndarray, device):
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(device)
 
 
-def run_heads(heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | None = None, slab: int = 8) -> dict:
+def cell_hosts(heads, coarse_logits, fusion_grid, catalog, device="cpu"):
+    """Each finding's host anatomy on the finding head's cells (1, F, k, j, i), from the
+    segmentation head's coarse logits (C, k, j, i) on the fusion grid: the same function in
+    prediction and in training (:func:`OrthoKneeLib.train` reads it from the starting heads), so
+    the attention learns on the hosts it will meet."""
+    import torch
+
+    from .gating import finding_hosts
+    from .model.heads import pooled, pooled_grid
+
+    pool_kji = tuple(heads.config.finding_pool[::-1])
+    cells = pooled(torch.softmax(coarse_logits.float(), dim=0).cpu(), pool_kji).numpy()
+    hosts = finding_hosts(cells, pooled_grid(fusion_grid, heads.config.finding_pool), catalog)
+    return torch.from_numpy(hosts)[None].to(device)
+
+
+def run_heads(
+    heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | None = None, slab: int = 8, catalog=None
+) -> dict:
     """Both heads on whole inputs. Returns reference-grid probabilities (C, k, j, i) float32,
     case-level finding probabilities (F,), overlays on the reference grid (F, k, j, i), and on
-    the finding head's pooled cells: per-cell probabilities, overlays and which cells a view saw."""
+    the finding head's pooled cells: per-cell probabilities, overlays and which cells a view saw.
+    Heads whose finding attention reads host anatomy (``finding_hosts``) need the ``catalog``."""
     import torch
+
+    if heads.config.finding_hosts and catalog is None:
+        raise ValueError("these heads read each finding's host anatomy: run_heads needs the bundle's catalog")
 
     from .model.heads import FindingHead, pooled, pooled_grid, resample_to_grid
 
@@ -324,10 +346,11 @@ def run_heads(heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | N
         pf = {p: pooled(inputs.features[p], pool_kji)[None].to(device) for p in planes}
         pc = {p: pooled(inputs.coverage[p], pool_kji)[None].to(device) for p in planes}
         inside = FindingHead.seen_cells(pc)
+        hosts = cell_hosts(heads, coarse, inputs.fusion_grid, catalog, device) if heads.config.finding_hosts else None
         case_logits, cell_logits, attention = heads.findings(
-            pf, pc, pooled(inputs.image_fusion, pool_kji)[None].to(device), inside
+            pf, pc, pooled(inputs.image_fusion, pool_kji)[None].to(device), inside, hosts
         )
-        overlay_cells = FindingHead.overlay(cell_logits, attention)[0].float().cpu()
+        overlay_cells = heads.findings.map_cells(cell_logits, attention, hosts)[0].float().cpu()
         grid = pooled_grid(inputs.fusion_grid, heads.config.finding_pool)
         overlays, _ = resample_to_grid(overlay_cells, grid, inputs.reference_grid)
     return {
@@ -338,6 +361,8 @@ def run_heads(heads, inputs: FusionInputs, device="cpu", cancel: CancelToken | N
         "cell_probabilities": torch.sigmoid(cell_logits[0].float()).cpu().numpy(),
         "overlay_cells": overlay_cells.numpy(),
         "cells_inside": (inside[0, 0] > 0.5).cpu().numpy(),
+        # each finding's host anatomy on the cells (heads with finding_hosts), else None
+        "cell_hosts": None if hosts is None else hosts[0].float().cpu().numpy(),
     }
 
 
@@ -356,7 +381,7 @@ def run_baseline(net, image_reference: np.ndarray, device="cpu") -> np.ndarray:
     return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
 
 
-def run_on_cached(kind: str, model, case, device="cpu", cancel: CancelToken | None = None) -> dict:
+def run_on_cached(kind: str, model, case, device="cpu", cancel: CancelToken | None = None, catalog=None) -> dict:
     """A model's output on a cached case (train.CachedCase): the heads' whole result, or the
     baseline's probabilities under the same key, so that scoring and the benches read both
     kinds of model one way."""
@@ -364,7 +389,7 @@ def run_on_cached(kind: str, model, case, device="cpu", cancel: CancelToken | No
         return {
             "probabilities": run_baseline(model, np.asarray(case.array("image_reference"), np.float32), device=device)
         }
-    return run_heads(model, case.fusion_inputs(), device=device, cancel=cancel)
+    return run_heads(model, case.fusion_inputs(), device=device, cancel=cancel, catalog=catalog)
 
 
 # ------------------------------------------------------------------------------- prediction
@@ -742,10 +767,10 @@ class Predictor:
         progress(n_steps - 2, n_steps, "heads")
         t = time.perf_counter()
         try:
-            out = run_heads(self.heads, inputs, device=self.device, cancel=cancel)
+            out = run_heads(self.heads, inputs, device=self.device, cancel=cancel, catalog=catalog)
         except torch.OutOfMemoryError:
             warnings.append("GPU out of memory in the heads; they ran on the CPU.")
-            out = run_heads(self.heads.to("cpu"), inputs, device="cpu", cancel=cancel)
+            out = run_heads(self.heads.to("cpu"), inputs, device="cpu", cancel=cancel, catalog=catalog)
             self.heads.to(self.device)
         timings = dict(inputs.timings, heads=time.perf_counter() - t)
         findings = {f.key: float(p) for f, p in zip(catalog.findings, out["finding_probabilities"])}

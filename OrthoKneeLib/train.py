@@ -69,6 +69,9 @@ class FinetuneConfig:
     # squared distance summed over the weights: a few corrected cases then move the heads toward
     # them without forgetting what the starting heads knew about every other case
     anchor: float = 0.0
+    # True: the finding head's attention reads each finding's host anatomy (HeadsConfig.finding_hosts),
+    # taken from the heads' own segmentation of each case, as prediction takes it
+    finding_hosts: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -130,9 +133,10 @@ def draw_case(rng: np.random.Generator, n_cases: int, draw_p: np.ndarray | None)
     return int(rng.integers(n_cases) if draw_p is None else rng.choice(n_cases, p=draw_p))
 
 
-# what --train-heads may train: both heads, one of them, or only the view fusion of each (views added
-# to trained heads learn where they help while predictions from the old views stay as they were)
-TRAIN_HEADS = ("both", "segmentation", "findings", "fusion")
+# what --train-heads may train: both heads, one of them, only the view fusion of each (views added
+# to trained heads learn where they help while predictions from the old views stay as they were), or
+# only the finding head's attention (which cells a case score reads; the maps stay as they were)
+TRAIN_HEADS = ("both", "segmentation", "findings", "fusion", "attention")
 
 
 def check_finetune_config(bundle: Bundle, config: FinetuneConfig) -> None:
@@ -216,7 +220,9 @@ def _upsample_patch(coarse, coords, patch_kji):
     return F.grid_sample(coarse, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def _finding_loss(heads, case: CachedCase, planes: list[str], catalog: Catalog, config: FinetuneConfig, dev):
+def _finding_loss(
+    heads, case: CachedCase, planes: list[str], catalog: Catalog, config: FinetuneConfig, dev, hosts=None
+):
     import torch
     import torch.nn.functional as F
 
@@ -224,7 +230,7 @@ def _finding_loss(heads, case: CachedCase, planes: list[str], catalog: Catalog, 
     cover = {p: torch.from_numpy(case.pooled_coverage[p].astype(np.float32))[None].to(dev) for p in planes}
     inside = heads.findings.seen_cells(cover)
     image = torch.from_numpy(case.pooled_image.astype(np.float32))[None].to(dev)
-    case_logits, cell_logits, _ = heads.findings(feats, cover, image, inside)
+    case_logits, cell_logits, _ = heads.findings(feats, cover, image, inside, hosts)
     values, known = case.finding_targets(catalog)
     known_t = torch.from_numpy(known).to(dev)
     if not known.any():
@@ -233,12 +239,12 @@ def _finding_loss(heads, case: CachedCase, planes: list[str], catalog: Catalog, 
     case_loss = F.binary_cross_entropy_with_logits(case_logits[0][known_t], target[0][known_t])
     masks = torch.from_numpy(case.finding_masks(catalog).astype(np.float32))[None].to(dev).clamp(0, 1)
     cell_loss = balanced_cell_loss(
-        cell_logits, masks, inside, config.hard_negative_cells, config.other_lesion_negatives
+        cell_logits, masks, inside, config.hard_negative_cells, config.other_lesion_negatives, hosts
     )[0][known_t].mean()
     return config.finding_weight * case_loss + config.cell_weight * cell_loss
 
 
-def balanced_cell_loss(cell_logits, masks, inside, hard_negatives: int = 0, other_lesions: bool = False):
+def balanced_cell_loss(cell_logits, masks, inside, hard_negatives: int = 0, other_lesions: bool = False, hosts=None):
     """Per finding (N, F): mean cross-entropy over the lesion's cells plus mean over all others.
 
     A lesion is a few dozen of ~100 000 cells (a torn ACL ~12): weighted by count, or even
@@ -260,6 +266,12 @@ def balanced_cell_loss(cell_logits, masks, inside, hard_negatives: int = 0, othe
 
     Neither term moved the held-out case AUC past noise in 1500 finding-head steps (the model
     card's "The finding head alone"); both are off by default.
+
+    ``hosts`` (N, F, k, j, i), for heads whose attention reads host anatomy: the host's own
+    lesion-free cells get a mean of their own, as heavy as the lesion's. Those are the cells a
+    case score reads, and among ~100 000 cells of soft tissue and air their false alarms (a bone
+    marrow lesion map lit over hundreds of bone cells in cases without one) cost next to nothing.
+    With hard negatives, the K highest cells are taken in the host.
     """
     import torch
     import torch.nn.functional as F
@@ -270,6 +282,9 @@ def balanced_cell_loss(cell_logits, masks, inside, hard_negatives: int = 0, othe
     lesion_term = (bce * lesion).sum(dims) / lesion.sum(dims).clamp_min(1e-6)
     rest_term = (bce * rest).sum(dims) / rest.sum(dims).clamp_min(1e-6)
     loss = rest_term + (lesion.sum(dims) > 0.5).float() * lesion_term
+    if hosts is not None:
+        host_rest = (1 - masks) * inside * hosts
+        loss = loss + (bce * host_rest).sum(dims) / host_rest.sum(dims).clamp_min(1e-6)
     if not (other_lesions or hard_negatives > 0):
         return loss
     near_lesion = F.max_pool3d(masks, 3, stride=1, padding=1) > 0
@@ -280,6 +295,8 @@ def balanced_cell_loss(cell_logits, masks, inside, hard_negatives: int = 0, othe
         loss = loss + (F.softplus(cell_logits) * others).sum(dims) / count.clamp_min(1) * (count > 0)
     if hard_negatives > 0:
         clear = (inside > 0.5) & ~near_lesion
+        if hosts is not None:
+            clear = clear & (hosts > 0.5)
         negative_logits = cell_logits.masked_fill(~clear, float("-inf")).flatten(2)
         k = min(hard_negatives, negative_logits.shape[-1])
         top = negative_logits.topk(k, dim=-1).values  # the highest logits cost the most: softplus grows
@@ -509,6 +526,7 @@ def _build_model(
         build_baseline,
         grow_findings,
         grow_segmentation_classes,
+        read_hosts,
     )
 
     view_channels = {
@@ -548,6 +566,14 @@ def _build_model(
             f"{', '.join(heads_config.view_channels)} with per-view weights and no view is added.",
             "Add views with --views (e.g. --views sagittal coronal axial), or train both heads.",
         )
+    if config.finding_hosts and not baseline:
+        if not start_from:
+            raise InputError(
+                None,
+                "--finding-hosts reads each finding's host anatomy from the heads' own segmentation, "
+                "but these heads start untrained.",
+                "Train the heads first, then continue from that bundle with --finding-hosts.",
+            )
     if start_from:  # the annotator's loop: corrections refine the heads the bundle already has
         bundle.load_into(model, start_from["weights"], "heads")
         log(f"continuing from the heads of {bundle.path} ({bundle.metadata.get('version')})")
@@ -558,6 +584,9 @@ def _build_model(
         extra_findings = len(catalog.findings) - heads_config.n_findings
         if extra_findings > 0 and not baseline:  # new findings: the old findings keep their weights
             model = grow_findings(model, extra_findings).to(dev)
+            heads_config = model.config
+        if config.finding_hosts and not baseline:  # attention on each finding's host, scores rescaled
+            model = read_hosts(model).to(dev)
             heads_config = model.config
         if added_views:  # views the heads never fused: added per voxel, the old views' weights kept
             model = add_views(model, {**heads_config.view_channels, **view_channels}, start_logit=0.0).to(dev)
@@ -581,15 +610,28 @@ def _build_model(
         if baseline or config.train_heads == "both"
         else torch.nn.ModuleList([model.segmentation.fusion, model.findings.fusion])
         if config.train_heads == "fusion"
+        else _attention_of(model.findings)
+        if config.train_heads == "attention"
         else (model.segmentation if config.train_heads == "segmentation" else model.findings)
     )
-    if config.train_heads == "fusion":  # no gradients for the weights that stay (a third of a step's cost)
+    if config.train_heads in ("fusion", "attention"):  # no gradients for the weights that stay
         kept = {id(q) for q in trained.parameters()}
         for q in model.parameters():
             q.requires_grad_(id(q) in kept)
     # each head is clipped on its own (see _TrainingRun.step)
     clipped = [model.segmentation, model.findings] if trained is model and not baseline else [trained]
     return _ModelSetup(model, kind, baseline, heads_config, start_from, trained, clipped)
+
+
+def _attention_of(findings):
+    """The finding head's attention weights as one module (the optimizer's and the clipping's unit)."""
+    import torch
+
+    part = torch.nn.Module()
+    part.v, part.u, part.w = findings.attention_v, findings.attention_u, findings.attention_w
+    if hasattr(findings, "case_scale"):
+        part.scale, part.bias = findings.case_scale, findings.case_bias
+    return part
 
 
 def fit_added_views(model, cases: list, added: list[str], dev, max_cases: int = 12, ridge: float = 1e-2) -> dict:
@@ -664,6 +706,7 @@ class _TrainingRun:
         )
         self.history: list[dict] = []
         self.losses: list[float] = []
+        self.hosts: dict = {}  # case id -> its findings' host anatomy (see case_hosts)
         # the starting weights an anchored run is pulled toward (same shapes only: grown rows are free)
         self.anchor_state = (
             {n: q.detach().clone() for n, q in setup.model.named_parameters() if q.requires_grad}
@@ -712,6 +755,27 @@ class _TrainingRun:
                 tmp,
             )
 
+    def case_hosts(self, case, catalog: Catalog):
+        """Each finding's host anatomy on ``case``'s cells, from the heads' segmentation of the
+        whole case with every view (as prediction sees it), worked out once per case and run: when
+        the segmentation head trains too, from the heads as they were at the case's first draw."""
+        import torch
+
+        from .predict import _t, cell_hosts
+
+        if case.case_id not in self.hosts:
+            model = self.setup.model
+            inputs = case.fusion_inputs()
+            planes = [p for p in inputs.features if p in model.segmentation.fusion.planes]
+            with torch.no_grad():
+                coarse = model.segmentation.coarse_logits(
+                    {p: _t(inputs.features[p], self.dev) for p in planes},
+                    {p: _t(inputs.coverage[p], self.dev) for p in planes},
+                    _t(inputs.image_fusion, self.dev),
+                )[0]
+            self.hosts[case.case_id] = cell_hosts(model, coarse, case.fusion_grid, catalog, self.dev)
+        return self.hosts[case.case_id]
+
     def step(self, step: int, case, rng, catalog: Catalog) -> None:
         """One optimizer step on a patch (segmentation) and, every few steps, a whole case (findings)."""
         import torch
@@ -728,7 +792,7 @@ class _TrainingRun:
             if rng.random() < config.view_dropout / 2 and len(planes) > 1:
                 planes = planes[1:]  # sometimes without the reference view's own features
             loss = torch.zeros((), device=dev)
-            if config.train_heads != "findings":
+            if config.train_heads not in ("findings", "attention"):
                 feats, cover, image_f, labels_f, image_r, labels_r, coords, patch, annotated = _seg_batch(
                     case, planes, config, rng, dev, catalog
                 )
@@ -737,11 +801,12 @@ class _TrainingRun:
                 loss = marginal_seg_loss(refined, labels_r, annotated) + 0.5 * marginal_seg_loss(
                     coarse, labels_f, annotated
                 )
-            finding_step = config.train_heads == "findings" or (
+            finding_step = config.train_heads in ("findings", "attention") or (
                 config.train_heads in ("both", "fusion") and step % config.finding_every == 0
             )
             if finding_step:  # a whole pooled case: ~40 % of a joint step's cost
-                loss = loss + _finding_loss(model, case, planes, catalog, config, dev)
+                hosts = self.case_hosts(case, catalog) if model.config.finding_hosts else None
+                loss = loss + _finding_loss(model, case, planes, catalog, config, dev, hosts)
         if config.anchor > 0 and self.anchor_state:
             pull = sum(
                 ((q - self.anchor_state[n]) ** 2).sum() for n, q in model.named_parameters() if n in self.anchor_state

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from OrthoKneeLib.gating import HOSTS, case_score_from_map, gate_maps, host_masks
+from OrthoKneeLib.gating import HOSTS, case_score_from_map, finding_hosts, gate_maps, host_masks
 from OrthoKneeLib.labels import DEFAULT_CATALOG
 from OrthoKneeLib.model.heads import Grid
 
@@ -57,6 +57,23 @@ def test_a_map_cannot_leave_its_host():
         assert gated[key].max() > 0.5, key
         assert not (gated[key][inner_bone] > 0).any(), key
     assert set(hosts) == {f.key for f in DEFAULT_CATALOG.findings}
+
+
+def test_the_heads_hosts_are_not_widened_and_follow_the_catalogs_findings():
+    """The finding head's attention reads hosts as the segmentation gives them (on its 3-mm
+    cells a widening by one cell took in the soft tissue around every bone), one per finding in
+    the catalog's order; a finding an annotator added has no known host and is open everywhere."""
+    labels = _knee()
+    probs = _probs(labels)
+    hosts = finding_hosts(probs, GRID, DEFAULT_CATALOG)
+    keys = DEFAULT_CATALOG.finding_keys
+    assert hosts.shape == (len(keys), *labels.shape)
+    for key, structures in HOSTS.items():
+        host = np.isin(labels, [L[s] for s in structures if s in L])
+        assert np.array_equal(hosts[keys.index(key)] > 0.5, host), key
+    grown = DEFAULT_CATALOG.with_findings(["popliteal cyst"])
+    extra = finding_hosts(probs, GRID, grown)
+    assert extra.shape[0] == len(keys) + 1 and (extra[-1] == 1).all()
 
 
 def test_the_case_score_is_the_level_over_005_ml():

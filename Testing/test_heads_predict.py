@@ -130,6 +130,45 @@ def test_attention_is_a_distribution_over_covered_cells_and_overlays_are_bounded
     assert torch.isfinite(alone).all()
 
 
+def test_host_anatomy_keeps_attention_and_so_the_case_score_on_the_host():
+    """With hosts, a finding's attention (hence its case score and its map) lies on its host, so a
+    high cell elsewhere, however high, cannot make the score; a finding whose host the
+    segmentation found nowhere reads every cell, as heads without hosts do."""
+
+    config = HeadsConfig(view_channels={"sagittal": 6}, n_findings=2, finding_hosts=True)
+    head = FindingHead(config)
+    feats, cover = {"sagittal": torch.randn(1, 6, 3, 5, 5)}, {"sagittal": torch.ones(1, 1, 3, 5, 5)}
+    inside, image = torch.ones(1, 1, 3, 5, 5), torch.rand(1, 1, 3, 5, 5)
+    hosts = torch.zeros(1, 2, 3, 5, 5)
+    hosts[:, 0, 1, 1:3, 1:3] = 1.0  # finding 0: four cells; finding 1: no host found
+    with torch.no_grad():
+        free, logits, free_attention = head(feats, cover, image, inside)
+        gated, _, attention = head(feats, cover, image, inside, hosts)
+    on_host = hosts[:, 0] > 0
+    assert float(attention[:, 0][~on_host].sum()) == 0.0
+    assert float(free_attention[:, 0][~on_host].sum()) > 0.5  # without hosts it spreads over the knee
+    on_host_score = (attention[:, 0][on_host] * logits[:, 0][on_host]).sum() / attention[:, 0][on_host].sum()
+    assert float(gated[0, 0]) == pytest.approx(float(on_host_score), abs=0.05 * float(logits.abs().max()))
+    # no host anywhere: the same softmax as without hosts (every cell weighed down alike)
+    assert torch.allclose(attention[:, 1], free_attention[:, 1], atol=1e-6)
+    assert torch.allclose(gated[0, 1], free[0, 1], atol=1e-5)
+    overlay = FindingHead.overlay(logits, attention).detach()
+    assert bool(on_host.flatten()[overlay[0, 0].flatten().argmax()])  # the map's peak is on the host
+    # the map on the case score's scale: a score of p has host cells at p or above, none off the host
+    with torch.no_grad():
+        head.case_scale.fill_(2.0)
+        head.case_bias.fill_(1.5)
+        scored, logits, attention = head(feats, cover, image, inside, hosts)
+        shown = head.map_cells(logits, attention, hosts)
+    assert float(torch.sigmoid(scored[0, 0])) <= float(shown[:, 0][on_host].max()) + 1e-3
+    assert float(shown[:, 0][~on_host].max()) == 0.0
+    # bundles written before the field: no hosts
+    assert (
+        HeadsConfig.from_json({k: v for k, v in config.to_json().items() if k != "finding_hosts"}).finding_hosts
+        is False
+    )
+
+
 def test_the_case_score_trains_the_attention_and_nothing_under_it():
     config = HeadsConfig(view_channels={"sagittal": 6}, n_findings=3)
     head = FindingHead(config)
@@ -209,6 +248,31 @@ def test_hard_negative_cells_make_a_false_alarm_cost():
     few = torch.zeros_like(inside)
     few[0, 0, 0, 0, :2] = 1
     assert torch.isfinite(balanced_cell_loss(alarm.detach(), masks, few, 32)).all()
+
+
+def test_false_alarms_on_the_host_cost_as_much_as_a_missed_lesion():
+    """With hosts, the host's lesion-free cells have a mean of their own: alarms over a tenth of
+    the bone cost a loss of the order of a missed lesion, where the mean over the whole knee
+    barely feels them; the same alarms off the host cost what they did."""
+    logits = torch.full((1, 1, 3, 20, 20), -4.0)
+    masks, inside = torch.zeros_like(logits), torch.ones(1, 1, 3, 20, 20)
+    hosts = torch.zeros_like(logits)
+    hosts[0, 0, :, :10, :] = 1.0  # half of the cells are bone
+    on_host, off_host = logits.clone(), logits.clone()
+    on_host[0, 0, :, :2, :] = 4.0  # a fifth of the bone cells lit
+    off_host[0, 0, :, 10:12, :] = 4.0  # as many cells lit in soft tissue
+    base = balanced_cell_loss(logits, masks, inside, hosts=hosts)
+    assert float(balanced_cell_loss(on_host, masks, inside, hosts=hosts) - base) > 0.7
+    assert float(balanced_cell_loss(on_host, masks, inside) - balanced_cell_loss(logits, masks, inside)) < 0.45
+    off = balanced_cell_loss(off_host, masks, inside, hosts=hosts) - base
+    assert torch.allclose(off, balanced_cell_loss(off_host, masks, inside) - balanced_cell_loss(logits, masks, inside))
+
+    # hard negatives are the host's highest cells: lit soft tissue is not among them
+    def hard_term(x):
+        return balanced_cell_loss(x, masks, inside, 4, hosts=hosts) - balanced_cell_loss(x, masks, inside, hosts=hosts)
+
+    assert torch.allclose(hard_term(off_host), hard_term(logits))
+    assert float(hard_term(on_host)) > float(hard_term(logits)) + 3.9  # softplus(4) - softplus(-4)
 
 
 def test_other_lesion_negatives_make_a_map_pay_for_another_findings_lesion():
@@ -421,6 +485,30 @@ def test_one_head_trains_and_the_other_keeps_its_weights_exactly(pipeline, tmp_p
         assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(kept))
         assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith(moved))
         assert out.metadata["heads"]["training"]["config"]["train_heads"] == which
+
+
+def test_attention_trains_alone_on_host_anatomy_and_the_bundle_says_so(pipeline, tmp_path):
+    """--train-heads attention --finding-hosts: only the attention moves, the heads are written with
+    finding_hosts on, and the new bundle predicts with each finding read from its host."""
+    trained = pipeline["trained"]
+    before = _heads_state(trained)
+    config = FinetuneConfig(
+        steps=3, patch_kji=(4, 24, 24), validation_cases=0, train_heads="attention", finding_hosts=True
+    )
+    out = finetune(trained, pipeline["caches"][:2], tmp_path / "hosts", config, device="cpu", log=lambda *_: None)
+    after = _heads_state(out)
+    attention = [k for k in before if k.startswith("findings.attention")]
+    assert attention and not all(torch.equal(before[k], after[k]) for k in attention)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in attention)
+    assert out.metadata["heads"]["config"]["finding_hosts"] is True
+    prediction = Predictor(out, device="cpu").predict(read_case(pipeline["folders"][0]).case)
+    assert all(0.0 <= p <= 1.0 for p in prediction.finding_probabilities.values())
+
+
+def test_finding_hosts_need_trained_heads(pipeline, tmp_path):
+    config = FinetuneConfig(steps=2, patch_kji=(4, 24, 24), validation_cases=0, finding_hosts=True, from_scratch=True)
+    with pytest.raises(InputError, match="--finding-hosts"):
+        finetune(pipeline["trained"], pipeline["caches"][:1], tmp_path / "x", config, device="cpu", log=lambda *_: None)
 
 
 def test_one_head_alone_needs_the_other_trained(pipeline, capsys, tmp_path):

@@ -93,6 +93,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         early_stop_patience=args.early_stop,
         new_labels=args.new_labels,
         anchor=args.anchor,
+        finding_hosts=args.finding_hosts,
     )
     # mistakes are refused now, not after every case's features are cached
     check_finetune_config(bundle, config)
@@ -234,9 +235,10 @@ def register(sub) -> None:
     p.add_argument(
         "--train-heads",
         default="both",
-        choices=["both", "segmentation", "findings", "fusion"],
+        choices=["both", "segmentation", "findings", "fusion", "attention"],
         help="which heads learn; the rest keeps its weights exactly (default: both). fusion: only how "
-        "the views are weighed and projected, e.g. after adding views with --views",
+        "the views are weighed and projected, e.g. after adding views with --views; attention: only "
+        "which cells each finding's case score reads (e.g. with --finding-hosts)",
     )
     p.add_argument(
         "--hard-negative-cells",
@@ -245,6 +247,13 @@ def register(sub) -> None:
         metavar="K",
         help="add to the finding cell loss the mean over the K highest-scoring cells away from any "
         "lesion, per finding (default 0: off)",
+    )
+    p.add_argument(
+        "--finding-hosts",
+        action="store_true",
+        help="the finding head reads each finding's score and map from its host anatomy only (bone "
+        "marrow lesions from the bones, tears from their ligament or meniscus), taken from the heads' "
+        "own segmentation; needs heads to start from",
     )
     p.add_argument(
         "--other-lesion-negatives",

@@ -169,6 +169,7 @@ class HeadsConfig:
     context_dilations: tuple[int, ...] = (1, 2, 4, 8)  # at the coarsest level: ~130 mm in-plane receptive field
     attention_reads_logits: bool = True  # see FindingHead; bundles written before it existed: False
     fusion: str = "per-view"  # "per-view" weights, or "per-voxel" weights read from each view's features
+    finding_hosts: bool = False  # attention reads each finding's host anatomy only (see FindingHead)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -181,6 +182,7 @@ class HeadsConfig:
                 d[key] = tuple(d[key])
         d.setdefault("attention_reads_logits", False)  # heads trained before the field existed
         d.setdefault("fusion", "per-view")
+        d.setdefault("finding_hosts", False)  # heads trained before the field existed
         if d["fusion"] not in FUSION_KINDS:
             raise ValueError(f"heads config has fusion {d['fusion']!r}; this version knows {', '.join(FUSION_KINDS)}")
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -381,6 +383,18 @@ class SegmentationHead(nn.Module):
         return coarse_on_reference + self.refine(torch.cat([coarse_on_reference, image_reference], dim=1))
 
 
+# A cell is a finding's host where the segmentation gives its host structures at least this
+# probability (in between, the cell counts in proportion: a cell half host or more counts whole).
+HOST_MIN = 0.05
+
+
+def host_weight(hosts: torch.Tensor) -> torch.Tensor:
+    """How much each cell counts for its finding's attention and map, in [0, 1], from the host
+    probability on the cell: 0 below :data:`HOST_MIN`, whole from 0.5 up, linear in between (a
+    bone edge, a thin ligament)."""
+    return (2 * hosts).clamp(0, 1) * (hosts >= HOST_MIN)
+
+
 class FindingHead(nn.Module):
     """Per-cell finding logits and gated-attention pooling (one attention map per finding)."""
 
@@ -401,12 +415,26 @@ class FindingHead(nn.Module):
         # lesions are: attention held < 0.1 % of its weight on the lesion cells, so the overlay
         # (probability x relative attention) hid the lesions the cells had found.
         self.attention_reads_logits = c.attention_reads_logits
+        if c.finding_hosts:
+            # Read from the host alone, the attention-weighted cell logits are a score on the
+            # cells' scale: a host's lesion-free cells are trained low, so the pooled logit of a
+            # case sits below its finding's prevalence. One scale and offset per finding, learnt by
+            # the case loss, put it back on the probability scale (Platt scaling inside the head).
+            self.case_scale = nn.Parameter(torch.ones(c.n_findings))
+            self.case_bias = nn.Parameter(torch.zeros(c.n_findings))
 
-    def forward(self, features, coverage, image_pooled: torch.Tensor, inside: torch.Tensor):
+    def forward(
+        self, features, coverage, image_pooled: torch.Tensor, inside: torch.Tensor, hosts: torch.Tensor | None = None
+    ):
         """Returns (case logits (N, F), cell logits (N, F, k, j, i), attention (N, F, k, j, i)).
 
         ``inside`` (N, 1, k, j, i) is 1 where any view saw the cell: attention is a softmax over
-        those cells only.
+        those cells only. ``hosts`` (N, F, k, j, i) in [0, 1], when given, is each finding's host
+        anatomy on the cells (:func:`OrthoKneeLib.gating.finding_hosts`): attention is a softmax
+        over the host's cells, each weighted by :func:`host_weight`, so a case score is read from
+        the finding's own anatomy (without it, a bone marrow lesion's score could be read off an
+        effusion). A finding whose host the segmentation did not find anywhere reads every cell:
+        a ligament it failed to outline still has a score.
         """
         h = self.trunk(torch.cat([self.fusion(features, coverage), image_pooled], dim=1))
         logits = self.cell_logits(h)
@@ -424,9 +452,18 @@ class FindingHead(nn.Module):
         scores = torch.einsum("nfa...,fa->nf...", gate, self.attention_w)
         if self.attention_reads_logits:
             scores = scores + logits.detach()
-        scores = scores.masked_fill(inside < 0.5, float("-inf"))
+        allowed = (inside >= 0.5).expand_as(scores)
+        if hosts is not None:
+            weight = host_weight(hosts)
+            on_host = allowed & (weight > 0)
+            found = on_host.flatten(2).any(-1)[..., None, None, None]  # (N, F, 1, 1, 1)
+            scores = torch.where(found, scores + torch.log(weight.clamp_min(1e-12)), scores)
+            allowed = torch.where(found, on_host, allowed)
+        scores = scores.masked_fill(~allowed, float("-inf"))
         attention = torch.softmax(scores.flatten(2), dim=-1).view_as(scores)
         case_logits = (attention * logits.detach()).flatten(2).sum(-1)
+        if hasattr(self, "case_scale"):
+            case_logits = self.case_scale * case_logits + self.case_bias
         return case_logits, logits, attention
 
     @staticmethod
@@ -443,6 +480,24 @@ class FindingHead(nn.Module):
         """Per-cell probability weighted by attention relative to the most attended cell, in [0, 1]."""
         peak = attention.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None, None]
         return torch.sigmoid(logits) * (attention / peak)
+
+    def map_cells(self, logits: torch.Tensor, attention: torch.Tensor, hosts: torch.Tensor | None) -> torch.Tensor:
+        """The finding map on the cells, in [0, 1].
+
+        Heads that read host anatomy show each cell's logit on the case score's scale, on its
+        host: sigmoid(scale x logit + offset) on every cell the attention may read (where
+        :func:`host_weight` is above 0), 0 elsewhere. The case logit is an attention-weighted mean
+        of those same cell values, so a case scored p has a host cell at p or above (a high score
+        always shows where) and a map low everywhere cannot score high. (Partial host cells are
+        shown whole: the voxel map is confined to the host, widened 2 mm, for display.)
+        Other heads: :meth:`overlay`.
+        """
+        if hosts is None or not hasattr(self, "case_scale"):
+            return self.overlay(logits, attention)
+        scale, bias = self.case_scale[None, :, None, None, None], self.case_bias[None, :, None, None, None]
+        readable = host_weight(hosts) > 0
+        found = readable.flatten(2).any(-1)[..., None, None, None]
+        return torch.sigmoid(scale * logits + bias) * (readable | ~found)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -585,6 +640,19 @@ def add_views(model: "OrthoKneeHeads", view_channels: dict[str, int], start_logi
         else:
             new_state[key] = value.clone()
     grown.load_state_dict(new_state)
+    return grown
+
+
+def read_hosts(model: "OrthoKneeHeads") -> "OrthoKneeHeads":
+    """The same heads with their finding attention reading host anatomy (``finding_hosts``):
+    every weight kept, the case scores' scale and offset starting at 1 and 0."""
+    from dataclasses import replace
+
+    if model.config.finding_hosts:
+        return model
+    grown = OrthoKneeHeads(replace(model.config, finding_hosts=True))
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert set(missing) == {"findings.case_scale", "findings.case_bias"} and not unexpected, (missing, unexpected)
     return grown
 
 
