@@ -409,11 +409,22 @@ class OrthoKneeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onExportCase(self) -> None:
         if not self._result:
             return
+        try:  # an answer for a finding the model lacks (the New finding row), checked before any dialog
+            extra = self._result["prediction"].catalog.new_finding_answer(
+                self.ui.newFindingEdit.text, self.ui.newFindingAnswer.currentText
+            )
+        except Exception as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
         folder = qt.QFileDialog.getExistingDirectory(None, "Export training case to")
         if folder:
             p = self._parameterNode
             out = self.logic.exportCase(
-                self._result, {"sagittal": p.sagittal, "coronal": p.coronal, "axial": p.axial}, self._decisions, folder
+                self._result,
+                {"sagittal": p.sagittal, "coronal": p.coronal, "axial": p.axial},
+                self._decisions,
+                folder,
+                extra_findings=extra,
             )
             self.ui.statusLabel.text = f"Training case written: {out}"
 
@@ -696,7 +707,9 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
         return {"json": json_path, "html": html_path}
 
     @staticmethod
-    def exportCase(result: dict, view_nodes: dict, decisions: dict, folder) -> Path:
+    def exportCase(result: dict, view_nodes: dict, decisions: dict, folder, extra_findings=None) -> Path:
+        """The edited case in the training layout; ``extra_findings`` ({name: 1 / 0}) answers
+        findings the model lacks (Catalog.new_finding_answer)."""
         from OrthoKneeLib.scene import export_training_case
 
         review = review_record(result["prediction"].summary(), decisions)["findings"]
@@ -708,6 +721,7 @@ class OrthoKneeLogic(ScriptedLoadableModuleLogic):
             result["prediction"].catalog,
             review=review,
             case_id=name,
+            extra_findings=extra_findings,
         )
 
     @staticmethod

@@ -226,6 +226,27 @@ class Catalog:
             added.append(Finding(key=key, name=name, color=color))
         return Catalog(structures=self.structures, findings=tuple(added))
 
+    def new_finding_answer(self, name: str, answer: str) -> dict[str, int]:
+        """An annotator's yes / no for a finding this catalog lacks, as ``export_training_case``
+        takes it (``{name: 1 or 0}``; ``{}`` for no name). The module's *New finding* row calls
+        this before exporting, so a typo'd known finding or an answer other than present / absent
+        is refused with what to do instead of becoming a second finding of the same name."""
+        from .errors import OrthoKneeError
+
+        name = " ".join(name.split())
+        if not name:
+            return {}
+        known = {f.name.lower(): f.name for f in self.findings} | {f.key: f.name for f in self.findings}
+        if name.lower() in known:
+            raise OrthoKneeError(
+                f"'{name}' is already a finding of this model ({known[name.lower()]}): accept or reject it in "
+                "the findings table instead of adding it again."
+            )
+        value = {"present": 1, "yes": 1, "absent": 0, "no": 0}.get(answer.strip().lower())
+        if value is None:
+            raise OrthoKneeError(f"the answer for '{name}' is {answer!r}: give present or absent.")
+        return {name: value}
+
     def structure(self, key: str) -> Structure:
         for s in self.structures:
             if s.key == key:

@@ -143,3 +143,22 @@ def test_codes_are_the_ones_slicer_knows():
         if t.type_modifier:
             assert t.type_modifier in CID2_MODIFIERS, entry.key
     assert checked >= 25
+
+
+def test_a_new_finding_answer_is_checked_before_it_is_exported():
+    """The module's New finding row: a name the catalog lacks with present / absent becomes
+    {name: 1 / 0}; no name is no answer; a finding the model has, by name or key, is refused (it
+    is accepted or rejected in the table), and so is an answer that is neither."""
+    from OrthoKneeLib.errors import OrthoKneeError
+
+    assert DEFAULT_CATALOG.new_finding_answer("  Baker's   cyst ", "present") == {"Baker's cyst": 1}
+    assert DEFAULT_CATALOG.new_finding_answer("Baker's cyst", "absent") == {"Baker's cyst": 0}
+    assert DEFAULT_CATALOG.new_finding_answer("   ", "present") == {}
+    for known in ("ACL tear", "acl_tear", "acl TEAR"):
+        with pytest.raises(OrthoKneeError, match="already a finding"):
+            DEFAULT_CATALOG.new_finding_answer(known, "present")
+    with pytest.raises(OrthoKneeError, match="present or absent"):
+        DEFAULT_CATALOG.new_finding_answer("Baker's cyst", "maybe")
+    # what it returns is what the next version learns: the grown catalog has the finding
+    grown = DEFAULT_CATALOG.with_findings(DEFAULT_CATALOG.new_finding_answer("Baker's cyst", "present"))
+    assert grown.findings[-1].name == "Baker's cyst"

@@ -215,3 +215,21 @@ def test_the_finetune_button_runs_finetune_in_a_child_process(pipeline, tmp_path
     assert new.metadata["heads"]["training"]["config"]["steps"] == 6
     assert run.progress()[:2] == (6, 6) and run.progress()[2].startswith("finetune")
     assert any(p[2].startswith("features") for p in seen) or "features [" in run.log_path.read_text()
+
+
+def test_the_review_panel_records_a_finding_the_model_lacks_with_the_exported_case():
+    """The New finding row exists in the panel, offers exactly the answers the catalog's check
+    takes, and the export passes its answer on as the case's extra findings."""
+    widgets = {w.get("name"): w for w in ET.parse(UI).iter("widget")}
+    assert widgets["newFindingEdit"].get("class") == "QLineEdit"
+    answers = [i.find("property/string").text for i in widgets["newFindingAnswer"].findall("item")]
+    assert answers == ["present", "absent"]
+    from OrthoKneeLib.labels import DEFAULT_CATALOG
+
+    assert [DEFAULT_CATALOG.new_finding_answer("Baker's cyst", a) for a in answers] == [
+        {"Baker's cyst": 1},
+        {"Baker's cyst": 0},
+    ]
+    source = MODULE.read_text()
+    assert "new_finding_answer(" in source and "extra_findings=extra" in source
+    assert "extra_findings=extra_findings" in source  # exportCase hands it to export_training_case
