@@ -177,8 +177,9 @@ class FinetuneProcess(CliProcess):
         args = ["finetune", "--bundle", str(bundle), "--cases", *map(str, cases), "--out", str(self.out)]
         args += ["--steps", str(steps), "--device", device, "--early-stop", "3", "--validate-every", "50"]
         # a few corrections: a gentle rate and a pull toward the parent's weights, so that the other
-        # cases are not forgotten (bench/correction.py: held-out Dice kept within 0.02)
-        args += ["--lr", "3e-4", "--anchor", "1"]
+        # cases are not forgotten (bench/correction.py: held-out Dice kept within 0.02); hard negative
+        # cells, so that a rejected finding's score falls (0.34 -> 0.16 there; 0.34 without)
+        args += ["--lr", "3e-4", "--anchor", "1", "--hard-negative-cells", "32"]
         if new_labels:
             args.append("--new-labels")
         super().__init__(args, self.out.parent / f"{self.out.name}.log", ("features", "finetune"), python, launcher)

@@ -244,6 +244,13 @@ def test_hard_negative_cells_make_a_false_alarm_cost():
         balanced_cell_loss(edge, lesion, inside, 4) - balanced_cell_loss(edge, lesion, inside),
         balanced_cell_loss(logits, lesion, inside, 4) - balanced_cell_loss(logits, lesion, inside),
     )
+    # hard_for: no hard term for a finding the case says nothing about where (accepted, no region)
+    two = torch.cat([alarm, alarm], dim=1)
+    both = balanced_cell_loss(two, torch.zeros_like(two), inside, 4)
+    one = balanced_cell_loss(two, torch.zeros_like(two), inside, 4, hard_for=torch.tensor([[True, False]]))
+    assert torch.allclose(one[0, 0], both[0, 0]) and torch.allclose(
+        one[0, 1], balanced_cell_loss(alarm, masks, inside)[0, 0]
+    )
     # cells no view saw are never hard negatives; with fewer clear cells than K, the mean is over those
     few = torch.zeros_like(inside)
     few[0, 0, 0, 0, :2] = 1

@@ -213,6 +213,9 @@ def test_the_finetune_button_runs_finetune_in_a_child_process(pipeline, tmp_path
     new = run.wait(timeout=300)
     assert new.metadata["parent"]["version"] == pipeline["trained"].metadata["version"]
     assert new.metadata["heads"]["training"]["config"]["steps"] == 6
+    # gentle and anchored, and a rejected finding's highest cells pushed down (bench/correction.py)
+    config = new.metadata["heads"]["training"]["config"]
+    assert (config["learning_rate"], config["anchor"], config["hard_negative_cells"]) == (3e-4, 1.0, 32)
     assert run.progress()[:2] == (6, 6) and run.progress()[2].startswith("finetune")
     assert any(p[2].startswith("features") for p in seen) or "features [" in run.log_path.read_text()
 

@@ -36,6 +36,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=3e-4, help="the Slicer module's fine-tuning rate")
     parser.add_argument("--anchor", type=float, default=1.0, help="L2-SP weight (the Slicer module's)")
+    parser.add_argument(
+        "--hard-negative-cells",
+        type=int,
+        default=32,
+        help="K highest cells away from any lesion in the cell loss (the Slicer module's; 0: off)",
+    )
     parser.add_argument("--held-out", type=int, default=4, help="held-out renders scored before and after")
     parser.add_argument("--work", type=Path, help="keep renders and features here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -80,7 +86,14 @@ def main() -> int:
         before_held = scores(bundle, held)
         t = time.perf_counter()
         entry = cache_case(bundle, case_folder, cache, views=planes)  # case.json changed: a new entry
-        config = FinetuneConfig(steps=args.steps, validation_cases=0, seed=5, learning_rate=args.lr, anchor=args.anchor)
+        config = FinetuneConfig(
+            steps=args.steps,
+            validation_cases=0,
+            seed=5,
+            learning_rate=args.lr,
+            anchor=args.anchor,
+            hard_negative_cells=args.hard_negative_cells,
+        )
         out = work / "corrected-bundle"
         shutil.rmtree(out, ignore_errors=True)  # this benchmark's own scratch bundle
         Path(f"{out}.checkpoint.pt").unlink(missing_ok=True)
@@ -93,7 +106,8 @@ def main() -> int:
     drop = before_held["mean_dice"] - after_held["mean_dice"]
     print(
         f"bundle {bundle.metadata.get('version')} (heads on {', '.join(planes)}), one corrected case "
-        f"({case_folder.name}), {args.steps} steps (lr {args.lr:g}, anchor {args.anchor:g}) in {seconds:.0f} s, "
+        f"({case_folder.name}), {args.steps} steps (lr {args.lr:g}, anchor {args.anchor:g}, hard negatives "
+        f"{args.hard_negative_cells}) in {seconds:.0f} s, "
         f"{args.threads} threads"
     )
     print(f"  corrected case: mean Dice {case_dice[0]:.3f} -> {case_dice[1]:.3f}")
@@ -102,6 +116,12 @@ def main() -> int:
         f"  {len(held)} held-out renders (other subjects): mean Dice {before_held['mean_dice']:.3f} -> "
         f"{after_held['mean_dice']:.3f}, drop {drop:+.3f} = {max(drop, 0) / MAX_DROP:.2f} x the {MAX_DROP} budget"
     )
+    moved = [
+        abs(b["findings"][k] - a["findings"][k])
+        for b, a in zip(before_held["per_case"], after_held["per_case"])
+        for k in b["findings"]
+    ]
+    print(f"    their finding probabilities moved by {np.mean(moved):.3f} on average (at most {np.max(moved):.3f})")
     for key in before_held["dice"]:
         d0, d1 = before_held["dice"][key], after_held["dice"].get(key, np.nan)
         print(f"    {key:<22} {d0:.3f} -> {d1:.3f}")
