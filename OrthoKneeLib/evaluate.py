@@ -287,6 +287,12 @@ def _score_findings(row, result, finding_probs, case, catalog, finding_scores, l
         if k:  # kept per case so that intervals over cases can be computed from the JSON
             finding_scores[f.key].append((float(p), int(v)))
             row["finding_truth"][f.key] = int(v)
+    if "pooled_grid" in case.meta:  # how much of each finding's cells is above 0.5: a map lit everywhere shows
+        cell_ml = float(np.prod(case.meta["pooled_grid"]["spacing"])) / 1000.0
+        row["cells_over_half_ml"] = {
+            f.key: float((result["cell_probabilities"][n] > 0.5).sum() * cell_ml)
+            for n, f in enumerate(catalog.findings)
+        }
     masks = case.finding_masks(catalog)
     if masks.shape[1:] == result["cell_probabilities"].shape[1:]:  # cached on the heads' cell grid
         inside = result["cells_inside"]

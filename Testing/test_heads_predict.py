@@ -603,6 +603,14 @@ def test_evaluate_command_prints_dice_hd95_and_auc(pipeline, capsys):
     assert with_lesion and set(scores["cell_auc"]) == set(scores["overlay_auc"])
     assert set(scores["cell_auc"]) <= with_lesion and set(scores["cell_auc"])
     assert all(0 <= v <= 1 for v in [*scores["cell_auc"].values(), *scores["overlay_auc"].values()])
+    # how much of each map's cells is lit, per case: no more than the cells the case has
+    for row in scores["per_case"]:
+        lit = row["cells_over_half_ml"]
+        assert set(lit) == set(pipeline["base"].catalog.finding_keys)
+        assert all(0 <= v < 10_000 for v in lit.values())
+    # how often a positive case's map peaks on its lesion, counted over the positive cases
+    for key, peak in scores["peak_in_lesion"].items():
+        assert peak["cases"] == scores["finding_counts"][key]["positive"] and 0 <= peak["share"] <= 1
     # each case's render contrast, from its case.json, and Dice per contrast
     contrasts = {f.name: json.loads((f / "case.json").read_text())["contrast"]["contrast"] for f in pipeline["folders"]}
     assert {row["case_id"]: row["contrast"] for row in scores["per_case"]} == contrasts
