@@ -66,5 +66,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> None:
+    """The process entry (the ``orthoknee`` script, ``python -m OrthoKneeLib.cli``): exits with
+    :func:`main`'s code. A Ctrl-C that lands after main's own handler (torch can leave a SIGINT
+    pending and deliver it again on the way out) would otherwise end an orderly cancel as death
+    by signal (exit -2, not 130); the process is ending either way, so it is ignored from here."""
+    import signal
+    import threading
+
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between main's handler and here: still a cancel
+        code = 130
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

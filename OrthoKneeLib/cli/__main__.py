@@ -1,7 +1,5 @@
 """`python -m OrthoKneeLib.cli`: the orthoknee command."""
 
-import sys
+from . import run
 
-from . import main
-
-sys.exit(main())
+run()
