@@ -15,7 +15,48 @@ from typing import Callable, Protocol, TextIO
 
 from .errors import OrthoKneeError
 
-__all__ = ["Cancelled", "CancelToken", "ProgressCallback", "TextProgress", "no_progress"]
+__all__ = [
+    "Cancelled",
+    "CancelToken",
+    "ProgressCallback",
+    "Terminated",
+    "TextProgress",
+    "interrupt_on_signal",
+    "no_progress",
+    "raise_if_interrupted",
+]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: files being written are discarded, one line is printed."""
+
+
+_signals: list[int] = []  # SIGINT / SIGTERM received by interrupt_on_signal since the command began
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    import signal
+
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def interrupt_on_signal(signum, frame) -> None:
+    """The command line's SIGINT and SIGTERM handler: raises KeyboardInterrupt (Terminated for
+    SIGTERM) and remembers the signal. An exception raised where Python ignores exceptions (a
+    weakref callback of the import machinery, a ``__del__``) is printed and dropped, and the run
+    would go on to write its result; :class:`TextProgress` raises it again at its next report."""
+    _signals.append(signum)
+    raise _interrupt(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt of a signal :func:`interrupt_on_signal` received, if any."""
+    if _signals:
+        raise _interrupt(_signals[0])
+
+
+def forget_interrupts() -> None:
+    _signals.clear()
 
 
 class Cancelled(OrthoKneeError):
@@ -75,6 +116,7 @@ class TextProgress:
         self._marks: deque[tuple[float, int]] = deque()  # (seconds since start, done) of recent updates
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
+        raise_if_interrupted()  # a signal whose exception was swallowed still stops the run here
         elapsed = self.clock() - self.start
         if not self._marks:  # a resumed job starts counting mid-way, at the first item it does
             self._marks.append((0.0, max(done - 1, 0)))

@@ -15,11 +15,12 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import OrthoKneeError
+from ..progress import Terminated, forget_interrupts, interrupt_on_signal
 from . import cache, images, info, predict, pretrain, serve, synth, training
 from .args import OneLineParser
 from .common import EXIT_USAGE_OR_INPUT
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "run", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: files being written are discarded, one line is printed."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
@@ -46,24 +39,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in bundles, so a model card can quote the exact command
-    previous = None
+    previous = {}
+    forget_interrupts()
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = {s: signal.signal(s, interrupt_on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return int(args.func(args) or 0)
     except OrthoKneeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE_OR_INPUT
     except KeyboardInterrupt as exc:
-        what = "terminated" if isinstance(exc, _Terminated) else "cancelled"
+        what = "terminated" if isinstance(exc, Terminated) else "cancelled"
         print(
             f"orthoknee {args.command}: {what}; files being written were discarded, earlier results are as they were.",
             file=sys.stderr,
         )
-        return 143 if isinstance(exc, _Terminated) else 130
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        forget_interrupts()
 
 
 def run() -> None:
@@ -76,8 +71,8 @@ def run() -> None:
 
     try:
         code = main()
-    except KeyboardInterrupt:  # between main's handler and here: still a cancel
-        code = 130
+    except KeyboardInterrupt as exc:  # between main's handler and here: still a cancel
+        code = 143 if isinstance(exc, Terminated) else 130
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)
