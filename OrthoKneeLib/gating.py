@@ -89,7 +89,6 @@ def _lps(grid, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def host_masks(probs: np.ndarray, grid, catalog, widen_mm: float = DILATE_MM) -> dict[str, np.ndarray]:
     """finding key -> soft host mask in [0, 1] on ``grid`` (the grid of ``probs``), widened by
     ``widen_mm`` (0: as the probabilities give it)."""
-
     hosts = {f: _widen(_sum(probs, catalog, keys), grid, widen_mm) for f, keys in HOSTS.items()}
     bone = _sum(probs, catalog, _BONES)
     cartilage = _sum(probs, catalog, _CARTILAGE)

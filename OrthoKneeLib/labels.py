@@ -160,6 +160,16 @@ def _new_key(name: str, taken: set[str], fallback: str) -> str:
     return key
 
 
+def _unknown_names(names: Iterable[str], known: set[str]) -> Iterator[str]:
+    """Each of ``names`` whose lower case ``known`` lacks, once, in order: what an annotator's new
+    labels or findings add to a catalog."""
+    seen = set(known)
+    for name in names:
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            yield name
+
+
 def _entry_from_json(data: dict[str, Any]) -> dict[str, Any]:
     term = data.get("terminology")
     color = data["color"]
@@ -200,12 +210,8 @@ class Catalog:
     def with_structures(self, names: Iterable[str]) -> "Catalog":
         """This catalog and a new structure per name it does not already have (an annotator's new
         label), each with the next label value, a key made from its name and a colour of its own."""
-        known = {s.name.lower() for s in self.structures}
         added = list(self.structures)
-        for name in names:
-            if name.lower() in known:
-                continue
-            known.add(name.lower())
+        for name in _unknown_names(names, {s.name.lower() for s in self.structures}):
             key = _new_key(name, {e.key for e in added} | set(self.finding_keys), f"label_{len(added) + 1}")
             label = len(added) + 1
             color = _NEW_LABEL_COLORS[(label - len(self.structures) - 1) % len(_NEW_LABEL_COLORS)]
@@ -215,12 +221,8 @@ class Catalog:
     def with_findings(self, names: Iterable[str]) -> "Catalog":
         """This catalog and a new finding per name it does not already have (a yes / no an annotator
         recorded per case), each with a key made from its name and a colour of its own."""
-        known = {f.name.lower() for f in self.findings} | {f.key for f in self.findings}
         added = list(self.findings)
-        for name in names:
-            if name.lower() in known:
-                continue
-            known.add(name.lower())
+        for name in _unknown_names(names, {f.name.lower() for f in self.findings} | set(self.finding_keys)):
             key = _new_key(name, {e.key for e in added} | set(self.structure_keys), f"finding_{len(added) + 1}")
             color = _NEW_LABEL_COLORS[(len(added) - len(self.findings)) % len(_NEW_LABEL_COLORS)]
             added.append(Finding(key=key, name=name, color=color))

@@ -295,6 +295,15 @@ def _t(array: np.ndarray, device):
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None].to(device)
 
 
+def coarse_logits_of(heads, inputs: FusionInputs, device="cpu"):
+    """The segmentation head's coarse logits (C, k, j, i) on the whole fusion grid, from the
+    views the heads fuse (call under ``torch.inference_mode`` or ``no_grad``)."""
+    planes = [p for p in inputs.features if p in heads.segmentation.fusion.planes]
+    feats = {p: _t(inputs.features[p], device) for p in planes}
+    cover = {p: _t(inputs.coverage[p], device) for p in planes}
+    return heads.segmentation.coarse_logits(feats, cover, _t(inputs.image_fusion, device))[0]
+
+
 def cell_hosts(heads, coarse_logits, fusion_grid, catalog, device="cpu"):
     """Each finding's host anatomy on the finding head's cells (1, F, k, j, i), from the
     segmentation head's coarse logits (C, k, j, i) on the fusion grid: the same function in
@@ -327,10 +336,7 @@ def run_heads(
 
     planes = [p for p in inputs.features if p in heads.segmentation.fusion.planes]
     with torch.inference_mode():
-        feats = {p: _t(inputs.features[p], device) for p in planes}
-        cover = {p: _t(inputs.coverage[p], device) for p in planes}
-        coarse = heads.segmentation.coarse_logits(feats, cover, _t(inputs.image_fusion, device))[0]
-        del feats
+        coarse = coarse_logits_of(heads, inputs, device)
         if cancel:
             cancel.raise_if_cancelled()
         coarse_ref, _ = resample_to_grid(coarse.float().cpu(), inputs.fusion_grid, inputs.reference_grid)

@@ -773,18 +773,12 @@ class _TrainingRun:
         the segmentation head trains too, from the heads as they were at the case's first draw."""
         import torch
 
-        from .predict import _t, cell_hosts
+        from .predict import cell_hosts, coarse_logits_of
 
         if case.case_id not in self.hosts:
             model = self.setup.model
-            inputs = case.fusion_inputs()
-            planes = [p for p in inputs.features if p in model.segmentation.fusion.planes]
             with torch.no_grad():
-                coarse = model.segmentation.coarse_logits(
-                    {p: _t(inputs.features[p], self.dev) for p in planes},
-                    {p: _t(inputs.coverage[p], self.dev) for p in planes},
-                    _t(inputs.image_fusion, self.dev),
-                )[0]
+                coarse = coarse_logits_of(model, case.fusion_inputs(), self.dev)
             self.hosts[case.case_id] = cell_hosts(model, coarse, case.fusion_grid, catalog, self.dev)
         return self.hosts[case.case_id]
 
